@@ -1,0 +1,83 @@
+"""Tiny datasets built in the test: coloured shapes whose notions (colour, shape) can be seen in the pixels."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = {'red': (220, 40, 40), 'blue': (40, 60, 220)}
+SHAPES = ('circle', 'square')
+
+
+def draw(colour, shape, rng, size=40):
+    im = Image.new('RGB', (size + 8, size), (235, 235, 235))  # not square: exercises resize + centre crop
+    d = ImageDraw.Draw(im)
+    r = rng.integers(size // 5, size // 3)
+    cx, cy = rng.integers(r + 4, size + 4 - r), rng.integers(r, size - r)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    (d.ellipse if shape == 'circle' else d.rectangle)(box, fill=COLOURS[colour])
+    return im
+
+
+def make_dataset(root, per_kind=10, triplets=(120, 60, 60), seed=0, with_meta=True):
+    """Images of every (colour, shape), split by image; notions 'colour' and 'shape' in dataset.json.
+    Triplet lines are `anchor far close`: anchor and close share the notion's label."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, 'images', 'shapes'), exist_ok=True)
+    names, labels = [], []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for k in range(per_kind):
+                name = f'shapes/{colour}_{shape}_{k}.png'
+                draw(colour, shape, rng).save(os.path.join(root, 'images', name))
+                names.append(name)
+                labels.append({'colour': colour, 'shape': shape})
+    with open(os.path.join(root, 'filenames.json'), 'w') as f:
+        f.write('\n'.join(names) + '\n')
+    if with_meta:
+        with open(os.path.join(root, 'dataset.json'), 'w') as f:
+            json.dump({'name': 'shapes', 'images': 'images', 'notions': ['colour', 'shape'], 'labels': 'labels.csv'}, f)
+        with open(os.path.join(root, 'labels.csv'), 'w') as f:
+            f.write('image,colour,shape\n' + ''.join(f'{n},{l["colour"]},{l["shape"]}\n' for n, l in zip(names, labels)))
+    idx = np.arange(len(names))
+    split_of = idx % 4  # 0,1 train; 2 val; 3 test
+    pools = {'train': idx[split_of < 2], 'val': idx[split_of == 2], 'test': idx[split_of == 3]}
+    os.makedirs(os.path.join(root, 'tripletlists'), exist_ok=True)
+    for notion in ('colour', 'shape'):
+        for split, n in zip(('train', 'val', 'test'), triplets):
+            pool, seen, lines = pools[split], set(), []
+            while len(lines) < n:
+                a, b, c = rng.choice(pool, 3, replace=False)
+                la, lb, lc = (labels[i][notion] for i in (a, b, c))
+                if la == lc and la != lb and (a, b, c) not in seen:
+                    seen.add((a, b, c))
+                    lines.append(f'{a} {b} {c}\n')
+            with open(os.path.join(root, 'tripletlists', f'{notion}_tripletlist_{split}.txt'), 'w') as f:
+                f.writelines(lines)
+    return names, labels
+
+
+@pytest.fixture
+def shapes_data(tmp_path):
+    root = tmp_path / 'shapes'
+    make_dataset(str(root))
+    return str(root)
+
+
+def run_main(*args, cwd=None, check=True, timeout=600, env=None):
+    """python main.py ARGS as a user runs it; returns the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(REPO, 'main.py'), *map(str, args)]
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f'{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}')
+    return p
+
+
+# small and fast: 32 px, random init, batch 32
+FAST = ['--no-pretrained', '--image-size', '32', '--batch-size', '32', '--num_traintriplets', '240',
+        '--num_valtriplets', '120', '--num_testtriplets', '120', '--lr', '1e-3', '--log-interval', '2']

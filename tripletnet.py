@@ -1,0 +1,38 @@
+"""Masked triplet distances and the CSN loss: d(x, y | c) = ||f(x) * m_c - f(y) * m_c||_2."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TripletNet(nn.Module):
+    """Embeds anchor, far and close in one forward pass and returns their masked distances and the regulariser norms."""
+
+    def __init__(self, embednet):
+        super().__init__()
+        self.embednet = embednet  # a ConditionalSimNet, TripletEmbedNet or TaskSpecificNets
+
+    def forward(self, anchor, far, close, c):  # images (B, 3, H, W) each, c (B,)
+        B = anchor.shape[0]
+        c3 = c.repeat(3)  # (3B,)
+        emb = self.embednet.embed(torch.cat([anchor, far, close]), c3)  # (3B, D)
+        masked, mask_l1 = self.embednet.apply_mask(emb, c3)  # (3B, D), (3B,)
+        ea, ef, ec = masked.float().chunk(3)  # (B, D) each
+        d_far, d_close = F.pairwise_distance(ea, ef, 2), F.pairwise_distance(ea, ec, 2)  # (B,)
+        # the original's norms: Frobenius norm of each image's (B, D) raw embeddings and L1 norm of its (B, D) masks,
+        # averaged over the three images
+        emb_norm = emb.float().view(3, B, -1).norm(dim=(1, 2)).mean()
+        mask_norm = mask_l1.float().view(3, B).sum(1).mean()
+        return d_far, d_close, emb_norm, mask_norm
+
+
+def csn_loss(d_far, d_close, emb_norm, mask_norm, margin, embed_loss, mask_loss):
+    """Margin ranking loss on d_far > d_close + embed_loss * ||f||_F / sqrt(B) + mask_loss * ||m||_1 / B."""
+    B = d_far.shape[0]
+    ranking = F.margin_ranking_loss(d_far, d_close, torch.ones_like(d_far), margin=margin)
+    return ranking + embed_loss * emb_norm / B ** 0.5 + mask_loss * mask_norm / B
+
+
+@torch.no_grad()
+def triplet_correct(d_far, d_close):
+    """A triplet is right when the anchor is farther from 'far' than from 'close': (B,) bool."""
+    return d_far > d_close
