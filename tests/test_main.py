@@ -1,0 +1,198 @@
+"""main.py through its command line, as a user runs it: train, resume, test, every model, and every bad input."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, REPO, run_main
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_learns_then_resume_continues_and_test_writes_results(shapes_data, tmp_path):
+    runs = tmp_path / 'runs'
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'csn', '--epochs', 4, *FAST)
+    run = runs / 'csn'
+    m = metrics(run)
+    assert [x['epoch'] for x in m] == [1, 2, 3, 4]
+    for key in ('epoch', 'lr', 'train_loss', 'train_acc', 'val_acc', 'val_acc_per_notion', 'emb_norm', 'mask_norm', 'seconds'):
+        assert key in m[-1]
+    assert set(m[-1]['val_acc_per_notion']) == {'colour', 'shape'}
+    assert m[1]['lr'] == pytest.approx(1e-3 * 0.985 ** 2)
+    best = max(x['val_acc'] for x in m)
+    assert best > 0.7, m  # chance is 0.5; reading the triplets backwards would give well under 0.5
+    assert max(x['val_acc_per_notion']['colour'] for x in m) > 0.9
+    args = json.load(open(run / 'args.json'))
+    assert args['num_traintriplets'] == 240 and args['model'] == 'csn'
+
+    p = run_main('--resume', run / 'checkpoint.pth.tar', '--epochs', 5)
+    assert 'resumed' in p.stdout and 'epoch 5' in p.stdout
+    assert [x['epoch'] for x in metrics(run)] == [1, 2, 3, 4, 5]
+    ck = torch.load(run / 'checkpoint.pth.tar', weights_only=True)
+    assert ck['epoch'] == 5 and ck['best_acc'] == pytest.approx(max(x['val_acc'] for x in metrics(run)))
+    assert ck['notions'] == ['colour', 'shape'] and 'optimizer' in ck and 'rng' in ck
+
+    p = run_main('--test', '--resume', run / 'model_best.pth.tar')
+    res = json.load(open(run / 'test_results.json'))
+    assert set(res) >= {'accuracy', 'per_notion', 'triplets', 'checkpoint'}
+    assert 0 <= res['accuracy'] <= 1 and set(res['per_notion']) == {'colour', 'shape'} and res['triplets'] == 120
+    assert res['per_notion']['colour'] > 0.8
+    assert 'colour' in p.stdout and 'overall' in p.stdout
+
+
+@pytest.mark.parametrize('variant', [['--model', 'triplet'], ['--model', 'task'], ['--learned'], ['--prein'],
+                                     ['--conditions', 'shape'], ['--conditions', '0']])
+def test_every_model_and_mask_variant_trains_and_tests(shapes_data, tmp_path, variant):
+    runs = tmp_path / 'runs'
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'v', '--epochs', 1, *FAST, *variant)
+    run_main('--test', '--resume', runs / 'v' / 'model_best.pth.tar')
+    res = json.load(open(runs / 'v' / 'test_results.json'))
+    expected = {'--conditions': {'shape'} if 'shape' in variant else {'colour'}}.get(variant[0], {'colour', 'shape'})
+    assert set(res['per_notion']) == expected
+
+
+def test_same_seed_same_run_and_resume_is_exact(shapes_data, tmp_path):
+    runs = tmp_path / 'runs'
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'a', '--epochs', 2, '--learned', *FAST)
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'b', '--epochs', 1, '--learned', *FAST)
+    run_main('--resume', runs / 'b' / 'checkpoint.pth.tar', '--epochs', 2)
+    ma, mb = metrics(runs / 'a'), metrics(runs / 'b')
+    for x in (ma, mb):
+        for line in x:
+            line.pop('seconds'), line.pop('triplets_per_s')
+    assert ma == mb
+    sa = torch.load(runs / 'a' / 'checkpoint.pth.tar', weights_only=True)['state_dict']
+    sb = torch.load(runs / 'b' / 'checkpoint.pth.tar', weights_only=True)['state_dict']
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_evaluation_embeds_each_image_once_and_matches_per_triplet_scoring(shapes_data):
+    import main
+    from triplet_image_loader import ImageStore, load_dataset_info, load_triplets
+    torch.manual_seed(0)
+    args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', '--learned'])
+    args.workers, args.eval_batch_size = 0, 16
+    info = load_dataset_info(shapes_data)
+    model = main.build_model(args, 2).eval()
+    store = ImageStore(info, 32)
+    trip, cond = load_triplets(info, 'test', [0, 1], 120, seed=1)
+    res = main.evaluate(model, trip, cond, store, args, torch.device('cpu'), None, info.notions)
+    correct = []
+    with torch.no_grad():  # the original's way: every triplet through the network on its own
+        for (a, f, c), k in zip(trip, cond):
+            x = main.to_input(torch.from_numpy(store.get(np.array([a, f, c]))), torch.device('cpu'), False)
+            d_far, d_close, _, _ = model(x[0:1], x[1:2], x[2:3], torch.tensor([k]))
+            correct.append(bool(d_far > d_close))
+    assert res['accuracy'] == pytest.approx(np.mean(correct))
+    for n, k in (('colour', 0), ('shape', 1)):
+        assert res['per_notion'][n] == pytest.approx(np.mean([ok for ok, c in zip(correct, cond) if c == k]))
+
+
+def test_help_documents_every_flag_with_its_default():
+    p = run_main('--help')
+    for flag in ('--batch-size', '--epochs', '--start_epoch', '--lr', '--seed', '--no-cuda', '--log-interval', '--margin',
+                 '--resume', '--name', '--embed_loss', '--mask_loss', '--num_traintriplets', '--dim_embed', '--test',
+                 '--learned', '--prein', '--visdom', '--conditions', '--data', '--model', '--no-pretrained', '--weights',
+                 '--num_valtriplets', '--num_testtriplets', '--image-size', '--workers', '--device', '--runs'):
+        assert flag in p.stdout, flag
+    text = ' '.join(p.stdout.split())
+    for default in ('(default: 256)', '(default: 5e-05)', '(default: 0.2)', '(default: Conditional_Similarity_Network)',
+                    '(default: 0.005)', '(default: 100000)', '(default: 80000)', '(default: 160000)', '(default: 112)',
+                    '(default: runs)', '(default: data)', '(default: csn)'):
+        assert default in text, default
+
+
+def test_hyphenated_and_original_spellings_mean_the_same(shapes_data, tmp_path):
+    runs = tmp_path / 'runs'
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'h', '--epochs', 1, *FAST, '--embed-loss', '0.01',
+             '--mask_loss', '0.002', '--dim-embed', '32', '--start-epoch', '1', '--no_cuda')
+    a = json.load(open(runs / 'h' / 'args.json'))
+    assert a['embed_loss'] == 0.01 and a['mask_loss'] == 0.002 and a['dim_embed'] == 32 and a['no_cuda'] is True
+
+
+def test_pretrained_weights_from_file_or_a_clear_error(shapes_data, tmp_path):
+    from torchvision.models import resnet18
+    weights = tmp_path / 'resnet18.pth'
+    tv = resnet18(weights=None)
+    torch.save(tv.state_dict(), weights)
+    runs = tmp_path / 'runs'
+    args = ['--data', shapes_data, '--runs', runs, '--epochs', 1, *[a for a in FAST if a != '--no-pretrained']]
+    # offline, nothing in torch's cache: an error naming both remedies, and no run folder
+    env = {'TORCH_HOME': str(tmp_path / 'torch_home'), 'https_proxy': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9'}
+    p = run_main(*args, '--name', 'offline', check=False, env=env)
+    assert p.returncode == 2 and '--weights' in p.stderr and '--no-pretrained' in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr and not (runs / 'offline').exists()
+    run_main(*args, '--name', 'w', '--weights', weights, env=env)
+    ck = torch.load(runs / 'w' / 'checkpoint.pth.tar', weights_only=True)
+    assert ck['args']['weights'] == str(weights)
+    # the backbone started from the file's weights: conv1 moved only a little from them in one epoch
+    start = tv.state_dict()['conv1.weight']
+    assert (ck['state_dict']['embednet.embeddingnet.conv1.weight'] - start).abs().max() < 0.05
+    torch.save({'not': torch.zeros(1)}, tmp_path / 'bad.pth')
+    p = run_main(*args, '--name', 'bad', '--weights', tmp_path / 'bad.pth', check=False)
+    assert p.returncode == 2 and 'not a torchvision resnet18 state dict' in p.stderr
+
+
+def expect_error(*args, match, **kw):
+    p = run_main(*args, check=False, **kw)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert match in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr
+    return p
+
+
+def test_bad_inputs_stop_with_one_clear_message_before_training(shapes_data, tmp_path):
+    runs = tmp_path / 'runs'
+    base = ['--runs', runs, '--epochs', 1, *FAST]
+    expect_error('--data', tmp_path / 'missing', '--name', 'x', *base, match='get_data.py')
+    with open(os.path.join(shapes_data, 'tripletlists', 'shape_tripletlist_train.txt'), 'a') as f:
+        f.write('1 2\n')
+    expect_error('--data', shapes_data, '--name', 'x', *base, match='shape_tripletlist_train.txt:121: malformed line')
+    with open(os.path.join(shapes_data, 'tripletlists', 'shape_tripletlist_train.txt'), 'a') as f:
+        f.write('1 2 4000\n')
+    expect_error('--data', shapes_data, '--name', 'x', *base, match='shape_tripletlist_train.txt:122: image index 4000')
+    expect_error('--data', shapes_data, '--name', 'x', *base, '--conditions', 'colour', 'heel', match="unknown notion 'heel'")
+    assert not (runs / 'x').exists()  # nothing was written for the failed starts
+    p = run_main('--data', shapes_data, '--name', 'y', *base, '--conditions', 'colour', '--skip-bad-triplets')
+    os.remove(os.path.join(shapes_data, 'images', 'shapes', 'red_circle_3.png'))
+    expect_error('--data', shapes_data, '--name', 'z', *base, '--conditions', 'colour', '--cache-dir', tmp_path / 'c2',
+                 match='red_circle_3.png')
+    expect_error('--data', shapes_data, '--name', 'z', *base, '--conditions', 'colour', '--no-cache',
+                 match='red_circle_3.png')
+    expect_error('--test', '--resume', tmp_path / 'nope.pth.tar', match='no such checkpoint file')
+    expect_error('--resume', tmp_path / 'nope.pth.tar', match='no such checkpoint file')
+    expect_error('--test', '--resume', runs / 'y' / 'model_best.pth.tar', '--model', 'triplet',
+                 match='the checkpoint is a CSN (fixed masks), 64-d model')
+    expect_error('--test', '--resume', runs / 'y' / 'model_best.pth.tar', '--dim_embed', '32', match='--dim-embed 32')
+    expect_error('--learned', '--prein', match='--learned and --prein')
+
+
+def test_an_existing_run_is_never_overwritten(shapes_data, tmp_path):
+    runs = tmp_path / 'runs'
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'r', '--epochs', 1, *FAST)
+    before = {f: os.path.getmtime(runs / 'r' / f) for f in os.listdir(runs / 'r')}
+    p = expect_error('--data', shapes_data, '--runs', runs, '--name', 'r', '--epochs', 1, *FAST, match='already holds a run')
+    assert '--resume' in p.stderr
+    assert {f: os.path.getmtime(runs / 'r' / f) for f in os.listdir(runs / 'r')} == before
+
+
+def test_a_pickle_checkpoint_is_refused_not_executed(tmp_path):
+    marker = tmp_path / 'pwned'
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    path = tmp_path / 'evil.pth.tar'
+    with open(path, 'wb') as f:
+        pickle.dump({'state_dict': Evil(), 'args': {}}, f)
+    expect_error('--test', '--resume', path, match='weights_only')
+    torch.save({'args': {}, 'state_dict': {}, 'x': Evil()}, path, _use_new_zipfile_serialization=True)
+    expect_error('--test', '--resume', path, match='refused to load it')
+    assert not marker.exists()
