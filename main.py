@@ -273,20 +273,20 @@ def embed_images(model, images, store, args, device, amp_dtype, c=None, rank=0, 
     """Embed each given image once (no flip): raw embeddings (len(images), D), float32, on the device.
     Under torchrun each process embeds a share and the shares are gathered."""
     images = np.asarray(images)
-    share = np.array_split(np.arange(len(images)), world)[rank]
-    loader = make_loader(ImageBatches(images[share], store), BatchSampler(range(len(share)), args.eval_batch_size, False),
-                         args, device)
+    batches = [np.arange(s, min(s + args.eval_batch_size, len(images))) for s in range(0, len(images), args.eval_batch_size)]
+    mine = batches[rank::world]  # whole batches per process: each image is embedded in the same batch as in one process
+    loader = make_loader(ImageBatches(images, store), [b.tolist() for b in mine], args, device)
     out = []
     for u8 in loader:
         x = to_input(u8, device, args.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(model.embednet.embed(x, c).float())
-    emb = torch.cat(out) if out else torch.zeros(0, args.dim_embed, device=device)  # (share, D)
+            out.append(model.embednet.embed(x, c).float())  # (b, D)
     if world > 1:
-        sizes = [len(s) for s in np.array_split(np.arange(len(images)), world)]
-        parts = [emb.new_zeros(n, emb.shape[1]) for n in sizes]
-        dist.all_gather(parts, emb.contiguous())
-        emb = torch.cat(parts)
+        # every process gets every batch back; batch i came from process i % world
+        gathered = [None] * world
+        dist.all_gather_object(gathered, [o.cpu() for o in out])
+        out = [gathered[i % world][i // world].to(device) for i in range(len(batches))]
+    emb = torch.cat(out) if out else torch.zeros(0, args.dim_embed, device=device)  # (len(images), D)
     return emb
 
 
@@ -723,8 +723,19 @@ def train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, ra
         log(f'done: best val accuracy {best_acc * 100:.2f} % at epoch {best_epoch}; test it with '
             f'python main.py --test --resume {best_path}')
         if logger is not None:
+            log_val_embeddings(logger, model, info, val_t, store, args, device, amp_dtype)
             logger.close()
     return 0
+
+
+def log_val_embeddings(logger, model, info, val_t, store, args, device, amp_dtype, n=500):
+    """A sample of val images, their embeddings (masked per notion for a CSN) and labels for TensorBoard's projector."""
+    from triplet_image_loader import read_labels
+    images = np.unique(val_t)[:n]
+    net = model.embednet
+    emb = embed_images(model, images, store, args, device, amp_dtype, c=0 if net.per_notion_backbone else None)
+    labels = read_labels(info) or {}
+    logger.log_embeddings(emb.cpu().numpy(), {k: [v[i] for i in images] for k, v in labels.items()}, store.get(images))
 
 
 def keep_metrics(path, next_epoch):

@@ -17,8 +17,12 @@ if [ "$apt" = 1 ] && command -v apt-get >/dev/null 2>&1; then
   $sudo apt-get update -qq
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $pkgs chromium >/dev/null
+  # npm fetches visdom's browser files below; a Node.js from NodeSource already ships its own npm
+  command -v npm >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
 echo "setup.sh: installing Python packages"
 # PIP_CONSTRAINT also reaches pip's isolated build environments (visdom's sdist needs setuptools<70 to build).
 PIP_CONSTRAINT="$PWD/constraints.txt" python3 -m pip install -q -r requirements.txt
+echo "setup.sh: installing visdom's browser files (python -m visdom.server then starts offline)"
+python3 visdom_static.py
 python3 -c "import torch, torchvision; print('setup.sh: torch', torch.__version__, 'torchvision', torchvision.__version__)"

@@ -1,0 +1,61 @@
+"""torchrun --nproc_per_node 2 on the CPU (Gloo): training, one set of run files, and the same test accuracy."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST, REPO, run_main
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+
+
+def torchrun(*args, check=True):
+    p = subprocess.run([*TORCHRUN, os.path.join(REPO, 'main.py'), *map(str, args)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'})
+    if check and p.returncode != 0:
+        raise AssertionError(f'torchrun exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
+    return p
+
+
+def test_torchrun_trains_writes_one_run_and_tests_like_one_process(shapes_data, tmp_path):
+    runs = tmp_path / 'runs'
+    p = torchrun('--data', shapes_data, '--runs', runs, '--name', 'ddp', '--epochs', 2, *FAST)
+    assert p.stdout.count('done: best val accuracy') == 1  # only rank 0 prints
+    assert sorted(os.listdir(runs)) == ['ddp']
+    assert sorted(os.listdir(runs / 'ddp')) == ['args.json', 'checkpoint.pth.tar', 'metrics.jsonl', 'model_best.pth.tar']
+    with open(runs / 'ddp' / 'metrics.jsonl') as f:
+        assert [json.loads(line)['epoch'] for line in f] == [1, 2]
+    ck = torch.load(runs / 'ddp' / 'checkpoint.pth.tar', weights_only=True)
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in ck['state_dict'])
+
+    # the DDP checkpoint in one process, and under torchrun: the same accuracy
+    best = runs / 'ddp' / 'model_best.pth.tar'
+    run_main('--test', '--resume', best)
+    single = json.load(open(runs / 'ddp' / 'test_results.json'))
+    os.remove(runs / 'ddp' / 'test_results.json')
+    torchrun('--test', '--resume', best)
+    multi = json.load(open(runs / 'ddp' / 'test_results.json'))
+    assert multi['accuracy'] == single['accuracy'] and multi['per_notion'] == single['per_notion']
+
+    # --resume under torchrun continues the run
+    p = torchrun('--resume', runs / 'ddp' / 'checkpoint.pth.tar', '--epochs', 3)
+    with open(runs / 'ddp' / 'metrics.jsonl') as f:
+        assert [json.loads(line)['epoch'] for line in f] == [1, 2, 3]
+
+
+def test_a_single_process_checkpoint_resumes_under_torchrun(shapes_data, tmp_path):
+    runs = tmp_path / 'runs'
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'one', '--epochs', 1, '--model', 'task', *FAST)
+    torchrun('--resume', runs / 'one' / 'checkpoint.pth.tar', '--epochs', 2)
+    with open(runs / 'one' / 'metrics.jsonl') as f:
+        assert [json.loads(line)['epoch'] for line in f] == [1, 2]
+
+
+def test_batch_size_must_split_over_the_processes(shapes_data, tmp_path):
+    p = torchrun('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'odd', '--epochs', 1, *FAST,
+                 '--batch-size', '33', check=False)
+    assert p.returncode != 0 and 'does not split evenly over 2 processes' in p.stderr + p.stdout
