@@ -337,11 +337,23 @@ class SkipSampler(Sampler):
 
 
 def make_loader(dataset, batch_sampler, args, device):
+    """Batches from the dataset; a worker process that dies is reported with the image it was reading."""
     workers = args.workers
-    pin = device.type == 'cuda'
-    return DataLoader(dataset, sampler=batch_sampler, batch_size=None, num_workers=workers, pin_memory=pin,
-                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=None)
+    store = dataset.store
+    if workers > 0 and store.tracker is None:
+        from triplet_image_loader import ReadTracker
+        store.tracker = ReadTracker(workers)
+    loader = DataLoader(dataset, sampler=batch_sampler, batch_size=None, num_workers=workers,
+                        pin_memory=device.type == 'cuda', prefetch_factor=4 if workers > 0 else None)
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if 'DataLoader worker' not in str(e) or store.tracker is None:
+            raise
+        paths = [store.info.image_path(i) for i in store.tracker.reading()]
+        raise UserError(f'a DataLoader worker died ({str(e).splitlines()[0]}) while reading '
+                        f'{", ".join(paths) or "no image"}. Check that image, or run with --workers 0 to see the '
+                        f'error in the main process') from None
 
 
 class StopFlag:
@@ -542,8 +554,14 @@ def main(argv=None):
     try:
         return run(args, explicit_flags(parser, argv))
     except (UserError, DataError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        msg = str(e)
+        if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, not the worker's traceback
+            msg = msg.strip().splitlines()[-1].split(': ', 1)[-1]
+        print(f'error: {msg}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('interrupted; the last checkpoint is kept', file=sys.stderr)
+        return 130
     except NonFiniteLoss as e:
         print(f'error: {e}. Training stopped; the last good checkpoint is kept. Try a lower --lr or --amp off.',
               file=sys.stderr)
@@ -636,6 +654,10 @@ def train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, ra
     ckpt_path, best_path = os.path.join(run_dir, 'checkpoint.pth.tar'), os.path.join(run_dir, 'model_best.pth.tar')
     if ckpt is None and os.path.exists(ckpt_path):
         raise UserError(f'{run_dir} already holds a run; continue it with --resume {ckpt_path}, or choose another --name')
+    if ckpt is not None and is_main and os.path.isdir(run_dir):
+        for f in os.listdir(run_dir):  # temporary files of checkpoint writes that a kill interrupted
+            if '.pth.tar.tmp' in f:
+                os.remove(os.path.join(run_dir, f))
     train_t, train_c = load_triplets(info, 'train', conditions, args.num_traintriplets, args.seed, args.skip_bad_triplets, log)
     val_t, val_c = load_triplets(info, 'val', conditions, args.num_valtriplets, args.seed, args.skip_bad_triplets, log)
     store = make_store(info, args, is_main, world, log)

@@ -9,6 +9,8 @@ import fcntl
 import hashlib
 import json
 import os
+import tempfile
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -16,7 +18,7 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 ZAPPOS_NOTIONS = ['class', 'closure', 'gender', 'heel']
 ZAPPOS_IMAGES = 'ut-zap50k-images'
@@ -267,19 +269,56 @@ def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
     return path
 
 
+class ReadTracker:
+    """Which image each DataLoader worker is reading, in a small shared file, so that a worker that dies is named."""
+
+    def __init__(self, n_workers):
+        fd, self.path = tempfile.mkstemp(prefix='csn-reading-', suffix='.i64')
+        os.close(fd)
+        np.memmap(self.path, dtype=np.int64, mode='w+', shape=(n_workers,))[:] = -1
+        self._arr = None
+        weakref.finalize(self, _remove, self.path, os.getpid())
+
+    def __getstate__(self):
+        return {**self.__dict__, '_arr': None}
+
+    def mark(self, i):
+        w = get_worker_info()
+        if w is not None:
+            if self._arr is None:
+                self._arr = np.memmap(self.path, dtype=np.int64, mode='r+')
+            self._arr[w.id] = i
+
+    def reading(self):
+        return [int(i) for i in np.memmap(self.path, dtype=np.int64, mode='r') if i >= 0]
+
+
+def _remove(path, pid):
+    if os.getpid() == pid and os.path.exists(path):
+        os.remove(path)
+
+
 class ImageStore:
     """uint8 (S, S, 3) images by index: from the memory-mapped cache, or decoded with PIL on every call."""
 
     def __init__(self, info, size, cache_path=None):
         self.info, self.size, self.cache_path = info, size, cache_path
         self._arr = None
+        self.tracker = None  # a ReadTracker while DataLoader workers read from this store
 
     def __getstate__(self):  # DataLoader workers reopen the memory map themselves
         return {**self.__dict__, '_arr': None}
 
     def get(self, idx):  # idx: (K,) int array -> (K, S, S, 3) uint8
         if self.cache_path is None:
-            return np.stack([load_image(self.info.image_path(int(i)), self.size) for i in idx])
+            out = []
+            for i in idx:
+                if self.tracker is not None:
+                    self.tracker.mark(int(i))
+                out.append(load_image(self.info.image_path(int(i)), self.size))
+            return np.stack(out)
+        if self.tracker is not None and len(idx):
+            self.tracker.mark(int(idx[0]))
         if self._arr is None:
             self._arr = np.memmap(self.cache_path, dtype=np.uint8, mode='r').reshape(-1, self.size, self.size, 3)
         return np.ascontiguousarray(self._arr[idx])
