@@ -1,0 +1,457 @@
+"""Get a dataset in the layout main.py reads: filenames.json, an images folder, tripletlists/, dataset.json, labels.csv.
+
+    python get_data.py                                   # Zappos50k + the paper's triplets into data/ (needs internet)
+    python get_data.py --from ~/Downloads                # the same from archives fetched by hand
+    python get_data.py --dataset fonts --out data/fonts  # offline: glyphs of the fonts installed on this machine
+    python get_data.py --dataset attributes --images DIR --attributes FILE.csv --out DIR   # your own images
+
+Triplet lines are `a b c`: image a (anchor) is more similar to image c (close) than to image b (far) under the notion.
+Each split draws its triplets from its own images only.
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from triplet_image_loader import SPLITS
+
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
+class GetDataError(Exception):
+    """A problem the user can fix; the message names the file, flag or URL."""
+
+
+# ------------------------------------------------------------------------------------------------- triplets
+
+def sample_triplets(codes, n, rng, max_rounds=50):
+    """Up to n distinct triplets (anchor, far, close) of image indices: anchor and close share a label, far has
+    another one. codes: (N,) int label code per image, -1 = unknown or not in this split. Returns (m, 3) int64,
+    m < n only when the images do not allow n distinct triplets (or a very skewed split makes them rare)."""
+    codes = np.asarray(codes)
+    known = np.flatnonzero(codes >= 0)
+    if len(known) == 0:
+        return np.zeros((0, 3), np.int64)
+    values, inverse, counts = np.unique(codes[known], return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind='stable')
+    members = known[order]                                              # images grouped by label
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    anchors = known[counts[inverse] >= 2]                               # an anchor needs a close partner
+    if len(values) < 2 or len(anchors) == 0:
+        return np.zeros((0, 3), np.int64)
+    n_all = len(codes)
+    seen, out = set(), []
+    for _ in range(max_rounds):
+        need = n - len(out)
+        if need <= 0:
+            break
+        m = need + need // 4 + 16
+        a = anchors[rng.integers(0, len(anchors), m)]
+        la = np.searchsorted(values, codes[a])
+        k = rng.integers(0, counts[la] - 1)                             # another member of a's label
+        c = members[start[la] + k]
+        c = np.where(c == a, members[start[la] + counts[la] - 1], c)    # skip a: the last member stands in for it
+        f = known[rng.integers(0, len(known), m)]
+        ok = codes[f] != codes[a]
+        for t in np.stack([a[ok], f[ok], c[ok]], 1):
+            key = (int(t[0]) * n_all + int(t[1])) * n_all + int(t[2])
+            if key not in seen:
+                seen.add(key)
+                out.append(t)
+                if len(out) == n:
+                    break
+    return np.array(out, np.int64).reshape(-1, 3)
+
+
+def write_triplets(out, notion, split, triplets):
+    os.makedirs(os.path.join(out, 'tripletlists'), exist_ok=True)
+    with open(os.path.join(out, 'tripletlists', f'{notion}_tripletlist_{split}.txt'), 'w') as f:
+        f.writelines(f'{a} {b} {c}\n' for a, b, c in triplets)
+
+
+def label_codes(values):
+    """Strings ('' = unknown) -> (codes (N,) int, -1 for unknown; sorted distinct values)."""
+    values = np.asarray(values, dtype=object)
+    names = sorted({v for v in values if v != ''})
+    index = {v: i for i, v in enumerate(names)}
+    return np.array([index.get(v, -1) for v in values], np.int64), names
+
+
+def write_all_triplets(out, notions, labels, split_of, sizes, seed, log):
+    """Per notion and split, triplets among that split's images. labels {notion: N strings}, split_of (N,) split names,
+    sizes {split: triplets per notion}. Returns {notion: {split: count}}; says where fewer could be drawn."""
+    rng = np.random.default_rng(seed)
+    split_of = np.asarray(split_of)
+    counts = {}
+    for notion in notions:
+        codes, _ = label_codes(labels[notion])
+        counts[notion] = {}
+        for split in SPLITS:
+            sel = np.where(split_of == split, codes, -1)
+            trip = sample_triplets(sel, sizes[split], rng)
+            if len(trip) < sizes[split]:
+                log(f'note: {notion}/{split}: only {len(trip)} distinct triplets of the {sizes[split]} asked for '
+                    f'({(sel >= 0).sum()} labelled images, {len(set(sel[sel >= 0]))} labels)')
+            if len(trip) == 0:
+                raise GetDataError(f'{notion}/{split}: no triplet can be drawn (a split needs two labels and a label '
+                                   f'with two images); use more images or other split fractions (--split)')
+            write_triplets(out, notion, split, trip)
+            counts[notion][split] = len(trip)
+    return counts
+
+
+def write_layout(out, name, images, filenames, notions, labels, split_of, extra=None):
+    """filenames.json (plain text, one path per line), labels.csv (image, notions..., split) and dataset.json."""
+    with open(os.path.join(out, 'filenames.json'), 'w') as f:
+        f.writelines(p + '\n' for p in filenames)
+    with open(os.path.join(out, 'labels.csv'), 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['image'] + list(notions) + ['split'])
+        for i, p in enumerate(filenames):
+            w.writerow([p] + [labels[n][i] for n in notions] + [split_of[i]])
+    meta = {'name': name, 'images': images, 'notions': list(notions), 'labels': 'labels.csv'}
+    meta.update(extra or {})
+    with open(os.path.join(out, 'dataset.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+
+
+def split_groups(groups, fractions, seed):
+    """Assign each distinct group (a font family, an image) to train/val/test in a seeded order: (N,) split names."""
+    groups = np.asarray(groups, dtype=object)
+    names = sorted(set(groups))
+    np.random.default_rng(seed).shuffle(names)
+    share = np.asarray(fractions) / np.sum(fractions) * len(names)
+    n_val, n_test = (int(round(x)) for x in share[1:])
+    if len(names) >= 6:                                                 # two groups at least, so a split has two labels
+        n_val, n_test = (max(n, 2) if f > 0 else 0 for n, f in zip((n_val, n_test), fractions[1:]))
+    bounds = [len(names) - n_val - n_test, len(names) - n_test]
+    which = {}
+    for i, g in enumerate(names):
+        which[g] = SPLITS[0] if i < bounds[0] else SPLITS[1] if i < bounds[1] else SPLITS[2]
+    return np.array([which[g] for g in groups], dtype=object)
+
+
+def balanced_split(groups, labels, fractions, seed, tries=200):
+    """split_groups, redrawn (seeds seed, seed+1, ...) until every split holds two values of every notion in labels
+    ({notion: value per item}) where the data allows it; the first draw when no draw does."""
+    first = None
+    for t in range(tries):
+        split = split_groups(groups, fractions, seed + t)
+        first = split if first is None else first
+        if all(len({v for v, s in zip(vals, split) if s == sp}) >= 2 for vals in labels.values()
+               for sp, f in zip(SPLITS, fractions) if f > 0):
+            return split
+    return first
+
+
+def parse_split(text):
+    try:
+        parts = [float(x) for x in text.split(',')]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or sum(parts) <= 0:
+        raise GetDataError(f'--split {text!r}: expected three fractions train,val,test such as 0.7,0.15,0.15')
+    return parts
+
+
+# ------------------------------------------------------------------------------------------ building a folder
+
+class Staging:
+    """Build into OUT.partial-PID and move it to OUT only when whole, so an interrupted build never looks done."""
+
+    def __init__(self, out, force):
+        self.out, self.force = os.path.abspath(out), force
+        self.tmp = f'{self.out}.partial-{os.getpid()}'
+
+    def __enter__(self):
+        parent = os.path.dirname(self.out)
+        os.makedirs(parent, exist_ok=True)
+        for f in os.listdir(parent):                                    # leftovers of killed builds
+            if f.startswith(os.path.basename(self.out) + '.partial-'):
+                shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
+        os.makedirs(self.tmp)
+        return self.tmp
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if os.path.exists(self.out):
+            old = f'{self.out}.old-{os.getpid()}'
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        return False
+
+
+def refuse_foreign(out, force):
+    """Never overwrite a folder that is not a dataset this script built, unless --force."""
+    if os.path.exists(out) and os.listdir(out) and not force and not os.path.exists(os.path.join(out, 'manifest.json')):
+        raise GetDataError(f'--out {out}: the folder exists and was not built by get_data.py; pick another --out '
+                           f'or pass --force to replace it')
+
+
+# ---------------------------------------------------------------------------------------------------- fonts
+
+def font_stamp(font_dirs):
+    from fonts import find_font_files
+    return [[p, os.path.getsize(p), int(os.path.getmtime(p))] for p in find_font_files(font_dirs)]
+
+
+def contact_sheet(path, root, filenames, labels, notions, n_values=8, n_per_value=12, thumb=40, seed=0):
+    """A PNG with, per notion, a row of sample glyphs for each of up to n_values of its values."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for notion in notions:
+        codes, names = label_codes(labels[notion])
+        picked = sorted(rng.choice(len(names), min(n_values, len(names)), replace=False))
+        for v in picked:
+            idx = np.flatnonzero(codes == v)
+            rows.append((f'{notion}: {names[v]}'[:28], rng.choice(idx, min(n_per_value, len(idx)), replace=False)))
+    label_w = 190
+    sheet = Image.new('L', (label_w + n_per_value * (thumb + 2), len(rows) * (thumb + 2) + 2), 255)
+    draw = ImageDraw.Draw(sheet)
+    for r, (text, idx) in enumerate(rows):
+        y = 2 + r * (thumb + 2)
+        draw.text((4, y + thumb // 2 - 6), text, fill=0)
+        for j, i in enumerate(idx):
+            with Image.open(os.path.join(root, filenames[i])) as im:
+                sheet.paste(im.convert('L').resize((thumb, thumb)), (label_w + j * (thumb + 2), y))
+    sheet.save(path)
+
+
+def build_fonts(args, log=print):
+    import fonts
+    system = [] if args.no_system_fonts else [d for d in fonts.SYSTEM_FONT_DIRS if os.path.isdir(d)]
+    font_dirs = system + list(args.font_dir or [])
+    if not font_dirs:
+        raise GetDataError('no font folder: --no-system-fonts needs --font-dir DIR')
+    sizes = {'train': args.train_triplets, 'val': args.val_triplets, 'test': args.test_triplets}
+    settings = {'font_dirs': font_dirs, 'size': args.size, 'max_faces': args.max_faces, 'seed': args.seed,
+                'split': args.split, 'triplets_per_notion': sizes}
+    out = args.out or os.path.join('data', 'fonts')
+    manifest_path = os.path.join(out, 'manifest.json')
+    if os.path.exists(manifest_path) and not args.force:
+        with open(manifest_path) as f:
+            old = json.load(f)
+        if old.get('settings') == settings and old.get('font_files') == font_stamp(font_dirs):
+            log(f'{out}: already built from the same fonts and settings ({old["counts"]["images"]} images); '
+                f'--force rebuilds it')
+            return out
+    refuse_foreign(out, args.force)
+    t0 = time.time()
+    stamp = font_stamp(font_dirs)
+    with Staging(out, args.force) as tmp:
+        staging = os.path.join(tmp, 'render')
+        kept, dropped = fonts.build(font_dirs, staging, size=args.size, workers=args.workers,
+                                    max_faces=args.max_faces, seed=args.seed, log=log)
+        if not kept:
+            raise GetDataError(f'no usable font faces under {", ".join(font_dirs)} (dropped {len(dropped)}); '
+                               f'install the fonts with `bash setup.sh` or pass --font-dir DIR')
+        split_of_face = balanced_split([fonts.key(f['family']) for f in kept],
+                                       {n: [f[n] for f in kept] for n in ('family', 'weight', 'slant')},
+                                       parse_split(args.split), args.seed)
+        filenames, labels, split_of = [], {n: [] for n in FONT_NOTIONS}, []
+        used = set()
+        for f, split in sorted(zip(kept, split_of_face), key=lambda t: (fonts.key(t[0]['family']), t[0]['style'])):
+            folder = f'{fonts.slug(f["family"])}/{fonts.slug(f["style"])}'
+            while folder in used:                                       # two names with one slug
+                folder += '_'
+            used.add(folder)
+            os.makedirs(os.path.join(tmp, 'images', os.path.dirname(folder)), exist_ok=True)
+            os.replace(os.path.join(staging, str(f['id'])), os.path.join(tmp, 'images', folder))
+            f['folder'], f['split'] = folder, str(split)
+            for c in fonts.CHARS:
+                filenames.append(f'{folder}/U{ord(c):04X}.png')
+                labels['character'].append(c)
+                labels['font'].append(f['family'])
+                labels['weight'].append(f['weight'])
+                labels['slant'].append(f['slant'])
+                split_of.append(str(split))
+        shutil.rmtree(staging, ignore_errors=True)
+        counts = write_all_triplets(tmp, FONT_NOTIONS, labels, split_of, sizes, args.seed, log)
+        write_layout(tmp, 'fonts', 'images', filenames, FONT_NOTIONS, labels, split_of,
+                     {'image_size': args.size, 'description': 'glyphs A-Z a-z 0-9 of installed fonts, white on black'})
+        contact_sheet(os.path.join(tmp, 'contact_sheet.png'), os.path.join(tmp, 'images'), filenames, labels,
+                      FONT_NOTIONS, seed=args.seed)
+        reasons = {}
+        for f in dropped:
+            reasons[f['drop']] = reasons.get(f['drop'], 0) + 1
+        summary = {'faces_kept': len(kept), 'families': len({fonts.key(f['family']) for f in kept}),
+                   'faces_dropped': len(dropped), 'dropped_by_reason': dict(sorted(reasons.items())),
+                   'images': len(filenames), 'triplets': counts,
+                   'images_per_split': {s: int(sum(1 for x in split_of if x == s)) for s in SPLITS},
+                   'weight': {v: labels['weight'].count(v) // 62 for v in ('regular', 'bold')},
+                   'slant': {v: labels['slant'].count(v) // 62 for v in ('upright', 'italic')}}
+        keep_keys = ('path', 'index', 'sha256', 'family', 'style', 'weight', 'slant', 'weight_class',
+                     'italic_angle', 'folder', 'split')
+        manifest = {'settings': settings, 'font_files': stamp, 'counts': summary,
+                    'build_seconds': round(time.time() - t0, 1),
+                    'kept': [{k: f.get(k) for k in keep_keys} for f in kept],
+                    'dropped': [{k: f.get(k) for k in ('path', 'index', 'sha256', 'family', 'style', 'drop', 'detail')}
+                                for f in dropped]}
+        with open(os.path.join(tmp, 'manifest.json'), 'w') as fh:
+            json.dump(manifest, fh, indent=1)
+    log(f'{out}: {summary["faces_kept"]} faces of {summary["families"]} families kept, {len(dropped)} dropped '
+        f'({", ".join(f"{k} {v}" for k, v in summary["dropped_by_reason"].items())}); {len(filenames)} images; '
+        f'triplets per notion train/val/test {sizes["train"]}/{sizes["val"]}/{sizes["test"]}; '
+        f'{manifest["build_seconds"]} s. See {out}/contact_sheet.png and {out}/manifest.json')
+    return out
+
+
+FONT_NOTIONS = ['character', 'font', 'weight', 'slant']
+
+
+# ------------------------------------------------------------------------------------------ your own images
+
+def read_attributes(path, image_column, notions):
+    """(image paths, {notion: strings}) from a CSV; names the file and line of every problem."""
+    if not os.path.exists(path):
+        raise GetDataError(f'--attributes {path}: no such file')
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise GetDataError(f'{path}: empty file (expected a header line: image,<notion>,...)') from None
+        rows = [(ln, r) for ln, r in enumerate(reader, 2) if any(x.strip() for x in r)]
+    col = image_column or next((h for h in header if h.lower() in ('image', 'path', 'file', 'filename')), header[0])
+    if col not in header:
+        raise GetDataError(f'{path}:1: no column {col!r} for the image path (header: {", ".join(header)}); '
+                           f'see --image-column')
+    notions = notions or [h for h in header if h != col and h.lower() != 'split']
+    missing = [n for n in notions if n not in header]
+    if missing or not notions:
+        raise GetDataError(f'{path}:1: notion column(s) {", ".join(missing) or "(none)"} not in the header '
+                           f'({", ".join(header)})')
+    ci, idx = header.index(col), [header.index(n) for n in notions]
+    images, labels, seen = [], {n: [] for n in notions}, {}
+    for ln, r in rows:
+        if len(r) != len(header):
+            raise GetDataError(f'{path}:{ln}: {len(r)} fields, the header has {len(header)}')
+        p = r[ci].strip()
+        if not p:
+            raise GetDataError(f'{path}:{ln}: empty image path')
+        if p in seen:
+            raise GetDataError(f'{path}:{ln}: image {p!r} listed again (first on line {seen[p]})')
+        seen[p] = ln
+        images.append(p)
+        for n, i in zip(notions, idx):
+            labels[n].append(r[i].strip())
+    if not images:
+        raise GetDataError(f'{path}: no rows after the header')
+    return images, labels, notions
+
+
+def check_images(images_dir, images, attributes):
+    """Every listed image exists and decodes; otherwise stop naming all the bad ones (CSV line order)."""
+    bad = []
+    for i, p in enumerate(images):
+        full = os.path.join(images_dir, p)
+        if os.path.isabs(p) or '..' in p.replace('\\', '/').split('/'):
+            bad.append(f'{p}: must be a path inside --images')
+            continue
+        try:
+            with Image.open(full) as im:
+                im.verify()
+        except FileNotFoundError:
+            bad.append(f'{full}: not found')
+        except Exception as e:  # noqa: BLE001 (PIL raises many kinds for broken files)
+            bad.append(f'{full}: unreadable ({e})')
+    if bad:
+        shown = '\n  '.join(bad[:20]) + (f'\n  ... and {len(bad) - 20} more' if len(bad) > 20 else '')
+        raise GetDataError(f'{attributes}: {len(bad)} image(s) cannot be used:\n  {shown}')
+
+
+def build_attributes(args, log=print):
+    if not args.images or not args.attributes:
+        raise GetDataError('--dataset attributes needs --images DIR and --attributes FILE.csv')
+    if not os.path.isdir(args.images):
+        raise GetDataError(f'--images {args.images}: no such folder')
+    out = args.out or os.path.join('data', 'attributes')
+    refuse_foreign(out, args.force)
+    images, labels, notions = read_attributes(args.attributes, args.image_column, args.notions)
+    check_images(args.images, images, args.attributes)
+    split_of = split_groups(images, parse_split(args.split), args.seed)
+    sizes = {'train': args.train_triplets, 'val': args.val_triplets, 'test': args.test_triplets}
+    with Staging(out, args.force) as tmp:
+        counts = write_all_triplets(tmp, notions, labels, split_of, sizes, args.seed, log)
+        images_dir = os.path.abspath(args.images)
+        write_layout(tmp, os.path.basename(os.path.abspath(out)), images_dir, images, notions, labels, split_of)
+        unknown = {n: sum(1 for v in labels[n] if not v) for n in notions}
+        with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
+            json.dump({'settings': {'images': images_dir, 'attributes': os.path.abspath(args.attributes),
+                                    'notions': notions, 'seed': args.seed, 'split': args.split,
+                                    'triplets_per_notion': sizes},
+                       'counts': {'images': len(images), 'triplets': counts, 'unlabelled': unknown}}, f, indent=1)
+    left_out = ', '.join(f'{n} {k}' for n, k in unknown.items() if k)
+    log(f'{out}: {len(images)} images, notions {", ".join(notions)}'
+        + (f'; rows without a value, left out of that notion only: {left_out}' if left_out else ''))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--dataset', choices=['zappos', 'fonts', 'attributes'], default='zappos',
+      help='which dataset to build (default: zappos)')
+    a('--out', metavar='DIR', help='output folder (default: data for zappos, data/fonts, data/attributes)')
+    a('--force', action='store_true', help='rebuild even when the output looks complete (default: off)')
+    a('--seed', type=int, default=1, help='seed of the image split and the triplet draw (default: 1)')
+    a('--split', default='0.7,0.15,0.15', help='train,val,test fractions of the fonts\' families or of your images '
+                                               '(default: 0.7,0.15,0.15)')
+    a('--train-triplets', type=int, default=50000, help='training triplets per notion (default: 50000)')
+    a('--val-triplets', type=int, default=20000, help='validation triplets per notion (default: 20000, as the paper)')
+    a('--test-triplets', type=int, default=40000, help='test triplets per notion (default: 40000, as the paper)')
+    g = p.add_argument_group('fonts')
+    g.add_argument('--font-dir', action='append', metavar='DIR',
+                   help='more fonts to use besides /usr/share/fonts (repeatable; default: none)')
+    g.add_argument('--no-system-fonts', action='store_true',
+                   help='use only the --font-dir folders, not /usr/share/fonts (default: off)')
+    g.add_argument('--max-faces', type=int, help='use about this many faces, whole families (default: all)')
+    g.add_argument('--size', type=int, default=64, help='glyph image size in pixels (default: 64)')
+    g.add_argument('--workers', type=int, help='rendering processes (default: one per CPU core)')
+    g = p.add_argument_group('attributes (your own images)')
+    g.add_argument('--images', metavar='DIR', help='folder the CSV\'s image paths are relative to')
+    g.add_argument('--attributes', metavar='FILE.csv', help='CSV: an image path column and one column per notion')
+    g.add_argument('--image-column', help='the CSV column with the image path (default: image, path, file or '
+                                          'filename, else the first)')
+    g.add_argument('--notions', nargs='+', help='the CSV columns to use as notions (default: all but the image '
+                                                'and a split column)')
+    try:
+        import zappos
+        zappos.add_args(p)
+    except ImportError:                                                 # only while zappos.py is being written
+        pass
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.dataset == 'fonts':
+            build_fonts(args)
+        elif args.dataset == 'attributes':
+            build_attributes(args)
+        else:
+            import zappos
+            zappos.run(args)
+    except GetDataError as e:
+        sys.exit(f'get_data.py: {e}')
+    except KeyboardInterrupt:
+        sys.exit('get_data.py: interrupted; nothing half-built was left in place, run it again to continue')
+
+
+if __name__ == '__main__':
+    main()
