@@ -91,6 +91,8 @@ def build_parser():
       help='leave out bad triplet lines (reported) instead of refusing to start')
     a('--export-embeddings', '--export_embeddings', action='store_true', default=False,
       help='with --test: also write the embeddings of every image (embeddings.npy, masks.npy, images.txt) next to the checkpoint')
+    a('--pictures', action=argparse.BooleanOptionalAction, default=True,
+      help='with --test: write masks.png, t-SNE maps and retrieval grids per notion next to test_results.json')
     g = p.add_argument_group('speed')
     a = g.add_argument
     a('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto', help='auto = CUDA, then MPS, then CPU')
@@ -492,7 +494,7 @@ def merge_checkpoint_args(args, ckpt, explicit, path):
         if k in explicit and k in stored and getattr(args, k) != stored[k]:
             raise UserError(f'--resume {path}: the checkpoint is a {describe(stored)} model, but the command line asks '
                             f'for --{k.replace("_", "-")} {getattr(args, k)}; drop the flag or use a matching checkpoint')
-    keep = ('resume', 'test', 'export_embeddings', 'check_data', 'workers', 'eval_batch_size')  # this call's, not the run's
+    keep = ('resume', 'test', 'export_embeddings', 'pictures', 'check_data', 'workers', 'eval_batch_size')  # this call's, not the run's
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items()
                                                   if k not in explicit and k in vars(args) and k not in keep}})
 
@@ -642,11 +644,38 @@ def test(model, ckpt, info, conditions, args, device, amp_dtype, rank, world, is
         log(f'  {n:<12} {acc * 100:6.2f} %')
     log(f'  {"overall":<12} {res["accuracy"] * 100:6.2f} %')
     os.makedirs(out_dir, exist_ok=True)
+    retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir)
     path = os.path.join(out_dir, 'test_results.json')
     with open(path, 'w') as f:
         json.dump(res, f, indent=2)
     log(f'wrote {path}')
     return 0
+
+
+def retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir):
+    """After --test: retrieval mAP per notion over the test images (datasets with labels), the pictures, and with
+    --export-embeddings every image's embedding next to the checkpoint. Adds the mAP to res."""
+    import retrieve
+    from triplet_image_loader import read_labels
+    labels = read_labels(info)
+    images = np.unique(trip)                                              # the test triplets' images
+    emb = None
+    if labels or args.pictures:
+        emb = retrieve.embed_dataset(model, images, store, args, device, amp_dtype, len(info.notions))
+    if labels:
+        r = retrieve.retrieval_map(model, info, images, labels, args, device, amp_dtype, store, emb)
+        res['mAP'], res['mAP_per_notion'] = r['mAP'], r['per_notion']
+        log(f'  retrieval mAP over {len(images)} test images: '
+            + ' '.join(f'{n} {v * 100:.1f}' for n, v in r['per_notion'].items() if v is not None)
+            + f'  overall {r["mAP"] * 100:.2f} %')
+    else:
+        log(f'  no retrieval mAP: {info.root} has no labels.csv (the paper\'s Zappos triplets come without labels)')
+    if args.pictures:
+        retrieve.write_pictures(model, info, store, labels, args, device, amp_dtype, out_dir, images=images, emb=emb,
+                                log=log)
+    if args.export_embeddings:
+        retrieve.export_embeddings(model, info, args, device, amp_dtype, os.path.dirname(os.path.abspath(args.resume)),
+                                   store, log)
 
 
 def train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, rank, world, is_main, log):

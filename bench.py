@@ -1,0 +1,485 @@
+"""Training and evaluation speed of this repo's default path against a re-creation of the original release's loop.
+
+    python bench.py --make-data /tmp/zappos_synth --images 2000      # a Zappos-format dataset, offline
+    python bench.py --data /tmp/zappos_synth --batch-size 64 --image-size 112 --steps 5
+
+Both are measured in one run, on the same data, triplets and machine. Every figure comes from its own fresh process
+(so its peak RSS is its own), the figures take turns round by round (so a busy machine slows them alike), warm-up
+steps are left out, and the median of --repeats rounds is reported. Prints a table, then one JSON line per figure.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+
+import main
+from triplet_image_loader import (ZAPPOS_IMAGES, ZAPPOS_NOTIONS, DataError, ImageStore, build_image_cache,
+                                  load_dataset_info, load_triplets)
+from tripletnet import triplet_correct
+
+FIGURES = [('original', 'train'), ('repo', 'train'), ('original', 'eval'), ('repo', 'eval')]
+RESULT_TAG = 'BENCH_RESULT '
+
+
+# ------------------------------------------------------------------------------------- a Zappos-format dataset
+
+ZAPPOS_LABELS = {  # notion -> its values; the class values are Zappos's categories (the first folder level)
+    'class': ['Shoes', 'Boots', 'Sandals', 'Slippers'],
+    'closure': ['Lace up', 'Buckle', 'Slip-On', 'Zipper'],
+    'gender': ['Men', 'Women', 'Boys', 'Girls'],
+    'heel': ['Flat', '1in - 1 3-4in', '2in - 2 3-4in', '3in and over'],
+}
+SUBCATEGORIES = {'Shoes': ['Oxfords', 'Loafers', 'Sneakers and Athletic Shoes'], 'Boots': ['Ankle', 'Knee High'],
+                 'Sandals': ['Flat', 'Heel'], 'Slippers': ['Slipper Flats', 'Slipper Heels']}
+BRANDS = ['Bostonian', 'Clarks', 'Polo Ralph Lauren', 'Sperry Top-Sider', 'Co. Inc.']  # a folder name may end with '.'
+
+
+def draw_shoe(labels, rng, size=(136, 102)):
+    """A shoe-like drawing on white whose class, closure, gender and heel can be seen; JPEG-like texture."""
+    cls, closure, gender, heel = labels
+    W, H = size
+    im = Image.new('RGB', size, (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    colour = tuple(int(v) for v in rng.integers(20, 200, 3))
+    scale = (1.0, 0.85, 0.75, 0.65)[gender]
+    x0, x1 = W * (0.5 - 0.42 * scale), W * (0.5 + 0.42 * scale)
+    sole_y = H * 0.78
+    top = sole_y - H * (0.25, 0.62, 0.18, 0.15)[cls] * scale
+    heel_h = H * 0.06 * heel
+    d.polygon([(x0, sole_y - heel_h), (x0, top), (x0 + (x1 - x0) * 0.35, top), (x1, sole_y - H * 0.12), (x1, sole_y),
+               (x0 + (x1 - x0) * 0.25, sole_y), (x0, sole_y - heel_h)], fill=colour)
+    d.rectangle([x0, sole_y - heel_h, x0 + (x1 - x0) * 0.15, sole_y], fill=tuple(c // 2 for c in colour))
+    if cls == 2:  # sandals: open straps
+        for k in range(3):
+            y = top + (sole_y - top) * (0.2 + 0.25 * k)
+            d.rectangle([x0 + 8, y, x1 - 12, y + 4], fill=(255, 255, 255))
+    mid = (x0 + x1) / 2
+    if closure == 0:
+        for k in range(4):
+            d.line([mid - 10 + 6 * k, top + 4, mid - 4 + 6 * k, top + 14], fill=(250, 250, 250), width=2)
+    elif closure == 1:
+        d.rectangle([mid - 5, top + 4, mid + 5, top + 12], outline=(230, 200, 40), width=2)
+    elif closure == 3:
+        d.line([mid, top + 2, mid, sole_y - 6], fill=(180, 180, 180), width=2)
+    arr = np.asarray(im.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.int16)
+    shoe = arr.min(axis=2, keepdims=True) < 250
+    arr = arr + np.where(shoe, rng.normal(0, 12, arr.shape), 0).astype(np.int16)  # leather-like texture
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def sample_triplets(pool, labels, n, rng):
+    """n distinct `anchor far close` triplets from pool: anchor and close share the label, far does not. (n, 3)."""
+    found, out = set(), []
+    while len(out) < n:
+        cand = pool[rng.integers(0, len(pool), size=(4 * n + 64, 3))]  # (K, 3)
+        a, b, c = cand.T
+        ok = (labels[a] == labels[c]) & (labels[a] != labels[b]) & (a != c)
+        for t in map(tuple, cand[ok]):
+            if t not in found and len(out) < n:
+                found.add(t)
+                out.append(t)
+    return np.array(out, dtype=np.int64)
+
+
+def make_zappos_like(root, n_images=2000, seed=0, log=print):
+    """A dataset in the layout of UT-Zappos50K and the CSN triplets (no dataset.json: the Zappos defaults apply).
+
+    136x102 JPEGs under ut-zap50k-images/Category/SubCategory/Brand/ID.jpg, filenames.json, and
+    tripletlists/{class,closure,gender,heel}_tripletlist_{train,val,test}.txt. Images are split into disjoint pools
+    (test 1/4, val 1/8, train the rest); val and test hold three times as many triplets as images, as the paper's
+    test split has many more triplets than images, and train four times."""
+    if n_images < 32:
+        raise DataError(f'--images {n_images}: use at least 32 images')
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, size=(n_images, len(ZAPPOS_NOTIONS)))  # (N, 4): one value per notion
+    names = []
+    for i in range(n_images):
+        cat = ZAPPOS_LABELS['class'][labels[i, 0]]
+        folder = os.path.join(cat, SUBCATEGORIES[cat][i % len(SUBCATEGORIES[cat])], BRANDS[i % len(BRANDS)])
+        names.append(f'{folder}/{100000 + i}.{i % 97}.jpg')
+        os.makedirs(os.path.join(root, ZAPPOS_IMAGES, folder), exist_ok=True)
+        draw_shoe(labels[i], rng).save(os.path.join(root, ZAPPOS_IMAGES, names[-1]), quality=90)
+    with open(os.path.join(root, 'filenames.json'), 'w') as f:
+        f.write('\n'.join(names) + '\n')
+    order = rng.permutation(n_images)
+    n_test, n_val = n_images // 4, n_images // 8
+    pools = {'test': order[:n_test], 'val': order[n_test:n_test + n_val], 'train': order[n_test + n_val:]}
+    per_image = {'train': 4, 'val': 3, 'test': 3}
+    os.makedirs(os.path.join(root, 'tripletlists'), exist_ok=True)
+    for k, notion in enumerate(ZAPPOS_NOTIONS):
+        for split, pool in pools.items():
+            t = sample_triplets(pool, labels[:, k], per_image[split] * len(pool) // len(ZAPPOS_NOTIONS), rng)
+            np.savetxt(os.path.join(root, 'tripletlists', f'{notion}_tripletlist_{split}.txt'), t, fmt='%d')
+    log(f'wrote {n_images} images ({len(pools["test"])} test, {len(pools["val"])} val, {len(pools["train"])} train) '
+        f'and triplet lists to {root}')
+
+
+# ------------------------------------------------------------------- the original release's loop, re-created
+
+def original_transform(size, train):
+    """The release's torchvision transforms (Resize, CenterCrop, RandomHorizontalFlip for training, ToTensor, Normalize)."""
+    from torchvision import transforms as T
+    flip = [T.RandomHorizontalFlip()] if train else []
+    return T.Compose([T.Resize(size), T.CenterCrop(size), *flip, T.ToTensor(),
+                      T.Normalize(mean=main.IMAGENET_MEAN, std=main.IMAGENET_STD)])
+
+
+class OriginalTriplets(Dataset):
+    """The release's TripletImageLoader: per triplet, check the three files exist, decode each with PIL, transform."""
+
+    def __init__(self, info, triplets, conds, transform):
+        self.root, self.filenames, self.transform = info.images_dir, info.filenames, transform
+        self.triplets = [(str(a), str(b), str(c), int(k)) for (a, b, c), k in zip(triplets, conds)]  # as read from text
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, index):
+        *ids, c = self.triplets[index]
+        paths = [os.path.join(self.root, self.filenames[int(i)]) for i in ids]
+        if not all(os.path.exists(p) for p in paths):
+            raise DataError(f'image of triplet {ids} not found')
+        img1, img2, img3 = (self.transform(Image.open(p).convert('RGB')) for p in paths)  # (3, S, S) each
+        return img1, img2, img3, c
+
+
+def original_loader(dataset, batch_size, device):
+    """The release's DataLoader: shuffled, and `num_workers: 4, pin_memory: True` only on CUDA (else no workers)."""
+    kwargs = {'num_workers': 4, 'pin_memory': True} if device.type == 'cuda' else {}
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, **kwargs)
+
+
+class OriginalTripletnet(nn.Module):
+    """The release's CS_Tripletnet around its ConditionalSimNet: the backbone runs once per image of the triplet.
+    Shares the backbone and masks of one of this repo's ConditionalSimNet."""
+
+    def __init__(self, csn):
+        super().__init__()
+        self.csn = csn
+
+    def embed(self, x, c):
+        """The release's ConditionalSimNet.forward: masked embedding, ||mask||_1, ||f(x)||_2, ||masked||_2."""
+        embedded_x = self.csn.embeddingnet(x)  # (B, D)
+        mask = self.csn.masks(c)  # (B, D)
+        if self.csn.mask_type != 'fixed':
+            mask = F.relu(mask)
+        masked = embedded_x * mask
+        return masked, mask.norm(1), embedded_x.norm(2), masked.norm(2)
+
+    def forward(self, x, y, z, c):
+        ex, mx, nx, tx = self.embed(x, c)
+        ey, my, ny, ty = self.embed(y, c)
+        ez, mz, nz, tz = self.embed(z, c)
+        mask_norm, embed_norm, mask_embed_norm = (mx + my + mz) / 3, (nx + ny + nz) / 3, (tx + ty + tz) / 3
+        return F.pairwise_distance(ex, ey, 2), F.pairwise_distance(ex, ez, 2), mask_norm, embed_norm, mask_embed_norm
+
+
+def original_loss(tnet, criterion, batch, args, device):
+    """The release's train() step up to the loss, with its per-step reads of the loss and accuracy. (loss, dista, distb)."""
+    data1, data2, data3, c = (t.to(device) for t in batch)
+    dista, distb, mask_norm, embed_norm, _ = tnet(data1, data2, data3, c)
+    target = torch.ones_like(dista)  # 1: dista should be larger than distb
+    loss_triplet = criterion(dista, distb, target)
+    loss_embedd = embed_norm / np.sqrt(data1.size(0))
+    loss_mask = mask_norm / data1.size(0)
+    loss = loss_triplet + args.embed_loss * loss_embedd + args.mask_loss * loss_mask
+    (dista - distb > 0).cpu().float().mean().item(), loss_triplet.item(), loss_embedd.item(), loss_mask.item()
+    return loss, dista, distb
+
+
+def original_train(tnet, optimizer, loader, args, device):
+    criterion = nn.MarginRankingLoss(margin=args.margin)
+    tnet.train()
+    for batch in loader:
+        loss, _, _ = original_loss(tnet, criterion, batch, args, device)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def original_eval(tnet, loader, args, device, n_notions):
+    """The release's test(): every triplet's three images decoded and embedded; like the release, without no_grad."""
+    criterion = nn.MarginRankingLoss(margin=args.margin)
+    tnet.eval()
+    for data1, data2, data3, c in loader:
+        data1, data2, data3, c = data1.to(device), data2.to(device), data3.to(device), c.to(device)
+        dista, distb, _, _, _ = tnet(data1, data2, data3, c)
+        criterion(dista, distb, torch.ones_like(dista)).item()
+        right = (dista - distb > 0).cpu()
+        for k in range(n_notions):  # its per-notion accuracies
+            (right & (c.cpu() == k)).sum().item()
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+def repo_args(opts):
+    """main.py's own defaults, with the bench's data, batch size, image size and device, plus --repo-flags."""
+    argv = ['--data', opts.data, '--batch-size', str(opts.batch_size), '--image-size', str(opts.image_size),
+            '--device', opts.device, '--seed', str(opts.seed), '--no-pretrained', *shlex.split(opts.repo_flags)]
+    try:
+        return main.build_parser().parse_args(argv)
+    except SystemExit:
+        raise main.UserError(f'--repo-flags {opts.repo_flags!r}: not flags of main.py (see python main.py --help)') from None
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process (DataLoader workers not included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_seconds():
+    """CPU time (user + system) of this process's threads so far; DataLoader workers not included."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class GpuBusy:
+    """Mean NVML utilisation (share of time a kernel ran) sampled every 50 ms while timing; None when unavailable."""
+
+    def __init__(self, device):
+        self.device, self.samples, self._stop = device, [], threading.Event()
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            try:
+                torch.cuda.utilization(self.device)
+            except Exception:
+                return self
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.samples.append(torch.cuda.utilization(self.device))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    def mean(self):
+        return round(float(np.mean(self.samples)), 1) if self.samples else None
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def measure(opts, impl, mode):
+    """One figure in this process: build, warm up, time opts.steps batches (repo eval: the whole test split)."""
+    args = repo_args(opts)
+    device = main.choose_device(args, 0)
+    amp_dtype, use_scaler = main.choose_amp(args, device)
+    if args.workers is None:  # as main.run() chooses
+        args.workers = 0 if (args.cache and device.type == 'cpu') else min(8, len(os.sched_getaffinity(0)))
+    args.eval_batch_size = max(args.batch_size, 256)  # as main.run() sets it
+    main.seed_everything(args.seed)
+    info = load_dataset_info(args.data)
+    conditions = list(range(len(info.notions)))
+    quiet = lambda *a, **k: None
+    B, W, N = args.batch_size, opts.warmup, opts.steps
+    model = main.build_model(args, len(info.notions)).to(device)
+    if args.model != 'csn':
+        raise main.UserError('the original release has only the CSN model: leave --model out of --repo-flags')
+    base_rss = peak_rss_mb()
+    split = 'train' if mode == 'train' else 'test'
+    trip, cond = load_triplets(info, split, conditions, 10 ** 9, args.seed, log=quiet)  # the whole split, shuffled
+    if mode == 'train' and len(trip) < (W + N) * B:
+        raise DataError(f'{args.data}: {len(trip)} training triplets, fewer than (--warmup + --steps) x --batch-size = '
+                        f'{(W + N) * B}; make a larger set with --make-data DIR --images N')
+    warm, timed = slice(0, W * B), slice(W * B, (W + N) * B)
+    settings = {'batch_size': B, 'image_size': args.image_size, 'threads': torch.get_num_threads(),
+                'cores': len(os.sched_getaffinity(0))}
+    gpu = GpuBusy(device)
+
+    if impl == 'original':
+        settings.update(amp='off', channels_last=False, forwards_per_step=3, decode='PIL per triplet',
+                        workers=4 if device.type == 'cuda' else 0, pin_memory=device.type == 'cuda',
+                        grad_in_eval=True)
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True  # as the release sets it
+        tnet = OriginalTripletnet(model.embednet)
+        dataset = lambda sl: OriginalTriplets(info, trip[sl], cond[sl], original_transform(args.image_size, mode == 'train'))
+        if mode == 'train':
+            optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
+            run = lambda sl: original_train(tnet, optimizer, original_loader(dataset(sl), B, device), args, device)
+        else:
+            run = lambda sl: original_eval(tnet, original_loader(dataset(sl), B, device), args, device, len(info.notions))
+    else:
+        settings.update(amp=str(amp_dtype).replace('torch.', '') if amp_dtype else 'off', grad_scaler=use_scaler,
+                        channels_last=args.channels_last, compile=args.compile, forwards_per_step=1,
+                        decode='uint8 cache', workers=args.workers, pin_memory=device.type == 'cuda')
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
+        if mode == 'train':
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+            scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+            train_model = torch.compile(model) if args.compile else model
+            run = lambda sl: main.train_epoch(model, train_model, optimizer, scaler, (trip[sl], cond[sl], store), args,
+                                              device, amp_dtype, 1, 0, None, main.StopFlag(), 0, 1, False)
+        else:
+            run = lambda sl: main.evaluate(model, trip[sl], cond[sl], store, args, device, amp_dtype, info.notions)
+            timed = slice(0, len(trip))  # embed-once evaluation: its speed depends on the triplets per image
+    run(warm)
+    sync(device)
+    with gpu:
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        run(timed)
+        sync(device)
+        seconds, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+    n = len(trip[timed])
+    if mode == 'eval':
+        settings.update(eval_triplets=n, eval_images=int(len(np.unique(trip[timed]))))
+    out = {'seconds': seconds, 'cpu_seconds': cpu_s, 'triplets': n, 'peak_rss_mb': round(peak_rss_mb(), 1), 'base_rss_mb': round(base_rss, 1),
+           'gpu_busy_pct': gpu.mean(),
+           'device': device.type, 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
+           'settings': settings}
+    if device.type == 'cuda':
+        out['peak_gpu_mb'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return out
+
+
+def run_child(opts, impl, mode):
+    cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{impl}:{mode}', '--data', opts.data,
+           '--batch-size', str(opts.batch_size), '--image-size', str(opts.image_size), '--steps', str(opts.steps),
+           '--warmup', str(opts.warmup), '--device', opts.device, '--seed', str(opts.seed), '--repo-flags', opts.repo_flags]
+    load = os.getloadavg()[0]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f'{impl} {mode} failed (exit {p.returncode}):\n{p.stderr[-3000:]}')
+    res = json.loads(lines[-1][len(RESULT_TAG):])
+    res['load_avg_1min'] = load
+    return res
+
+
+def summarise(impl, mode, runs, opts):
+    rates = [r['triplets'] / r['seconds'] for r in runs]
+    last = runs[-1]
+    per_cpu_s = [r['triplets'] / r['cpu_seconds'] for r in runs]
+    return {'impl': impl, 'mode': mode, 'triplets_per_s': round(statistics.median(rates), 2),
+            'runs_triplets_per_s': [round(x, 2) for x in rates], 'triplets_timed': last['triplets'],
+            'triplets_per_cpu_s': round(statistics.median(per_cpu_s), 2),
+            'peak_rss_mb': max(r['peak_rss_mb'] for r in runs), 'base_rss_mb': last['base_rss_mb'],
+            'gpu_busy_pct': last['gpu_busy_pct'], **({'peak_gpu_mb': last['peak_gpu_mb']} if 'peak_gpu_mb' in last else {}),
+            'device': last['device'], 'device_name': last['device_name'],
+            'load_avg_1min': [round(r['load_avg_1min'], 2) for r in runs],
+            'settings': {**last['settings'], 'steps': opts.steps, 'warmup': opts.warmup, 'repeats': opts.repeats,
+                         'torch': torch.__version__}}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a('--data', default=None, metavar='DIR', help='dataset folder in the CSN layout (required unless --make-data)')
+    a('--make-data', default=None, metavar='DIR', help='write a Zappos-format synthetic dataset to DIR and exit')
+    a('--images', type=int, default=2000, help='with --make-data: number of images')
+    a('--batch-size', type=int, default=64, help='triplets per step, for both implementations')
+    a('--image-size', type=int, default=112, help='images are resized and centre-cropped to this size')
+    a('--steps', type=int, default=5, help='timed steps per round (training, and the original\'s evaluation)')
+    a('--warmup', type=int, default=2, help='untimed steps before timing')
+    a('--repeats', type=int, default=3, help='rounds; the median is reported')
+    a('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='auto = CUDA when available, else the CPU')
+    a('--seed', type=int, default=1, help='random seed (triplet order, flips, initialisation)')
+    a('--repo-flags', default='', metavar='"FLAGS"',
+      help='extra main.py flags for this repo\'s path, e.g. "--amp off --no-channels-last" (default: main.py\'s defaults)')
+    a('--impls', nargs='+', choices=['original', 'repo'], default=['original', 'repo'], help='implementations to measure')
+    a('--modes', nargs='+', choices=['train', 'eval'], default=['train', 'eval'], help='what to measure')
+    a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
+    return p
+
+
+def print_table(figs, header):
+    print(header)
+    print(f'{"impl":<9} {"mode":<6} {"triplets/s":>11}  {"rounds":<24} {"peak RSS MB":>11}  settings')
+    for f in figs:
+        s = f['settings']
+        what = (f'{s["forwards_per_step"]} fwd/step, amp {s["amp"]}, channels_last {s["channels_last"]}, '
+                f'{s["decode"]}, workers {s["workers"]}')
+        if 'eval_triplets' in s:
+            what += f', {s["eval_triplets"]} triplets over {s["eval_images"]} images'
+        print(f'{f["impl"]:<9} {f["mode"]:<6} {f["triplets_per_s"]:>11.1f}  '
+              f'{" ".join(f"{x:.1f}" for x in f["runs_triplets_per_s"]):<24} {f["peak_rss_mb"]:>11.0f}  {what}')
+
+
+def run_bench(opts):
+    info = load_dataset_info(opts.data)
+    args = repo_args(opts)
+    if args.cache:
+        t0 = time.perf_counter()
+        build_image_cache(info, args.image_size, args.cache_dir)  # once, before the timed processes start
+        cache_s = time.perf_counter() - t0
+    figures = [(i, m) for i, m in FIGURES if i in opts.impls and m in opts.modes]
+    runs = {f: [] for f in figures}
+    load_start = os.getloadavg()
+    for r in range(opts.repeats):
+        for impl, mode in (figures if r % 2 == 0 else figures[::-1]):  # alternate the order between rounds
+            runs[(impl, mode)].append(run_child(opts, impl, mode))
+            print(f'round {r + 1}/{opts.repeats}: {impl} {mode} '
+                  f'{runs[(impl, mode)][-1]["triplets"] / runs[(impl, mode)][-1]["seconds"]:.1f} triplets/s', flush=True)
+    figs = [summarise(i, m, runs[(i, m)], opts) for i, m in figures]
+    f0 = figs[0]
+    header = (f'\n{opts.data}: {len(info.filenames)} images, batch {opts.batch_size}, {opts.image_size} px, '
+              f'{f0["device"]} ({f0["device_name"]}, {f0["settings"]["cores"]} cores, {f0["settings"]["threads"]} threads), '
+              f'torch {torch.__version__}; median of {opts.repeats} rounds of {opts.steps} steps after {opts.warmup} '
+              f'warm-up; load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end'
+              + (f'; image cache ready in {cache_s:.1f} s (built once, reused)' if args.cache else ''))
+    print_table(figs, header)
+    by = {(f['impl'], f['mode']): f['triplets_per_s'] for f in figs}
+    ratios = {m: round(by[('repo', m)] / by[('original', m)], 2) for m in opts.modes
+              if ('repo', m) in by and ('original', m) in by}
+    for m, x in ratios.items():
+        print(f'repo / original, {m}: {x:.2f}x')
+    for f in figs:
+        f['repo_over_original'] = ratios.get(f['mode'])
+        print(json.dumps(f))
+    return 0
+
+
+def main_cli(argv=None):
+    opts = build_parser().parse_args(argv)
+    try:
+        if opts.make_data:
+            make_zappos_like(opts.make_data, opts.images, opts.seed)
+            print(f'next: python bench.py --data {opts.make_data}')
+            return 0
+        if not opts.data:
+            raise main.UserError('--data DIR is required (or --make-data DIR to write a synthetic Zappos-format set)')
+        if opts.child:
+            impl, mode = opts.child.split(':')
+            print(RESULT_TAG + json.dumps(measure(opts, impl, mode)), flush=True)
+            return 0
+        return run_bench(opts)
+    except (main.UserError, DataError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main_cli())

@@ -1,0 +1,110 @@
+"""bench.py: its synthetic Zappos-format data, its figures through the command line, and its re-creation of the original
+release's loop computing the same loss as this repo's TripletNet."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+import bench
+import main
+from conftest import REPO
+from triplet_image_loader import ImageStore, TripletBatches, build_image_cache, load_dataset_info, load_triplets
+from tripletnet import csn_loss
+
+CPU = torch.device('cpu')
+ALL = [0, 1, 2, 3]
+
+
+def run_bench(*args):
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), *map(str, args)], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, f'bench.py {args} exited {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}'
+    return p
+
+
+@pytest.fixture(scope='module')
+def zappos(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bench') / 'zappos'
+    run_bench('--make-data', root, '--images', 48)
+    return str(root)
+
+
+def test_make_data_writes_the_zappos_layout_with_three_test_triplets_per_test_image(zappos):
+    info = load_dataset_info(zappos)  # no dataset.json: read with the Zappos defaults
+    assert info.notions == ['class', 'closure', 'gender', 'heel'] and len(info.filenames) == 48
+    with Image.open(info.image_path(0)) as im:
+        assert im.format == 'JPEG' and im.size == (136, 102)
+    test, _ = load_triplets(info, 'test', ALL, 10 ** 9, seed=0)
+    train, _ = load_triplets(info, 'train', ALL, 10 ** 9, seed=0)
+    assert len(test) == 3 * 48 // 4 and len(np.unique(test)) <= 48 // 4  # 3 triplets per test image
+    assert not set(np.unique(test).tolist()) & set(np.unique(train).tolist())  # images split between train and test
+    category = lambda i: info.filenames[i].split('/')[0]  # the class notion is Zappos's first folder level
+    classes, _ = load_triplets(info, 'train', [0], 10 ** 9, seed=0)
+    for a, far, close in classes:
+        assert category(a) == category(close) != category(far)
+
+
+def test_bench_prints_a_json_line_per_figure_of_both_implementations(zappos):
+    p = run_bench('--data', zappos, '--batch-size', 4, '--image-size', 32, '--steps', 1, '--warmup', 1,
+                  '--repeats', 1, '--device', 'cpu')
+    figs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{')]
+    assert sorted((f['impl'], f['mode']) for f in figs) == [('original', 'eval'), ('original', 'train'),
+                                                             ('repo', 'eval'), ('repo', 'train')]
+    for f in figs:
+        assert f['triplets_per_s'] > 0 and f['peak_rss_mb'] > 0 and f['device'] == 'cpu'
+        assert f['settings']['batch_size'] == 4 and f['settings']['image_size'] == 32
+        assert f['repo_over_original'] == pytest.approx(
+            next(g['triplets_per_s'] for g in figs if g['impl'] == 'repo' and g['mode'] == f['mode'])
+            / next(g['triplets_per_s'] for g in figs if g['impl'] == 'original' and g['mode'] == f['mode']), rel=0.01)
+    by = {(f['impl'], f['mode']): f for f in figs}
+    assert by['original', 'train']['settings']['forwards_per_step'] == 3 and by['original', 'train']['settings']['amp'] == 'off'
+    assert by['repo', 'train']['settings']['forwards_per_step'] == 1
+    assert by['original', 'train']['triplets_timed'] == 4  # --steps x --batch-size, after the warm-up
+    assert by['repo', 'eval']['settings']['eval_triplets'] == 36  # the whole test split
+    assert 'repo / original, train' in p.stdout and 'repo / original, eval' in p.stdout
+
+
+@pytest.mark.parametrize('masks', [[], ['--learned'], ['--prein']])
+def test_original_loop_computes_the_same_loss_and_gradients_as_tripletnet(zappos, masks):
+    """Same 8 triplets, fp32, no flips, BatchNorm in eval mode: the original's three forwards on PIL-decoded images
+    against one forward of this repo's TripletNet on the uint8 cache. (In training mode they differ on purpose:
+    BatchNorm's batch statistics are over the 3B images of one forward here, over each B in the original.)"""
+    torch.manual_seed(0)
+    args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', *masks])
+    info = load_dataset_info(zappos)
+    trip, cond = load_triplets(info, 'train', ALL, 10 ** 9, seed=0)
+    trip, cond = trip[:8], cond[:8]
+    model = main.build_model(args, 4).eval()
+    if masks == ['--learned']:
+        assert (model.embednet.masks.weight < 0).any()  # the ReLU of learned masks matters here
+
+    dataset = bench.OriginalTriplets(info, trip, cond, bench.original_transform(32, train=False))
+    batch = default_collate([dataset[i] for i in range(8)])  # in order (the original's loader shuffles)
+    loss_o, dista, distb = bench.original_loss(bench.OriginalTripletnet(model.embednet),
+                                               torch.nn.MarginRankingLoss(margin=args.margin), batch, args, CPU)
+    loss_o.backward()
+    grads_o = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    store = ImageStore(info, 32, build_image_cache(info, 32, log=lambda *a: None))
+    u8, c = TripletBatches(trip, cond, store)[np.arange(8)]
+    x = main.to_input(u8, CPU, channels_last=False)  # (24, 3, 32, 32), no flips
+    torch.testing.assert_close(x, torch.cat(batch[:3]), atol=1e-6, rtol=0)  # the cache decodes as the original did
+    d_far, d_close, emb_norm, mask_norm = model(*x.chunk(3), c)
+    loss_r = csn_loss(d_far, d_close, emb_norm, mask_norm, args.margin, args.embed_loss, args.mask_loss)
+    loss_r.backward()
+
+    torch.testing.assert_close(d_far, dista, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_close, distb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_r, loss_o, rtol=1e-5, atol=1e-6)
+    assert loss_r > args.margin / 2  # a loss with the regularisers in it, not a trivially zero one
+    grads_r = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads_r.keys() == grads_o.keys() and ('embednet.masks.weight' in grads_r) == bool(masks)
+    for n in grads_r:
+        torch.testing.assert_close(grads_r[n], grads_o[n], rtol=1e-4, atol=1e-6, msg=n)

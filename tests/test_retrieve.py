@@ -1,0 +1,258 @@
+"""retrieve.py: retrieval mAP against a slow loop, nearest-neighbour search, the embedding cache, pictures, and the
+command line on a model trained on the coloured shapes."""
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, REPO, draw, make_dataset, run_main
+
+
+def slow_average_precisions(x, labels):
+    """The obvious loop: rank every other row by distance (ties by index), precision at each relevant rank."""
+    out = []
+    for q in range(len(x)):
+        cands = sorted((j for j in range(len(x)) if j != q), key=lambda j: (np.linalg.norm(x[j] - x[q]), j))
+        rel = [labels[j] == labels[q] for j in cands]
+        if not any(rel):
+            out.append(np.nan)
+            continue
+        hits, precisions = 0, []
+        for rank, ok in enumerate(rel, 1):
+            if ok:
+                hits += 1
+                precisions.append(hits / rank)
+        out.append(np.mean(precisions))
+    return np.array(out)
+
+
+def slow_map(x, labels):
+    """mAP of one notion: unknown ('') labels left out, queries without any relevant candidate left out."""
+    keep = [i for i, l in enumerate(labels) if l != '']
+    ap = slow_average_precisions(x[keep], [labels[i] for i in keep])
+    return float(np.nanmean(ap))
+
+
+def retrieve(*args, check=True, subprocess_=False):
+    """retrieve.py ARGS: through the command line (subprocess_), or in this process (fast): (returncode, stdout, stderr)."""
+    argv = list(map(str, args))
+    if subprocess_:
+        p = subprocess.run([sys.executable, os.path.join(REPO, 'retrieve.py'), *argv], capture_output=True, text=True,
+                           timeout=600)
+        rc, out, err = p.returncode, p.stdout, p.stderr
+    else:
+        import retrieve as r
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = r.main(argv)
+        out, err = out.getvalue(), err.getvalue()
+    if check and rc != 0:
+        raise AssertionError(f'retrieve.py {argv} exited {rc}\n{out[-3000:]}\n{err[-3000:]}')
+    return argparse.Namespace(returncode=rc, stdout=out, stderr=err)
+
+
+def neighbours(stdout):
+    """(index, distance, label) rows of retrieve.py's table."""
+    rows = []
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0].isdigit() and parts[1].isdigit():
+            rows.append((int(parts[1]), float(parts[2]), parts[3]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+
+def test_average_precision_matches_slow_loop():
+    from retrieve import average_precisions, mean_average_precision
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 5))
+    labels = list(rng.choice(['a', 'b', 'c'], 60))
+    labels[7] = 'alone'  # no other row shares it: undefined AP, left out of the mean
+    ap = average_precisions(x, labels, chunk=16)  # several chunks
+    want = slow_average_precisions(x, labels)
+    assert np.isnan(ap[7]) and np.isnan(want[7])
+    np.testing.assert_allclose(ap, want, rtol=1e-5)
+    assert mean_average_precision(x, labels) == pytest.approx(np.nanmean(want), rel=1e-5)
+    # well separated clusters: every neighbour shares the label before any other does
+    x = np.repeat(np.eye(3) * 10, 5, axis=0) + rng.standard_normal((15, 3)) * 0.1
+    assert mean_average_precision(x, np.repeat(['p', 'q', 'r'], 5)) == pytest.approx(1.0)
+    # a ranking that puts the only relevant candidate last
+    assert mean_average_precision(np.array([[0.0], [1.0], [2.0]]), ['a', 'b', 'a']) == pytest.approx(
+        np.mean([1 / 2, 1 / 2]))  # queries 0 and 2 find each other at rank 2; 'b' has no relevant candidate
+    assert np.isnan(mean_average_precision(np.zeros((3, 2)), ['a', 'b', 'c']))
+
+
+def test_notion_map_leaves_unknown_labels_out_and_masks_per_notion():
+    from retrieve import notion_map
+    rng = np.random.default_rng(1)
+    emb, masks = rng.standard_normal((30, 8)), np.abs(rng.standard_normal((2, 8)))
+    images = np.arange(5, 30, 2)  # rows of a bigger dataset
+    labels = {'colour': list(rng.choice(['red', 'blue', ''], 40)), 'shape': list(rng.choice(['o', 'x'], 40))}
+    got = notion_map(emb[:len(images)], masks, images, labels, ['colour', 'shape'], [0, 1])
+    for c, name in enumerate(['colour', 'shape']):
+        lab = [labels[name][i] for i in images]
+        assert got[name] == pytest.approx(slow_map(emb[:len(images)] * masks[c], lab), rel=1e-5)
+    task = rng.standard_normal((2, 13, 8))  # one embedding per notion's network
+    got = notion_map(task, np.ones((2, 8)), images, labels, ['colour', 'shape'], [1])
+    assert set(got) == {'shape'}
+    assert got['shape'] == pytest.approx(slow_map(task[1], [labels['shape'][i] for i in images]), rel=1e-5)
+
+
+@pytest.mark.parametrize('variant', [['--learned'], ['--model', 'task']])
+def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, variant):
+    import main
+    from retrieve import retrieval_map
+    from triplet_image_loader import ImageStore, load_dataset_info, read_labels
+    make_dataset(str(tmp_path / 'd'))
+    info = load_dataset_info(str(tmp_path / 'd'))
+    torch.manual_seed(0)
+    args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
+    args.workers, args.eval_batch_size = 0, 16
+    model = main.build_model(args, 2).eval()
+    store = ImageStore(info, 32)
+    labels = read_labels(info)
+    labels['colour'][3] = labels['colour'][7] = ''  # unknown: left out for colour only
+    images = np.arange(3, 40, 4)
+    res = retrieval_map(model, info, images, labels, args, torch.device('cpu'), None, store=store)
+    want = {}
+    with torch.no_grad():
+        for c, name in enumerate(info.notions):
+            x = main.to_input(torch.from_numpy(store.get(images)), torch.device('cpu'), False)
+            emb = model.embednet.apply_mask(model.embednet.embed(x, c), torch.full((len(images),), c))[0]
+            want[name] = slow_map(emb.numpy().astype(np.float64), [labels[name][i] for i in images])
+    assert res['per_notion'] == pytest.approx(want, rel=1e-4)
+    assert res['mAP'] == pytest.approx(np.mean(list(want.values())), rel=1e-4)
+
+
+def test_nearest_matches_a_full_sort_and_searches_100k_images_fast():
+    from retrieve import nearest, subspace
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((100_000, 64)).astype(np.float32)
+    masks = np.abs(rng.standard_normal((4, 64))).astype(np.float32)
+    space = subspace(emb, masks, 2)
+    idx, dist = nearest(space, space[5], 10, exclude=5)
+    full = np.linalg.norm(space.astype(np.float64) - space[5], axis=1)
+    full[5] = np.inf
+    assert idx.tolist() == np.argsort(full)[:10].tolist()
+    np.testing.assert_allclose(dist, full[idx], rtol=1e-4)
+    times = []
+    for q in range(10):  # mask the dataset for the notion and search it, as retrieve.py does per query
+        t0 = time.perf_counter()
+        nearest(subspace(emb, masks, q % 4), emb[q] * masks[q % 4], 10, exclude=q)
+        times.append(time.perf_counter() - t0)
+    print(f'search of 100,000 x 64-d: median {np.median(times) * 1e3:.1f} ms')
+    assert np.median(times) < 0.5
+    idx, dist = nearest(space[:3], space[0], 10, exclude=0)  # fewer candidates than k: all of them, nearest first
+    assert sorted(idx.tolist()) == [1, 2] and dist[0] <= dist[1]
+
+
+# ------------------------------------------------------------------------------------------- a trained model
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A CSN (fixed masks) trained two epochs on the shapes: colour is learnt first (about 98 % of its val triplets)."""
+    root = tmp_path_factory.mktemp('retrieve')
+    data = str(root / 'shapes')
+    names, labels = make_dataset(data)
+    run_main('--data', data, '--runs', root / 'runs', '--name', 'csn', '--epochs', 2, *FAST)
+    return data, root / 'runs' / 'csn', names, labels
+
+
+def test_retrieval_by_colour_finds_the_same_colour_and_caches_the_embeddings(trained, tmp_path):
+    data, run, names, labels = trained
+    ckpt = run / 'model_best.pth.tar'
+    p = retrieve('--resume', ckpt, '--data', data, '--query', 3, '--notion', 'colour', '--k', 5, subprocess_=True)
+    assert 'embedding the 40 images' in p.stdout
+    rows = neighbours(p.stdout)
+    assert len(rows) == 5 and 3 not in [r[0] for r in rows]
+    assert [r[1] for r in rows] == sorted(r[1] for r in rows)
+    assert all(labels[i]['colour'] == labels[3]['colour'] == label for i, _, label in rows), p.stdout
+    picture = run / 'retrieval' / 'colour_3.png'
+    assert picture.exists() and picture.stat().st_size > 5000
+    emb = np.load(run / 'embeddings.npy')
+    assert emb.shape == (40, 64) and np.load(run / 'masks.npy').shape == (2, 64)
+    assert (run / 'images.txt').read_text().split() == names
+    meta = json.load(open(run / 'embeddings.json'))
+    assert meta['checkpoint'] == 'model_best.pth.tar' and meta['embeddings_shape'] == [40, 64]
+
+    # the cache holds the model's embeddings of every image
+    import main
+    from retrieve import load_model
+    from triplet_image_loader import ImageStore, load_dataset_info
+    model, _, args, device, amp = load_model(str(ckpt), data, 'cpu')
+    want = main.embed_images(model, np.arange(40), ImageStore(load_dataset_info(data), 32), args, device, amp)
+    np.testing.assert_allclose(emb, want.numpy(), rtol=1e-3, atol=1e-3)
+
+    # a second query reuses them; by shape, from a path listed in filenames.json
+    mtime = os.stat(run / 'embeddings.npy').st_mtime_ns
+    p = retrieve('--resume', ckpt, '--data', data, '--query', names[3], '--notion', 'shape', '--k', 5,
+                 '--out', tmp_path / 'shape.png')
+    assert 'using cached embeddings' in p.stdout and os.stat(run / 'embeddings.npy').st_mtime_ns == mtime
+    assert (tmp_path / 'shape.png').exists() and len(neighbours(p.stdout)) == 5
+
+    # an image from outside the dataset, embedded on the fly
+    outside = tmp_path / 'my_red_square.png'
+    draw('red', 'square', np.random.default_rng(123)).save(outside)
+    p = retrieve('--resume', ckpt, '--data', data, '--query', outside, '--notion', 'colour', '--k', 5)
+    assert '(external)' in p.stdout
+    assert [label for _, _, label in neighbours(p.stdout)] == ['red'] * 5, p.stdout
+
+    # a changed checkpoint (new mtime) recomputes
+    st = os.stat(ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    p = retrieve('--resume', ckpt, '--data', data)
+    assert 'embedding the 40 images' in p.stdout and os.stat(run / 'embeddings.npy').st_mtime_ns != mtime
+
+
+def test_bad_query_and_notion_say_what_to_do(trained):
+    data, run, _, _ = trained
+    p = retrieve('--resume', run / 'model_best.pth.tar', '--data', data, '--query', 'nope.png', '--notion', 'colour',
+                 check=False)
+    assert p.returncode == 2 and 'not an image index' in p.stderr
+    p = retrieve('--resume', run / 'model_best.pth.tar', '--data', data, '--query', 1, '--notion', 'size', check=False)
+    assert p.returncode == 2 and 'unknown notion' in p.stderr and 'colour' in p.stderr
+
+
+def test_export_embeddings_is_reused_by_retrieve(trained, tmp_path):
+    import main
+    from retrieve import export_embeddings, load_model
+    from triplet_image_loader import load_dataset_info
+    data, run, _, _ = trained
+    ckpt = str(run / 'checkpoint.pth.tar')
+    model, _, args, device, amp = load_model(ckpt, data, 'cpu')
+    emb, masks = export_embeddings(model, load_dataset_info(data), args, device, amp, str(run))
+    assert emb.shape == (40, 64) and masks[0, :32].tolist() == [1.0] * 32 and masks[0, 32:].tolist() == [0.0] * 32
+    p = retrieve('--resume', ckpt, '--data', data, '--query', 0, '--notion', 'colour', '--k', 3)
+    assert 'using cached embeddings' in p.stdout
+
+
+def test_pictures_and_map_of_the_trained_model(trained, tmp_path):
+    import main
+    from retrieve import embed_dataset, load_model, retrieval_map, test_images, write_pictures
+    from triplet_image_loader import ImageStore, load_dataset_info, read_labels
+    data, run, _, _ = trained
+    model, _, args, device, amp = load_model(str(run / 'model_best.pth.tar'), data, 'cpu')
+    info = load_dataset_info(data)
+    store, labels = ImageStore(info, 32), read_labels(info)
+    images = test_images(info, args)
+    assert images.tolist() == list(range(3, 40, 4))  # the test split of the shapes: every 4th image
+    emb = embed_dataset(model, images, store, args, device, amp, 2)
+    res = retrieval_map(model, info, images, labels, args, device, amp, emb=emb)
+    assert res['per_notion']['colour'] > 0.9 and 0 < res['per_notion']['shape'] <= 1
+    paths = write_pictures(model, info, store, labels, args, device, amp, str(tmp_path), emb=emb)
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ['masks.png', 'retrieval_colour.png', 'retrieval_shape.png', 'tsne_colour.png', 'tsne_shape.png']
+    from PIL import Image
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.size[0] > 300 and im.size[1] > 150
+            assert len(set(np.asarray(im.convert('L')).ravel().tolist())) > 20  # not a blank canvas
