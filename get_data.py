@@ -429,11 +429,8 @@ def build_parser():
                                           'filename, else the first)')
     g.add_argument('--notions', nargs='+', help='the CSV columns to use as notions (default: all but the image '
                                                 'and a split column)')
-    try:
-        import zappos
-        zappos.add_args(p)
-    except ImportError:                                                 # only while zappos.py is being written
-        pass
+    import zappos
+    zappos.add_args(p)
     return p
 
 
@@ -454,4 +451,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    sys.modules.setdefault('get_data', sys.modules[__name__])            # zappos.py's `import get_data` gets this one
     main()

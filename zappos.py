@@ -1,0 +1,637 @@
+"""UT-Zappos50k for get_data.py: download (or take from --from DIR), check and safely extract the archives into the
+layout main.py reads, with the paper's triplets or triplets drawn from the UT-Zappos50k metadata.
+
+    DIR/ut-zap50k-images/<Category>/<SubCategory>/<Brand>/<NAME>.jpg
+    DIR/filenames.json                                  plain text, line i = path of image i under ut-zap50k-images/
+    DIR/tripletlists/<notion>_tripletlist_<split>.txt   lines `anchor far close`, notions class closure gender heel
+    DIR/dataset.json, DIR/labels.csv                    only for metadata triplets (labels for retrieval mAP)
+    DIR/zappos.json                                     what was built; written last, so its presence means whole
+"""
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from http.client import HTTPException
+
+import numpy as np
+from tqdm import tqdm
+
+from triplet_image_loader import SPLITS, ZAPPOS_IMAGES, ZAPPOS_NOTIONS, check_triplet_file, format_problems
+
+from get_data import GetDataError, parse_split, split_groups, write_all_triplets, write_layout  # noqa: E402
+
+URLS = {
+    'images': 'http://vision.cs.utexas.edu/projects/finegrained/utzap50k/ut-zap50k-images.zip',
+    'triplets': 'https://vision.cornell.edu/se3/wp-content/uploads/2019/05/csn_zappos_triplets.zip',
+    'metadata': 'http://vision.cs.utexas.edu/projects/finegrained/utzap50k/ut-zap50k-data.zip',
+}
+ARCHIVES = {'images': 'ut-zap50k-images.zip', 'triplets': 'csn_zappos_triplets.zip', 'metadata': 'ut-zap50k-data.zip'}
+RECORD = 'zappos.json'
+CHUNK = 1 << 20
+
+
+class DownloadError(GetDataError):
+    """A download that failed; `unreachable` is True when no server answered (no network, DNS, refused, timeout)."""
+
+    def __init__(self, msg, url, unreachable=False):
+        super().__init__(msg)
+        self.url, self.unreachable = url, unreachable
+
+
+class BadArchive(GetDataError):
+    """An archive that is not a whole zip file."""
+
+
+class MissingArchive(GetDataError):
+    """An archive that --from DIR does not hold."""
+
+
+# ----------------------------------------------------------------------------------------------- downloading
+
+class _Short(Exception):
+    """The server closed the connection before the whole file came."""
+
+
+def _fetch(url, part, timeout):
+    """One attempt: append to `part` from where it ends (HTTP Range), or start over when the server ignores Range."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {'User-Agent': 'csn-get-data/1.0'}
+    if have:
+        headers['Range'] = f'bytes={have}-'
+    try:
+        r = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:                                      # nothing left to send: whole, or too long
+            total = (e.headers.get('Content-Range') or '').rpartition('/')[2]
+            e.close()
+            if total.isdigit() and int(total) == have:
+                return
+            os.remove(part)
+            raise _Short(f'{part} did not match the file on the server; starting over') from None
+        raise
+    with r:
+        start = 0
+        if r.status == 206:
+            m = re.match(r'bytes (\d+)-', r.headers.get('Content-Range') or '')
+            start = int(m.group(1)) if m else -1
+            if start != have:
+                os.remove(part)
+                raise _Short(f'the server resumed at byte {start}, not {have}; starting over')
+        length = r.headers.get('Content-Length')
+        total = start + int(length) if length and length.isdigit() else None
+        with open(part, 'ab' if start else 'wb') as f, \
+                tqdm(total=total, initial=start, unit='B', unit_scale=True, unit_divisor=1024,
+                     desc=os.path.basename(part)[:-len('.part')], disable=None, leave=False) as bar:
+            while True:
+                chunk = r.read(CHUNK)
+                if not chunk:
+                    break
+                f.write(chunk)
+                bar.update(len(chunk))
+        got = os.path.getsize(part)
+        if total is not None and got != total:
+            raise _Short(f'connection closed after {got} of {total} bytes')
+
+
+def download(url, dest, retries=5, timeout=60, backoff=2.0, log=print):
+    """Download url to dest via dest.part, resuming it with HTTP Range; retry network errors with exponential
+    back-off (backoff, 2*backoff, ... seconds). Raises DownloadError naming the URL."""
+    part = dest + '.part'
+    log(f'downloading {url} -> {dest}' + (f' (resuming at {os.path.getsize(part)} bytes)'
+                                          if os.path.exists(part) else ''))
+    for attempt in range(retries + 1):
+        try:
+            _fetch(url, part, timeout)
+            os.replace(part, dest)
+            return dest
+        except urllib.error.HTTPError as e:
+            reason, unreachable = f'HTTP {e.code} {e.reason}', False
+            if 400 <= e.code < 500 and e.code not in (408, 429):        # the link is wrong or gone: retrying won't help
+                raise DownloadError(f'{url}: {reason}', url) from None
+        except urllib.error.URLError as e:                              # DNS failure, connection refused, ...
+            reason, unreachable = str(e.reason), True
+        except (TimeoutError, socket.timeout) as e:
+            reason, unreachable = f'no answer within --timeout {timeout:g} s ({e})', True
+        except (_Short, ConnectionError, HTTPException) as e:
+            reason, unreachable = str(e) or type(e).__name__, False
+        if attempt == retries:
+            raise DownloadError(f'{url}: {reason} (gave up after {retries + 1} attempts, see --retries)', url,
+                                unreachable)
+        wait = backoff * 2 ** attempt
+        log(f'{url}: {reason}; retrying in {wait:g} s (attempt {attempt + 2} of {retries + 1})')
+        time.sleep(wait)
+
+
+# ------------------------------------------------------------------------------------------------- archives
+
+def check_zip(path):
+    """Raise BadArchive unless path is a whole zip: the central directory reads, every member lies inside the file."""
+    if not zipfile.is_zipfile(path):
+        raise BadArchive(f'{path} is not a whole zip archive (truncated download, or not a zip at all)')
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            for m in z.infolist():
+                if m.header_offset + m.compress_size > size:
+                    raise BadArchive(f'{path} is truncated: member {m.filename!r} runs past the end of the file')
+    except zipfile.BadZipFile as e:
+        raise BadArchive(f'{path} is not a whole zip archive ({e})') from None
+
+
+def _member_parts(m):
+    """The path components of a zip member, or the reason to refuse it."""
+    name = m.filename.replace('\\', '/')
+    if stat.S_ISLNK(m.external_attr >> 16):
+        return None, 'it is a symbolic link'
+    if name.startswith('/'):
+        return None, 'it has an absolute path'
+    if re.match(r'^[A-Za-z]:', name):
+        return None, 'it starts with a drive letter'
+    parts = [p for p in name.split('/') if p not in ('', '.')]
+    if '..' in parts:
+        return None, 'it has a ".." component'
+    return parts, None
+
+
+def safe_extract(zip_path, target, log=print):
+    """Extract zip_path into the folder target, refusing (before writing anything) any member with an absolute path,
+    a drive letter, a '..' component or a symbolic link, so nothing lands outside target."""
+    target = os.path.realpath(target)
+    with zipfile.ZipFile(zip_path) as z:
+        plan = []
+        for m in z.infolist():
+            parts, why = _member_parts(m)
+            if why:
+                raise GetDataError(f'{zip_path}: refusing to extract member {m.filename!r}: {why}; nothing was '
+                                   f'extracted. The archive is not the expected one: fetch it again from its source')
+            if parts:
+                dest = os.path.join(target, *parts)
+                if os.path.commonpath([target, os.path.realpath(dest)]) != target:
+                    raise GetDataError(f'{zip_path}: refusing to extract member {m.filename!r}: it would land '
+                                       f'outside {target}; nothing was extracted')
+                plan.append((m, dest))
+        os.makedirs(target, exist_ok=True)
+        for m, dest in tqdm(plan, desc=f'extracting {os.path.basename(zip_path)}', unit='file', disable=None,
+                            leave=False):
+            if m.is_dir():
+                os.makedirs(dest, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                with z.open(m) as src, open(dest, 'wb') as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+            except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+                raise BadArchive(f'{zip_path}: member {m.filename!r} is damaged ({e}); delete the archive and '
+                                 f'fetch it again') from None
+            except OSError as e:
+                raise GetDataError(f'cannot write {dest} while extracting {zip_path}: {e}') from None
+
+
+def _folder_with(root, name):
+    """The shallowest folder under root that holds `name` (a file or folder), or None."""
+    for here, dirs, files in sorted(os.walk(root), key=lambda t: t[0].count(os.sep)):
+        if name in files or name in dirs:
+            return here
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- metadata
+
+def heel_bin(text):
+    """Heel height text of meta-data.csv -> 'flat' ('Flat'), 'low' (under 2 in: 'Under 1in', '1in - 1 3/4in'),
+    'mid' (2 in to under 4 in: '2in - 2 3/4in', '3in - 3 3/4in'), 'high' (4 in and over: '4in - 4 3/4in',
+    '5in & over'); a range goes by its lower end; '' when empty, multi-valued or unreadable."""
+    t = single(text).lower()
+    if not t:
+        return ''
+    if t.startswith('flat'):
+        return 'flat'
+    heights = [float(a) + (float(b) / float(c) if b else 0.0)
+               for a, b, c in re.findall(r'(\d+(?:\.\d+)?)(?:\s+(\d+)/(\d+))?', t)]
+    if not heights:
+        return ''
+    h = heights[0]
+    if t.startswith('under'):                                           # below h: one bin only if h <= 2
+        return 'low' if 0 < h <= 2 else ''
+    return 'flat' if h == 0 else 'low' if h < 2 else 'mid' if h < 4 else 'high'
+
+
+def single(value):
+    """A cell's value, or '' when it is empty or holds several values (separated by ';' or ',')."""
+    value = (value or '').strip()
+    return '' if ';' in value or ',' in value else value
+
+
+def _mat_strings(x):
+    """A loadmat cell array or char array -> list of str ('' for empty cells)."""
+    def text(v):
+        while isinstance(v, np.ndarray):
+            if v.size == 0:
+                return ''
+            if v.dtype.kind == 'U' and v.size > 1:                      # a char matrix row kept as single characters
+                return ''.join(v.ravel().tolist()).strip()
+            v = v.ravel()[0]
+        return str(v).strip()
+    return [text(v) for v in np.asarray(x).ravel()]
+
+
+def read_image_paths(mat_path, n_rows=None):
+    """The image paths of image-path.mat, in row order: the variable 'imagepath', else the only cell or char array
+    (the one with n_rows entries when several)."""
+    import scipy.io
+    try:
+        data = scipy.io.loadmat(mat_path)
+    except NotImplementedError as e:                                    # MATLAB v7.3 files are HDF5
+        raise GetDataError(f'{mat_path}: cannot read this MATLAB file ({e})') from None
+    except (ValueError, OSError, TypeError) as e:
+        raise GetDataError(f'{mat_path}: not a readable MATLAB .mat file ({e})') from None
+    found = {k: v for k, v in data.items()
+             if not k.startswith('__') and hasattr(v, 'dtype') and v.dtype.kind in 'OU'}
+    pick = [k for k in found if k.lower() == 'imagepath']
+    if not pick:
+        pick = [k for k in found if n_rows is None or found[k].size == n_rows] or list(found)
+    if len(pick) != 1:
+        raise GetDataError(f'{mat_path}: expected one cell array of image paths (named imagepath); found variables '
+                           f'{", ".join(sorted(k for k in data if not k.startswith("__"))) or "none"}')
+    return _mat_strings(found[pick[0]])
+
+
+def read_metadata(csv_path, mat_path):
+    """(image paths, rows): the paths of image-path.mat and the rows of meta-data.csv (dicts of stripped cells by
+    column name), in the same order. Raises GetDataError naming the file on a missing column or a count mismatch."""
+    try:
+        with open(csv_path, newline='', encoding='utf-8-sig', errors='replace') as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = [{k: (v or '').strip() for k, v in r.items() if k is not None} for r in reader]
+    except OSError as e:
+        raise GetDataError(f'cannot read {csv_path}: {e}') from None
+    need = ['Category', 'Closure', 'Gender', 'HeelHeight']
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise GetDataError(f'{csv_path}:1: no column(s) {", ".join(missing)} (header: {", ".join(header) or "none"})')
+    paths = read_image_paths(mat_path, len(rows))
+    if len(paths) != len(rows):
+        raise GetDataError(f'{mat_path} lists {len(paths)} image paths but {csv_path} has {len(rows)} rows; they '
+                           f'must match row by row')
+    return paths, rows
+
+
+def metadata_labels(rows):
+    """{notion: strings} from meta-data.csv rows: class = Category, closure = Closure, gender = Gender,
+    heel = heel_bin(HeelHeight); a missing or multi-valued cell is '' (unknown) for that notion only."""
+    return {'class': [single(r['Category']) for r in rows],
+            'closure': [single(r['Closure']) for r in rows],
+            'gender': [single(r['Gender']) for r in rows],
+            'heel': [heel_bin(r['HeelHeight']) for r in rows]}
+
+
+def _clean_path(p):
+    p = p.replace('\\', '/').strip()
+    while p.startswith('./'):
+        p = p[2:]
+    prefix = ZAPPOS_IMAGES + '/'
+    return p[len(prefix):] if p.startswith(prefix) else p
+
+
+# ----------------------------------------------------------------------------------------------- installing
+
+def _replace(src, dest):
+    """Move src to dest, replacing a file or folder there."""
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        old = f'{dest}.old-{os.getpid()}'
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _staging(out, what):
+    path = os.path.join(out, f'.{what}.partial-{os.getpid()}')
+    _remove(path)
+    os.makedirs(path)
+    return path
+
+
+def install_images(zip_path, out, log=print):
+    """Extract the images archive into a temporary folder, then move its ut-zap50k-images/ into out."""
+    tmp = _staging(out, 'images')
+    try:
+        safe_extract(zip_path, tmp, log)
+        root = os.path.join(tmp, ZAPPOS_IMAGES)
+        if not os.path.isdir(root):                                     # an archive without the top folder
+            root = tmp
+        n = sum(len(f) for _, _, f in os.walk(root))
+        if n == 0:
+            raise BadArchive(f'{zip_path} holds no files')
+        _replace(root, os.path.join(out, ZAPPOS_IMAGES))
+    finally:
+        _remove(tmp)
+    log(f'{os.path.join(out, ZAPPOS_IMAGES)}: {n} files from {zip_path}')
+
+
+def _put_triplets(tmp, out, files):
+    """Move tripletlists/ and files (filenames.json last) from tmp into out, so filenames.json appears only when the
+    rest is in place; leftover dataset.json and labels.csv of an earlier build go."""
+    _remove(os.path.join(out, 'filenames.json'))
+    for name in ('dataset.json', 'labels.csv'):
+        if name not in files:
+            _remove(os.path.join(out, name))
+    _replace(os.path.join(tmp, 'tripletlists'), os.path.join(out, 'tripletlists'))
+    for name in files:
+        if name != 'filenames.json':
+            _replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.replace(os.path.join(tmp, 'filenames.json'), os.path.join(out, 'filenames.json'))
+
+
+def install_paper(zip_path, out, log=print):
+    """The paper's filenames.json and tripletlists/ from csn_zappos_triplets.zip (with or without a top folder)."""
+    tmp = _staging(out, 'triplets')
+    try:
+        safe_extract(zip_path, tmp, log)
+        root = _folder_with(tmp, 'filenames.json')
+        if root is None or not os.path.isdir(os.path.join(root, 'tripletlists')):
+            raise GetDataError(f'{zip_path} does not hold filenames.json and tripletlists/: not the expected '
+                               f'archive; fetch it again (delete it first) or use --triplets metadata')
+        lists = os.path.join(root, 'tripletlists')
+        missing = [f'{n}_tripletlist_{s}.txt' for n in ZAPPOS_NOTIONS for s in SPLITS
+                   if not os.path.exists(os.path.join(lists, f'{n}_tripletlist_{s}.txt'))]
+        if missing:
+            raise GetDataError(f'{zip_path}: tripletlists/ lacks {", ".join(missing)}; fetch it again (delete it '
+                               f'first) or use --triplets metadata')
+        with open(os.path.join(root, 'filenames.json')) as f:
+            n_images = len([line for line in f if line.strip()])
+        problems = []
+        for n in ZAPPOS_NOTIONS:
+            for s in SPLITS:
+                problems += check_triplet_file(os.path.join(lists, f'{n}_tripletlist_{s}.txt'), n_images)[2]
+        if problems:
+            log(f'warning: {len(problems)} bad line(s) in the paper\'s triplet lists (main.py stops on them unless '
+                f'--skip-bad-triplets):\n{format_problems(problems, 5)}')
+        _put_triplets(root, out, ['filenames.json'])
+    finally:
+        _remove(tmp)
+    log(f'{out}: the paper\'s triplets for {n_images} images from {zip_path}')
+
+
+def install_metadata(zip_path, out, args, log=print):
+    """filenames.json, labels.csv, dataset.json and triplets drawn per split from meta-data.csv and image-path.mat."""
+    tmp = _staging(out, 'metadata')
+    try:
+        safe_extract(zip_path, tmp, log)
+        where = {name: _folder_with(tmp, name) for name in ('meta-data.csv', 'image-path.mat')}
+        lacking = [name for name, d in where.items() if d is None]
+        if lacking:
+            raise GetDataError(f'{zip_path} does not hold {" and ".join(lacking)}: not the expected archive; fetch '
+                               f'it again (delete it first)')
+        paths, rows = read_metadata(os.path.join(where['meta-data.csv'], 'meta-data.csv'),
+                                    os.path.join(where['image-path.mat'], 'image-path.mat'))
+        labels_all = metadata_labels(rows)
+        images_dir = os.path.join(out, ZAPPOS_IMAGES)
+        keep, no_path, no_image, repeated, seen = [], 0, [], 0, set()
+        for i, p in enumerate(paths):
+            p = _clean_path(p)
+            if not p:
+                no_path += 1
+            elif p in seen:
+                repeated += 1
+            elif not os.path.isfile(os.path.join(images_dir, p)):
+                no_image.append(p)
+            else:
+                seen.add(p)
+                keep.append((i, p))
+        left = []
+        if no_path:
+            left.append(f'{no_path} without an image path')
+        if no_image:
+            left.append(f'{len(no_image)} whose image is not in {images_dir} (e.g. {", ".join(no_image[:3])})')
+        if repeated:
+            left.append(f'{repeated} repeating an earlier image path')
+        if left:
+            log(f'left out {len(paths) - len(keep)} of {len(paths)} metadata rows: {"; ".join(left)}')
+        if not keep:
+            raise GetDataError(f'no metadata row of {zip_path} names an image under {images_dir}; delete '
+                               f'{images_dir} and run again to re-extract the images')
+        filenames = [p for _, p in keep]
+        labels = {n: [labels_all[n][i] for i, _ in keep] for n in ZAPPOS_NOTIONS}
+        split_of = split_groups(filenames, parse_split(args.split), args.seed)
+        sizes = {'train': args.train_triplets, 'val': args.val_triplets, 'test': args.test_triplets}
+        counts = write_all_triplets(tmp, ZAPPOS_NOTIONS, labels, split_of, sizes, args.seed, log)
+        write_layout(tmp, 'zappos50k', ZAPPOS_IMAGES, filenames, ZAPPOS_NOTIONS, labels, [str(s) for s in split_of],
+                     {'triplets': 'drawn from the UT-Zappos50k metadata (get_data.py --triplets metadata)',
+                      'heel': 'flat, low (under 2 in), mid (2 to under 4 in), high (4 in and over)'})
+        _put_triplets(tmp, out, ['filenames.json', 'labels.csv', 'dataset.json'])
+    finally:
+        _remove(tmp)
+    unknown = ', '.join(f'{n} {sum(1 for v in labels[n] if not v)}' for n in ZAPPOS_NOTIONS)
+    log(f'{out}: triplets drawn from the metadata for {len(filenames)} images; per notion train/val/test '
+        f'{"/".join(str(sizes[s]) for s in SPLITS)} asked, class got '
+        f'{"/".join(str(counts["class"][s]) for s in SPLITS)}; unknown (left out of that notion only): {unknown}')
+    return len(filenames)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+def add_args(parser):
+    """The Zappos50k flags of get_data.py."""
+    g = parser.add_argument_group('zappos')
+    a = g.add_argument
+    a('--from', dest='from_dir', metavar='DIR',
+      help=f'take the archives ({", ".join(ARCHIVES.values())}) from DIR instead of downloading them (default: '
+           f'download into --out)')
+    a('--triplets', choices=['paper', 'metadata', 'auto'], default='auto',
+      help='the paper\'s triplets, triplets drawn from the UT-Zappos50k metadata, or auto: the paper\'s, falling back '
+           'to metadata when their link is dead (default: auto)')
+    a('--images-url', metavar='URL', default=URLS['images'],
+      help=f'where to get {ARCHIVES["images"]} (default: {URLS["images"]})')
+    a('--triplets-url', metavar='URL', default=URLS['triplets'],
+      help=f'where to get {ARCHIVES["triplets"]} (default: {URLS["triplets"]})')
+    a('--metadata-url', metavar='URL', default=URLS['metadata'],
+      help=f'where to get {ARCHIVES["metadata"]} (default: {URLS["metadata"]})')
+    a('--retries', metavar='N', type=int, default=5,
+      help='download attempts after the first one fails (default: 5)')
+    a('--timeout', metavar='SECONDS', type=float, default=60,
+      help='seconds to wait for the server before a retry (default: 60)')
+    a('--backoff', metavar='SECONDS', type=float, default=2.0,
+      help='seconds before the first retry, doubling after each (default: 2.0)')
+
+
+def _settings(args):
+    return {'seed': args.seed, 'split': args.split,
+            'triplets_per_notion': {'train': args.train_triplets, 'val': args.val_triplets,
+                                    'test': args.test_triplets}}
+
+
+def read_record(out):
+    try:
+        with open(os.path.join(out, RECORD)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def installed(out, triplets, settings):
+    """The record of a whole earlier build that matches --triplets (and, for metadata, the settings), else None."""
+    record = read_record(out)
+    if record is None or not os.path.exists(os.path.join(out, 'filenames.json')):
+        return None
+    if triplets != 'auto' and record.get('triplets') != triplets:
+        return None
+    if record.get('triplets') == 'metadata' and record.get('settings') != settings:
+        return None
+    if any(not os.path.exists(os.path.join(out, 'tripletlists', f'{n}_tripletlist_{s}.txt'))
+           for n in ZAPPOS_NOTIONS for s in SPLITS):
+        return None
+    return record if not missing_images(out)[1] else None
+
+
+def missing_images(out):
+    """(number of images in filenames.json, the paths among them that do not exist under ut-zap50k-images/)."""
+    images_dir = os.path.join(out, ZAPPOS_IMAGES)
+    with open(os.path.join(out, 'filenames.json')) as f:
+        names = [line.strip() for line in f if line.strip()]
+    return len(names), [p for p in names if not os.path.isfile(os.path.join(images_dir, p))]
+
+
+def _ours(meta_path):
+    """True when there is no dataset.json, or it is the one install_metadata writes."""
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get('name') == 'zappos50k' and meta.get('images') == ZAPPOS_IMAGES
+
+
+def offline_message(e, urls):
+    return (f'cannot reach {e.url} ({str(e).split(": ", 1)[-1]}). If this machine has no internet, download these '
+            f'on one that has:\n  ' + '\n  '.join(urls) + '\nput them in one folder (keeping the file names) and run '
+            f'`python get_data.py --from FOLDER`')
+
+
+class _Fetcher:
+    """Whole archives by kind: from --from DIR, from an earlier download in out, or downloaded now."""
+
+    def __init__(self, args, out, log):
+        self.args, self.out, self.log = args, out, log
+        self.urls = {'images': args.images_url, 'triplets': args.triplets_url, 'metadata': args.metadata_url}
+
+    def get(self, kind):
+        name, url, a = ARCHIVES[kind], self.urls[kind], self.args
+        if a.from_dir:
+            path = os.path.join(a.from_dir, name)
+            if not os.path.isfile(path):
+                raise MissingArchive(f'--from {a.from_dir}: no {name} there; download it from {url}')
+            try:
+                check_zip(path)
+            except BadArchive as e:
+                raise BadArchive(f'--from: {e}; download it again from {url}') from None
+            return path
+        path = os.path.join(self.out, name)
+        if os.path.exists(path):
+            try:
+                check_zip(path)
+                return path
+            except BadArchive as e:
+                self.log(f'{e}; downloading it again')
+                os.remove(path)
+        for attempt in (1, 2):
+            try:
+                download(url, path, a.retries, a.timeout, a.backoff, self.log)
+            except DownloadError as e:
+                if e.unreachable:
+                    raise
+                raise DownloadError(f'{e}. If the file has moved, pass its new address with --{kind}-url, or '
+                                    f'download it by hand into a folder and use --from FOLDER', url) from None
+            try:
+                check_zip(path)
+                return path
+            except BadArchive as e:
+                os.remove(path)
+                if attempt == 2:
+                    raise BadArchive(f'{e}; it came broken twice from {url}. Download it by hand and use --from DIR, '
+                                     f'or try again later') from None
+                self.log(f'{e}; downloading it once more')
+
+
+def run(args, log=print):
+    """get_data.py --dataset zappos: images, then the paper's or metadata triplets, then a check of every image."""
+    out = args.out or 'data'
+    settings = _settings(args)
+    if not args.force:
+        done = installed(out, args.triplets, settings)
+        if done:
+            log(f'{out}: Zappos50k is already there ({done["images"]} images, {done["triplets"]} triplets); '
+                f'nothing to do (--force rebuilds it)')
+            return out
+    if not args.force and not _ours(os.path.join(out, 'dataset.json')):
+        raise GetDataError(f'--out {out} holds another dataset (its dataset.json); pick another --out or pass '
+                           f'--force to replace it with Zappos50k')
+    os.makedirs(out, exist_ok=True)
+    for f in os.listdir(out):                                           # leftovers of killed runs
+        if (f.startswith('.') and '.partial-' in f) or f.startswith((f'{ZAPPOS_IMAGES}.old-', 'tripletlists.old-')):
+            _remove(os.path.join(out, f))
+    _remove(os.path.join(out, RECORD))
+    fetch = _Fetcher(args, out, log)
+    images_dir = os.path.join(out, ZAPPOS_IMAGES)
+    get_images = args.force or not os.path.isdir(images_dir)
+    kinds = ['images'] * get_images + {'auto': ['triplets', 'metadata'], 'paper': ['triplets'],
+                                       'metadata': ['metadata']}[args.triplets]
+    needed = [fetch.urls[k] for k in kinds]                             # for the message when offline
+    try:
+        if get_images:
+            install_images(fetch.get('images'), out, log)
+        mode = args.triplets
+        if mode in ('paper', 'auto'):
+            try:
+                zip_path = fetch.get('triplets')
+            except (DownloadError, BadArchive, MissingArchive) as e:
+                if mode == 'paper':
+                    raise
+                why = str(e) if isinstance(e, MissingArchive) else f'the link looks dead: {e}'
+                log(f'the paper\'s triplets are not available ({why}); falling back to triplets drawn from the '
+                    f'UT-Zappos50k metadata (--triplets metadata)')
+                mode = 'metadata'
+            else:
+                install_paper(zip_path, out, log)
+                mode = 'paper'
+        if mode == 'metadata':
+            install_metadata(fetch.get('metadata'), out, args, log)
+    except DownloadError as e:
+        if e.unreachable:
+            raise GetDataError(offline_message(e, needed)) from None
+        raise
+    n, missing = missing_images(out)
+    if missing:
+        raise GetDataError(f'{len(missing)} of the {n} images named in {os.path.join(out, "filenames.json")} are not '
+                           f'under {images_dir}, e.g. {", ".join(missing[:5])}; the images archive may be incomplete: '
+                           f'run again with --force to re-extract it' + ('' if mode == 'metadata' else
+                                                                         ', or use --triplets metadata'))
+    record = {'triplets': mode, 'images': n, 'settings': settings if mode == 'metadata' else None,
+              'archives': {k: fetch.urls[k] for k in ('images', 'triplets' if mode == 'paper' else 'metadata')}}
+    with open(os.path.join(out, RECORD), 'w') as f:
+        json.dump(record, f, indent=1)
+    kept = [name for name in ARCHIVES.values() if os.path.exists(os.path.join(out, name))]
+    log(f'{out}: Zappos50k ready ({n} images, {mode} triplets); train with `python main.py --data {out}`'
+        + (f'. The downloaded {", ".join(kept)} can be deleted to save space' if kept else ''))
+    return out
