@@ -568,9 +568,24 @@ def main(argv=None):
         print(f'error: {e}. Training stopped; the last good checkpoint is kept. Try a lower --lr or --amp off.',
               file=sys.stderr)
         return 3
+    except RuntimeError as e:
+        if not (dist.is_initialized() and lost_peer(e)):
+            raise
+        print(f'error: rank {dist.get_rank()}: lost contact with the other processes ({str(e).strip().splitlines()[-1][:200]}): '
+              f'one of them died or hung for longer than --dist-timeout {args.dist_timeout:g} s. The job stops; the '
+              f'last checkpoint is kept, continue with --resume {os.path.join(args.runs, args.name, "checkpoint.pth.tar")}',
+              file=sys.stderr)
+        return 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_peer(e):
+    """Whether a collective failed because another process is gone or stuck (Gloo/NCCL timeouts, closed sockets)."""
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, 'DistError', ())) or any(
+        w in text for w in ('timed out', 'timeout', 'connection closed', 'connection reset', 'broken pipe', 'nccl'))
 
 
 def run(args, explicit):

@@ -59,3 +59,29 @@ def test_batch_size_must_split_over_the_processes(shapes_data, tmp_path):
     p = torchrun('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'odd', '--epochs', 1, *FAST,
                  '--batch-size', '33', check=False)
     assert p.returncode != 0 and 'does not split evenly over 2 processes' in p.stderr + p.stdout
+
+
+HANG = r'''
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import main
+real_loss, calls = main.csn_loss, [0]
+def loss(*a, **k):
+    calls[0] += 1
+    if os.environ.get('RANK') == '1' and calls[0] == 3:
+        time.sleep(3600)  # this rank hangs: the other one must not wait for ever
+    return real_loss(*a, **k)
+main.csn_loss = loss
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+def test_a_rank_that_hangs_takes_the_job_down_with_a_clear_message(shapes_data, tmp_path):
+    script = tmp_path / 'hang.py'
+    script.write_text(HANG.format(repo=REPO))
+    args = ['--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'hang', '--epochs', 2, '--dist-timeout', 15, *FAST]
+    p = subprocess.run([*TORCHRUN, str(script), *map(str, args)], capture_output=True, text=True,
+                       timeout=240, env={**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'})
+    assert p.returncode != 0
+    assert 'lost contact with the other processes' in p.stderr, p.stderr[-3000:]
+    assert '--dist-timeout' in p.stderr
