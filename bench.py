@@ -411,6 +411,7 @@ def build_parser():
       help='extra main.py flags for this repo\'s path, e.g. "--amp off --no-channels-last" (default: main.py\'s defaults)')
     a('--impls', nargs='+', choices=['original', 'repo'], default=['original', 'repo'], help='implementations to measure')
     a('--modes', nargs='+', choices=['train', 'eval'], default=['train', 'eval'], help='what to measure')
+    a('--search', action='store_true', help='only time retrieve.py\'s search: queries over 100,000 64-d embeddings')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
     return p
 
@@ -462,9 +463,29 @@ def run_bench(opts):
     return 0
 
 
+def search_speed(n=100_000, dim=64, queries=50, k=10):
+    """Median seconds of one retrieve.py query (mask the dataset for a notion, then the k nearest) over n images."""
+    from retrieve import nearest, subspace
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((n, dim)).astype(np.float32)               # (N, D)
+    masks = np.abs(rng.standard_normal((4, dim))).astype(np.float32)     # (C, D)
+    times = []
+    for q in range(queries):
+        t0 = time.perf_counter()
+        nearest(subspace(emb, masks, q % 4), emb[q] * masks[q % 4], k, exclude=q)
+        times.append(time.perf_counter() - t0)
+    fig = {'impl': 'repo', 'mode': 'search', 'images': n, 'dim': dim, 'k': k,
+           'median_ms': round(statistics.median(times) * 1e3, 2), 'cpu': cpu_name()}
+    print(f'search of {n:,} x {dim}-d embeddings, k={k}: median {fig["median_ms"]} ms per query')
+    print(json.dumps(fig))
+    return 0
+
+
 def main_cli(argv=None):
     opts = build_parser().parse_args(argv)
     try:
+        if opts.search:
+            return search_speed()
         if opts.make_data:
             make_zappos_like(opts.make_data, opts.images, opts.seed)
             print(f'next: python bench.py --data {opts.make_data}')
