@@ -69,10 +69,8 @@ def test_four_models_end_to_end_then_reused_then_one_retested_then_one_resumed(s
     assert 'ordering' in rep['ordering']
 
     stamps = {n: os.stat(runs / n / 'test_results.json').st_mtime_ns for n in names}
-    t0 = time.time()
     p = reproduce(*common, '--epochs', 1)
     assert launched(p.stdout) == [] and p.stdout.count('finished, reused') == 4
-    assert time.time() - t0 < 30
     assert {n: os.stat(runs / n / 'test_results.json').st_mtime_ns for n in names} == stamps
 
     os.remove(runs / 'repro_task' / 'test_results.json')
