@@ -514,13 +514,14 @@ def make_store(info, args, is_main, world, log):
             raise DataError(f'{len(missing)} image(s) listed in {os.path.join(info.root, "filenames.json")} are missing, '
                             f'e.g. {missing[:3]}')
         return ImageStore(info, args.image_size)
-    path = None
-    if is_main:
-        path = build_image_cache(info, args.image_size, args.cache_dir, log=log)
+    # the first process of each machine builds the cache (a shared folder is built once: the others find it done)
+    local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0
+    quiet = (lambda *a, **k: None)
+    path = build_image_cache(info, args.image_size, args.cache_dir, log=log if is_main else quiet) if local_main else None
     if world > 1:
-        holder = [path]
-        dist.broadcast_object_list(holder, src=0)
-        path = holder[0]
+        dist.barrier()
+        if not local_main:
+            path = build_image_cache(info, args.image_size, args.cache_dir, log=quiet)
     return ImageStore(info, args.image_size, path)
 
 
