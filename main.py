@@ -103,6 +103,9 @@ def build_parser():
     a('--channels-last', '--channels_last', dest='channels_last', action='store_true', default=True,
       help='channels_last memory format')
     a('--no-channels-last', '--no_channels_last', dest='channels_last', action='store_false', help='plain NCHW memory format')
+    a('--three-forwards', '--three_forwards', action='store_true', default=False,
+      help='embed anchors, fars and closes in three backbone calls, as the original did, instead of one (slower; '
+           'BatchNorm then normalises each role on its own; for comparisons)')
     a('--compile', action='store_true', default=False, help='torch.compile the model')
     a('--cache', dest='cache', action='store_true', default=True,
       help='decode, resize and crop every image once into a uint8 file memory-mapped from --cache-dir')
@@ -253,7 +256,7 @@ def build_model(args, n_notions):
         net = TripletEmbedNet(backbone())
     else:
         net = TaskSpecificNets([backbone() for _ in range(n_notions)])
-    return TripletNet(net)
+    return TripletNet(net, three_forwards=getattr(args, 'three_forwards', False))
 
 
 def to_input(u8, device, channels_last, flip_gen=None):

@@ -7,14 +7,18 @@ import torch.nn.functional as F
 class TripletNet(nn.Module):
     """Embeds anchor, far and close in one forward pass and returns their masked distances and the regulariser norms."""
 
-    def __init__(self, embednet):
+    def __init__(self, embednet, three_forwards=False):
         super().__init__()
         self.embednet = embednet  # a ConditionalSimNet, TripletEmbedNet or TaskSpecificNets
+        self.three_forwards = three_forwards  # the original's three backbone calls (BatchNorm statistics per role)
 
     def forward(self, anchor, far, close, c):  # images (B, 3, H, W) each, c (B,)
         B = anchor.shape[0]
         c3 = c.repeat(3)  # (3B,)
-        emb = self.embednet.embed(torch.cat([anchor, far, close]), c3)  # (3B, D)
+        if self.three_forwards:
+            emb = torch.cat([self.embednet.embed(x, c) for x in (anchor, far, close)])  # (3B, D)
+        else:
+            emb = self.embednet.embed(torch.cat([anchor, far, close]), c3)  # (3B, D)
         masked, mask_l1 = self.embednet.apply_mask(emb, c3)  # (3B, D), (3B,)
         ea, ef, ec = masked.float().chunk(3)  # (B, D) each
         d_far, d_close = F.pairwise_distance(ea, ef, 2), F.pairwise_distance(ea, ec, 2)  # (B,)

@@ -137,6 +137,13 @@ def test_one_forward_equals_three_separate_forwards():
         ea, ef, ec = (net.apply_mask(net.embed(t), cond)[0] for t in (a, f, c_))
     assert torch.allclose(d_far, torch.nn.functional.pairwise_distance(ea, ef), atol=1e-4)
     assert torch.allclose(d_close, torch.nn.functional.pairwise_distance(ea, ec), atol=1e-4)
+    three = TripletNet(net, three_forwards=True).eval()                  # main.py --three-forwards
+    with torch.no_grad():
+        out1, out3 = model(a, f, c_, cond), three(a, f, c_, cond)
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(out1, out3))
+    model.train(), three.train()                                          # batch statistics: over 3B or over each B
+    with torch.no_grad():
+        assert not torch.allclose(model(a, f, c_, cond)[0], three(a, f, c_, cond)[0], atol=1e-4)
 
 
 def test_backbone_is_resnet18_up_to_layer3_and_loads_torchvision_weights():
