@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
 import main
+from get_data import sample_triplets, write_triplets
 from triplet_image_loader import (ZAPPOS_IMAGES, ZAPPOS_NOTIONS, DataError, ImageStore, build_image_cache,
                                   load_dataset_info, load_triplets)
 from tripletnet import triplet_correct
@@ -81,20 +82,6 @@ def draw_shoe(labels, rng, size=(136, 102)):
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def sample_triplets(pool, labels, n, rng):
-    """n distinct `anchor far close` triplets from pool: anchor and close share the label, far does not. (n, 3)."""
-    found, out = set(), []
-    while len(out) < n:
-        cand = pool[rng.integers(0, len(pool), size=(4 * n + 64, 3))]  # (K, 3)
-        a, b, c = cand.T
-        ok = (labels[a] == labels[c]) & (labels[a] != labels[b]) & (a != c)
-        for t in map(tuple, cand[ok]):
-            if t not in found and len(out) < n:
-                found.add(t)
-                out.append(t)
-    return np.array(out, dtype=np.int64)
-
-
 def make_zappos_like(root, n_images=2000, seed=0, log=print):
     """A dataset in the layout of UT-Zappos50K and the CSN triplets (no dataset.json: the Zappos defaults apply).
 
@@ -119,11 +106,12 @@ def make_zappos_like(root, n_images=2000, seed=0, log=print):
     n_test, n_val = n_images // 4, n_images // 8
     pools = {'test': order[:n_test], 'val': order[n_test:n_test + n_val], 'train': order[n_test + n_val:]}
     per_image = {'train': 4, 'val': 3, 'test': 3}
-    os.makedirs(os.path.join(root, 'tripletlists'), exist_ok=True)
     for k, notion in enumerate(ZAPPOS_NOTIONS):
         for split, pool in pools.items():
-            t = sample_triplets(pool, labels[:, k], per_image[split] * len(pool) // len(ZAPPOS_NOTIONS), rng)
-            np.savetxt(os.path.join(root, 'tripletlists', f'{notion}_tripletlist_{split}.txt'), t, fmt='%d')
+            codes = np.full(n_images, -1)
+            codes[pool] = labels[pool, k]                                # only this split's images take part
+            n = per_image[split] * len(pool) // len(ZAPPOS_NOTIONS)
+            write_triplets(root, notion, split, sample_triplets(codes, n, rng))
     log(f'wrote {n_images} images ({len(pools["test"])} test, {len(pools["val"])} val, {len(pools["train"])} train) '
         f'and triplet lists to {root}')
 
