@@ -354,8 +354,8 @@ class ImageBatches(Dataset):
 
 
 def missing_images(info):
-    """Paths listed in filenames.json that do not exist."""
-    return [info.image_path(i) for i in range(len(info.filenames)) if not os.path.exists(info.image_path(i))]
+    """Paths listed in filenames.json that are not files."""
+    return [info.image_path(i) for i in range(len(info.filenames)) if not os.path.isfile(info.image_path(i))]
 
 
 def notion_counts(conditions, notions):

@@ -25,7 +25,9 @@ from http.client import HTTPException
 import numpy as np
 from tqdm import tqdm
 
-from triplet_image_loader import SPLITS, ZAPPOS_IMAGES, ZAPPOS_NOTIONS, check_triplet_file, format_problems
+from triplet_image_loader import (SPLITS, ZAPPOS_IMAGES, ZAPPOS_NOTIONS, DataError, check_triplet_file, format_problems,
+                                  load_dataset_info)
+from triplet_image_loader import missing_images as loader_missing_images
 
 from get_data import GetDataError, parse_split, split_groups, write_all_triplets, write_layout  # noqa: E402
 
@@ -500,15 +502,17 @@ def installed(out, triplets, settings):
     if any(not os.path.exists(os.path.join(out, 'tripletlists', f'{n}_tripletlist_{s}.txt'))
            for n in ZAPPOS_NOTIONS for s in SPLITS):
         return None
-    return record if not missing_images(out)[1] else None
+    try:
+        return record if not missing_images(out)[1] else None
+    except DataError:
+        return None
 
 
 def missing_images(out):
-    """(number of images in filenames.json, the paths among them that do not exist under ut-zap50k-images/)."""
-    images_dir = os.path.join(out, ZAPPOS_IMAGES)
-    with open(os.path.join(out, 'filenames.json')) as f:
-        names = [line.strip() for line in f if line.strip()]
-    return len(names), [p for p in names if not os.path.isfile(os.path.join(images_dir, p))]
+    """(number of images in filenames.json, the paths among them that are not files); DataError if out cannot be read
+    as a dataset folder."""
+    info = load_dataset_info(out)
+    return len(info.filenames), loader_missing_images(info)
 
 
 def _ours(meta_path):
@@ -621,7 +625,10 @@ def run(args, log=print):
         if e.unreachable:
             raise GetDataError(offline_message(e, needed)) from None
         raise
-    n, missing = missing_images(out)
+    try:
+        n, missing = missing_images(out)
+    except DataError as e:
+        raise GetDataError(str(e)) from None
     if missing:
         raise GetDataError(f'{len(missing)} of the {n} images named in {os.path.join(out, "filenames.json")} are not '
                            f'under {images_dir}, e.g. {", ".join(missing[:5])}; the images archive may be incomplete: '
