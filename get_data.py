@@ -239,16 +239,16 @@ def build_fonts(args, log=print):
                 'split': args.split, 'triplets_per_notion': sizes}
     out = args.out or os.path.join('data', 'fonts')
     manifest_path = os.path.join(out, 'manifest.json')
+    stamp = font_stamp(font_dirs)
     if os.path.exists(manifest_path) and not args.force:
         with open(manifest_path) as f:
             old = json.load(f)
-        if old.get('settings') == settings and old.get('font_files') == font_stamp(font_dirs):
+        if old.get('settings') == settings and old.get('font_files') == stamp:
             log(f'{out}: already built from the same fonts and settings ({old["counts"]["images"]} images); '
                 f'--force rebuilds it')
             return out
     refuse_foreign(out, args.force)
     t0 = time.time()
-    stamp = font_stamp(font_dirs)
     with Staging(out, args.force) as tmp:
         staging = os.path.join(tmp, 'render')
         kept, dropped = fonts.build(font_dirs, staging, size=args.size, workers=args.workers,
