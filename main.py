@@ -296,9 +296,11 @@ def embed_images(model, images, store, args, device, amp_dtype, c=None, rank=0, 
 
 
 @torch.no_grad()
-def evaluate(model, triplets, conds, store, args, device, amp_dtype, notions, rank=0, world=1, desc='val'):
+def evaluate(model, triplets, conds, store, args, device, amp_dtype, notions, rank=0, world=1, desc='val',
+             embeddings=None):
     """Embed each distinct image of the split once, then score every triplet from those embeddings.
-    Returns {'accuracy', 'loss' (ranking loss only), 'per_notion' {name: acc}, 'triplets'}."""
+    Returns {'accuracy', 'loss' (ranking loss only), 'per_notion' {name: acc}, 'triplets'}. embeddings: a dict to
+    fill with {notion or None (one embedding for all): (sorted image indices, their raw embeddings (U, D))}."""
     model.eval()
     net = model.embednet
     correct = torch.zeros(len(triplets), dtype=torch.bool, device=device)
@@ -308,6 +310,8 @@ def evaluate(model, triplets, conds, store, args, device, amp_dtype, notions, ra
         images = np.unique(triplets[sel])
         emb = embed_images(model, images, store, args, device, amp_dtype, c=None if c is None else int(c),
                            rank=rank, world=world)  # (U, D)
+        if embeddings is not None:
+            embeddings[c] = (images, emb)
         pos = torch.from_numpy(np.searchsorted(images, triplets[sel])).to(device)  # (M, 3) rows of emb
         cond = torch.from_numpy(conds[sel]).to(device)
         for start in range(0, len(pos), 65536):
@@ -650,7 +654,9 @@ def test(model, ckpt, info, conditions, args, device, amp_dtype, rank, world, is
     trip, cond = load_triplets(info, 'test', conditions, args.num_testtriplets, args.seed, args.skip_bad_triplets, log)
     store = make_store(info, args, is_main, world, log)
     t0 = time.time()
-    res = evaluate(model, trip, cond, store, args, device, amp_dtype, info.notions, rank, world, desc='test')
+    embedded = {}
+    res = evaluate(model, trip, cond, store, args, device, amp_dtype, info.notions, rank, world, desc='test',
+                   embeddings=embedded)
     if not is_main:
         return 0
     res['checkpoint'] = args.resume
@@ -663,7 +669,7 @@ def test(model, ckpt, info, conditions, args, device, amp_dtype, rank, world, is
         log(f'  {n:<12} {acc * 100:6.2f} %')
     log(f'  {"overall":<12} {res["accuracy"] * 100:6.2f} %')
     os.makedirs(out_dir, exist_ok=True)
-    retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir)
+    retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir, embedded.get(None))
     path = os.path.join(out_dir, 'test_results.json')
     with open(path, 'w') as f:
         json.dump(res, f, indent=2)
@@ -671,15 +677,19 @@ def test(model, ckpt, info, conditions, args, device, amp_dtype, rank, world, is
     return 0
 
 
-def retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir):
+def retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir, embedded=None):
     """After --test: retrieval mAP per notion over the test images (datasets with labels), the pictures, and with
-    --export-embeddings every image's embedding next to the checkpoint. Adds the mAP to res."""
+    --export-embeddings every image's embedding next to the checkpoint. Adds the mAP to res. embedded: (images, raw
+    embeddings) of the test triplets' images from evaluate (models with one embedding), so they are not embedded again."""
     import retrieve
     from triplet_image_loader import read_labels
     labels = read_labels(info)
     images = np.unique(trip)                                              # the test triplets' images
     emb = None
-    if labels or args.pictures:
+    if embedded is not None:
+        emb = embedded[1].cpu().numpy()                                   # (N, D), rows in the order of images
+        emb = (emb, retrieve.model_masks(model, len(info.notions), emb.shape[-1]))
+    elif labels or args.pictures:
         emb = retrieve.embed_dataset(model, images, store, args, device, amp_dtype, len(info.notions))
     if labels:
         r = retrieve.retrieval_map(model, info, images, labels, args, device, amp_dtype, store, emb)

@@ -42,9 +42,13 @@ def embed_dataset(model, images, store, args, device, amp_dtype, n_notions):
                         for c in range(n_notions)])  # (C, N, D)
     else:
         emb = csn_main.embed_images(model, images, store, args, device, amp_dtype).cpu().numpy()  # (N, D)
-    w = net.mask_weights()
-    masks = np.ones((n_notions, emb.shape[-1]), np.float32) if w is None else w.detach().float().cpu().numpy()
-    return emb, masks
+    return emb, model_masks(model, n_notions, emb.shape[-1])
+
+
+def model_masks(model, n_notions, dim):
+    """The masks m_c as float32 numpy (C, D); ones for models without masks."""
+    w = model.embednet.mask_weights()
+    return np.ones((n_notions, dim), np.float32) if w is None else w.detach().float().cpu().numpy()
 
 
 def subspace(emb, masks, c):
