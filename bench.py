@@ -32,7 +32,8 @@ from triplet_image_loader import (ZAPPOS_IMAGES, ZAPPOS_NOTIONS, DataError, Imag
                                   load_dataset_info, load_triplets)
 from tripletnet import triplet_correct
 
-FIGURES = [('original', 'train'), ('repo', 'train'), ('original', 'eval'), ('repo', 'eval')]
+FIGURES = [('original', 'train'), ('baseline', 'train'), ('repo', 'train'),
+           ('original', 'eval'), ('baseline', 'eval'), ('repo', 'eval')]
 RESULT_TAG = 'BENCH_RESULT '
 
 
@@ -214,14 +215,15 @@ def original_eval(tnet, loader, args, device, n_notions):
 
 # ------------------------------------------------------------------------------------------------ measurement
 
-def repo_args(opts):
+def repo_args(opts, flags=None, flag_name='--repo-flags'):
     """main.py's own defaults, with the bench's data, batch size, image size and device, plus --repo-flags."""
+    flags = opts.repo_flags if flags is None else flags
     argv = ['--data', opts.data, '--batch-size', str(opts.batch_size), '--image-size', str(opts.image_size),
-            '--device', opts.device, '--seed', str(opts.seed), '--no-pretrained', *shlex.split(opts.repo_flags)]
+            '--device', opts.device, '--seed', str(opts.seed), '--no-pretrained', *shlex.split(flags)]
     try:
         return main.build_parser().parse_args(argv)
     except SystemExit:
-        raise main.UserError(f'--repo-flags {opts.repo_flags!r}: not flags of main.py (see python main.py --help)') from None
+        raise main.UserError(f'{flag_name} {flags!r}: not flags of main.py (see python main.py --help)') from None
 
 
 def peak_rss_mb():
@@ -280,7 +282,7 @@ def sync(device):
 
 def measure(opts, impl, mode):
     """One figure in this process: build, warm up, time opts.steps batches (repo eval: the whole test split)."""
-    args = repo_args(opts)
+    args = repo_args(opts, opts.baseline_flags, '--baseline-flags') if impl == 'baseline' else repo_args(opts)
     device = main.choose_device(args, 0)
     amp_dtype, use_scaler = main.choose_amp(args, device)
     if args.workers is None:  # as main.run() chooses
@@ -320,8 +322,11 @@ def measure(opts, impl, mode):
             run = lambda sl: original_eval(tnet, original_loader(dataset(sl), B, device), args, device, len(info.notions))
     else:
         settings.update(amp=str(amp_dtype).replace('torch.', '') if amp_dtype else 'off', grad_scaler=use_scaler,
-                        channels_last=args.channels_last, compile=args.compile, forwards_per_step=1,
-                        decode='uint8 cache', workers=args.workers, pin_memory=device.type == 'cuda')
+                        channels_last=args.channels_last, compile=args.compile,
+                        forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
+                        workers=args.workers, pin_memory=device.type == 'cuda',
+                        malloc=main.keep_freed_memory(args, device),
+                        flags=opts.baseline_flags if impl == 'baseline' else opts.repo_flags)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
@@ -356,7 +361,9 @@ def measure(opts, impl, mode):
 def run_child(opts, impl, mode):
     cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{impl}:{mode}', '--data', opts.data,
            '--batch-size', str(opts.batch_size), '--image-size', str(opts.image_size), '--steps', str(opts.steps),
-           '--warmup', str(opts.warmup), '--device', opts.device, '--seed', str(opts.seed), '--repo-flags', opts.repo_flags]
+           '--warmup', str(opts.warmup), '--device', opts.device, '--seed', str(opts.seed), f'--repo-flags={opts.repo_flags}']
+    if opts.baseline_flags is not None:
+        cmd.append(f'--baseline-flags={opts.baseline_flags}')
     load = os.getloadavg()[0]
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT_TAG)]
@@ -396,8 +403,14 @@ def build_parser():
     a('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='auto = CUDA when available, else the CPU')
     a('--seed', type=int, default=1, help='random seed (triplet order, flips, initialisation)')
     a('--repo-flags', default='', metavar='"FLAGS"',
-      help='extra main.py flags for this repo\'s path, e.g. "--amp off --no-channels-last" (default: main.py\'s defaults)')
-    a('--impls', nargs='+', choices=['original', 'repo'], default=['original', 'repo'], help='implementations to measure')
+      help='extra main.py flags for this repo\'s path, e.g. --repo-flags="--amp off --no-channels-last" '
+           '(default: main.py\'s defaults)')
+    a('--baseline-flags', default=None, metavar='"FLAGS"',
+      help='also measure this repo\'s path with these main.py flags instead of --repo-flags (impl "baseline") and '
+           'print repo / baseline: a before/after figure for one setting in one run, e.g. '
+           '--baseline-flags="--no-keep-memory" (with "=", as the value starts with --)')
+    a('--impls', nargs='+', choices=['original', 'repo', 'baseline'], default=['original', 'repo', 'baseline'],
+      help='implementations to measure (baseline only with --baseline-flags)')
     a('--modes', nargs='+', choices=['train', 'eval'], default=['train', 'eval'], help='what to measure')
     a('--search', action='store_true', help='only time retrieve.py\'s search: queries over 100,000 64-d embeddings')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
@@ -411,6 +424,10 @@ def print_table(figs, header):
         s = f['settings']
         what = (f'{s["forwards_per_step"]} fwd/step, amp {s["amp"]}, channels_last {s["channels_last"]}, '
                 f'{s["decode"]}, workers {s["workers"]}')
+        if s.get('malloc'):
+            what += f', malloc {s["malloc"]}'
+        if s.get('flags'):
+            what += f', flags: {s["flags"]}'
         if 'eval_triplets' in s:
             what += f', {s["eval_triplets"]} triplets over {s["eval_images"]} images'
         print(f'{f["impl"]:<9} {f["mode"]:<6} {f["triplets_per_s"]:>11.1f}  '
@@ -424,7 +441,10 @@ def run_bench(opts):
         t0 = time.perf_counter()
         build_image_cache(info, args.image_size, args.cache_dir)  # once, before the timed processes start
         cache_s = time.perf_counter() - t0
-    figures = [(i, m) for i, m in FIGURES if i in opts.impls and m in opts.modes]
+    if opts.baseline_flags is not None:
+        repo_args(opts, opts.baseline_flags, '--baseline-flags')  # bad flags fail here, not in every child
+    figures = [(i, m) for i, m in FIGURES if i in opts.impls and m in opts.modes
+               and (i != 'baseline' or opts.baseline_flags is not None)]
     runs = {f: [] for f in figures}
     load_start = os.getloadavg()
     for r in range(opts.repeats):
@@ -441,12 +461,14 @@ def run_bench(opts):
               + (f'; image cache ready in {cache_s:.1f} s (built once, reused)' if args.cache else ''))
     print_table(figs, header)
     by = {(f['impl'], f['mode']): f['triplets_per_s'] for f in figs}
-    ratios = {m: round(by[('repo', m)] / by[('original', m)], 2) for m in opts.modes
-              if ('repo', m) in by and ('original', m) in by}
-    for m, x in ratios.items():
-        print(f'repo / original, {m}: {x:.2f}x')
+    ratios = {(m, other): round(by[('repo', m)] / by[(other, m)], 2) for other in ('original', 'baseline')
+              for m in opts.modes if ('repo', m) in by and (other, m) in by}
+    for (m, other), x in ratios.items():
+        print(f'repo / {other}, {m}: {x:.2f}x' + (f' (baseline: {opts.baseline_flags})' if other == 'baseline' else ''))
     for f in figs:
-        f['repo_over_original'] = ratios.get(f['mode'])
+        f['repo_over_original'] = ratios.get((f['mode'], 'original'))
+        if opts.baseline_flags is not None:
+            f['repo_over_baseline'] = ratios.get((f['mode'], 'baseline'))
         print(json.dumps(f))
     return 0
 

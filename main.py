@@ -5,10 +5,12 @@
     torchrun --nproc_per_node 4 main.py ...      (DistributedDataParallel; see the README)
 """
 import argparse
+import ctypes
 import datetime
 import json
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -107,6 +109,10 @@ def build_parser():
       help='embed anchors, fars and closes in three backbone calls, as the original did, instead of one (slower; '
            'BatchNorm then normalises each role on its own; for comparisons)')
     a('--compile', action='store_true', default=False, help='torch.compile the model')
+    a('--keep-memory', '--keep_memory', action=argparse.BooleanOptionalAction, default=True,
+      help='on the CPU (glibc): keep freed memory in the process for the next step instead of handing each large '
+           'block back to the system, which costs a page fault per 4 KiB when it is used again; faster, and the '
+           'resident memory stays at its peak')
     a('--cache', dest='cache', action='store_true', default=True,
       help='decode, resize and crop every image once into a uint8 file memory-mapped from --cache-dir')
     a('--no-cache', '--no_cache', dest='cache', action='store_false', help='decode images with PIL at every use')
@@ -188,6 +194,21 @@ def choose_amp(args, device):
     if args.amp == 'auto' and not cpu_has_bf16():
         return None, False
     return torch.bfloat16, False
+
+
+def keep_freed_memory(args, device):
+    """Tell glibc's malloc to keep freed memory: no mmap per large block, no trimming of the heap. Without it every
+    activation over 32 MB is mmapped fresh and unmapped after use, so each training step page-faults all of them back
+    in. Returns what was done, for the log line."""
+    if not args.keep_memory or device.type != 'cpu':
+        return 'system default'
+    if platform.libc_ver()[0] != 'glibc':
+        return 'system default (not glibc)'
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) != 1:
+        return 'system default (mallopt refused)'
+    return 'keeps freed memory'
 
 
 def seed_everything(seed):
@@ -613,6 +634,7 @@ def run(args, explicit):
     log = print if is_main else (lambda *a, **k: None)
     device = choose_device(args, local_rank)
     amp_dtype, use_scaler = choose_amp(args, device)
+    malloc = keep_freed_memory(args, device)
     if args.workers is None:
         args.workers = 0 if (args.cache and device.type == 'cpu') else min(8, len(os.sched_getaffinity(0)))
     args.eval_batch_size = max(args.batch_size, 256)
@@ -628,7 +650,8 @@ def run(args, explicit):
 
     log(f'device {device}{f" x{world} processes" if world > 1 else ""}, amp {amp_dtype and str(amp_dtype).replace("torch.", "") or "off"}'
         f'{" + grad scaler" if use_scaler else ""}, channels_last {args.channels_last}, compile {args.compile}, '
-        f'image cache {"on" if args.cache else "off"}, workers {args.workers}')
+        f'image cache {"on" if args.cache else "off"}, workers {args.workers}'
+        f'{f", malloc {malloc}" if device.type == "cpu" else ""}')
     model = build_model(argparse.Namespace(**{**vars(args), 'no_pretrained': args.no_pretrained or ckpt is not None}),
                         len(info.notions))
     if ckpt is not None:

@@ -108,3 +108,23 @@ def test_original_loop_computes_the_same_loss_and_gradients_as_tripletnet(zappos
     assert grads_r.keys() == grads_o.keys() and ('embednet.masks.weight' in grads_r) == bool(masks)
     for n in grads_r:
         torch.testing.assert_close(grads_r[n], grads_o[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_baseline_flags_measure_a_second_setting_of_this_repo_in_the_same_run(zappos):
+    p = run_bench('--data', zappos, '--batch-size', 4, '--image-size', 32, '--steps', 1, '--warmup', 1,
+                  '--repeats', 1, '--device', 'cpu', '--modes', 'train', '--impls', 'repo', 'baseline',
+                  '--baseline-flags=--three-forwards --no-keep-memory')
+    by = {f['impl']: f for f in (json.loads(line) for line in p.stdout.splitlines() if line.startswith('{'))}
+    assert sorted(by) == ['baseline', 'repo']
+    assert by['baseline']['settings']['forwards_per_step'] == 3 and by['repo']['settings']['forwards_per_step'] == 1
+    assert by['baseline']['settings']['malloc'] == 'system default'
+    assert by['repo']['settings']['malloc'] == 'keeps freed memory'
+    assert by['repo']['repo_over_baseline'] == pytest.approx(
+        by['repo']['triplets_per_s'] / by['baseline']['triplets_per_s'], rel=0.01)
+    assert 'repo / baseline, train' in p.stdout and '--three-forwards --no-keep-memory' in p.stdout
+
+
+def test_bad_baseline_flags_are_named_before_anything_runs(zappos):
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--data', zappos, '--baseline-flags=--no-such-flag'],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--baseline-flags '--no-such-flag'" in p.stderr and 'round' not in p.stdout

@@ -196,3 +196,38 @@ def test_a_pickle_checkpoint_is_refused_not_executed(tmp_path):
     torch.save({'args': {}, 'state_dict': {}, 'x': Evil()}, path, _use_new_zipfile_serialization=True)
     expect_error('--test', '--resume', path, match='refused to load it')
     assert not marker.exists()
+
+
+FAULTS_AFTER_FREE = '''
+import argparse, resource, sys, torch
+sys.path.insert(0, sys.argv[2])
+import main
+print(main.keep_freed_memory(argparse.Namespace(keep_memory=sys.argv[1] == 'on'), torch.device('cpu')))
+torch.ones(64 << 20, dtype=torch.uint8)  # a 64 MiB block, used and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(64 << 20, dtype=torch.uint8)  # as a training step's activations: the same sizes, again and again
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+def test_keep_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
+    import subprocess
+    import sys
+    out = {}
+    for mode in ('on', 'off'):
+        p = subprocess.run([sys.executable, '-c', FAULTS_AFTER_FREE, mode, REPO], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0, p.stderr
+        what, faults = p.stdout.split('\n')[:2]
+        out[mode] = (what, int(faults))
+    assert out['on'][0] == 'keeps freed memory' and out['off'][0] == 'system default'
+    assert out['off'][1] >= 4 * out['on'][1] + 100, out  # without it each reuse faults the block in again
+
+
+def test_the_start_line_says_what_was_chosen_for_memory(shapes_data, tmp_path):
+    p = run_main('--data', shapes_data, '--runs', tmp_path, '--name', 'a', '--epochs', 1, '--device', 'cpu', *FAST)
+    assert 'malloc keeps freed memory' in p.stdout
+    p = run_main('--data', shapes_data, '--runs', tmp_path, '--name', 'b', '--epochs', 1, '--device', 'cpu',
+                 '--no-keep-memory', *FAST)
+    assert 'malloc system default' in p.stdout
