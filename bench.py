@@ -30,7 +30,7 @@ import main
 from get_data import sample_triplets, write_triplets
 from triplet_image_loader import (ZAPPOS_IMAGES, ZAPPOS_NOTIONS, DataError, ImageStore, build_image_cache,
                                   load_dataset_info, load_triplets)
-from tripletnet import triplet_correct
+from tripletnet import csn_loss, triplet_correct
 
 FIGURES = [('original', 'train'), ('baseline', 'train'), ('repo', 'train'),
            ('original', 'eval'), ('baseline', 'eval'), ('repo', 'eval')]
@@ -412,6 +412,8 @@ def build_parser():
     a('--impls', nargs='+', choices=['original', 'repo', 'baseline'], default=['original', 'repo', 'baseline'],
       help='implementations to measure (baseline only with --baseline-flags)')
     a('--modes', nargs='+', choices=['train', 'eval'], default=['train', 'eval'], help='what to measure')
+    a('--peak', action='store_true', help='only time a 4096 x 4096 matrix product in bf16 and fp32 (the device\'s '
+                                          'practical peak, to compare the training GFLOP/s with)')
     a('--search', action='store_true', help='only time retrieve.py\'s search: queries over 100,000 64-d embeddings')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
     return p
@@ -419,7 +421,7 @@ def build_parser():
 
 def print_table(figs, header):
     print(header)
-    print(f'{"impl":<9} {"mode":<6} {"triplets/s":>11}  {"rounds":<24} {"peak RSS MB":>11}  settings')
+    print(f'{"impl":<9} {"mode":<6} {"triplets/s":>11}  {"rounds":<24} {"GFLOP/s":>8} {"peak RSS MB":>11}  settings')
     for f in figs:
         s = f['settings']
         what = (f'{s["forwards_per_step"]} fwd/step, amp {s["amp"]}, channels_last {s["channels_last"]}, '
@@ -430,8 +432,9 @@ def print_table(figs, header):
             what += f', flags: {s["flags"]}'
         if 'eval_triplets' in s:
             what += f', {s["eval_triplets"]} triplets over {s["eval_images"]} images'
+        gflops = f'{f["gflop_per_s"]:,.0f}' if 'gflop_per_s' in f else ''
         print(f'{f["impl"]:<9} {f["mode"]:<6} {f["triplets_per_s"]:>11.1f}  '
-              f'{" ".join(f"{x:.1f}" for x in f["runs_triplets_per_s"]):<24} {f["peak_rss_mb"]:>11.0f}  {what}')
+              f'{" ".join(f"{x:.1f}" for x in f["runs_triplets_per_s"]):<24} {gflops:>8} {f["peak_rss_mb"]:>11.0f}  {what}')
 
 
 def run_bench(opts):
@@ -453,12 +456,19 @@ def run_bench(opts):
             print(f'round {r + 1}/{opts.repeats}: {impl} {mode} '
                   f'{runs[(impl, mode)][-1]["triplets"] / runs[(impl, mode)][-1]["seconds"]:.1f} triplets/s', flush=True)
     figs = [summarise(i, m, runs[(i, m)], opts) for i, m in figures]
+    gflop = train_gflop_per_triplet(opts) if 'train' in opts.modes else None
+    for f in figs:
+        if f['mode'] == 'train':
+            f['gflop_per_triplet'] = round(gflop, 3)
+            f['gflop_per_s'] = round(gflop * f['triplets_per_s'], 1)
     f0 = figs[0]
     header = (f'\n{opts.data}: {len(info.filenames)} images, batch {opts.batch_size}, {opts.image_size} px, '
               f'{f0["device"]} ({f0["device_name"]}, {f0["settings"]["cores"]} cores, {f0["settings"]["threads"]} threads), '
               f'torch {torch.__version__}; median of {opts.repeats} rounds of {opts.steps} steps after {opts.warmup} '
               f'warm-up; load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end'
-              + (f'; image cache ready in {cache_s:.1f} s (built once, reused)' if args.cache else ''))
+              + (f'; image cache ready in {cache_s:.1f} s (built once, reused)' if args.cache else '')
+              + (f'; a training step costs {gflop:.2f} GFLOP per triplet (GFLOP/s below = that x triplets/s; '
+                 f'python bench.py --peak gives the device\'s matrix-product peak)' if gflop else ''))
     print_table(figs, header)
     by = {(f['impl'], f['mode']): f['triplets_per_s'] for f in figs}
     ratios = {(m, other): round(by[('repo', m)] / by[(other, m)], 2) for other in ('original', 'baseline')
@@ -470,6 +480,44 @@ def run_bench(opts):
         if opts.baseline_flags is not None:
             f['repo_over_baseline'] = ratios.get((f['mode'], 'baseline'))
         print(json.dumps(f))
+    return 0
+
+
+def train_gflop_per_triplet(opts, n=4):
+    """Floating-point operations of one training step per triplet (forward and backward, torch's FLOP counter over
+    the convolutions and matrix products; the same for both implementations), from a step of n triplets on the CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    info = load_dataset_info(opts.data)
+    args = repo_args(opts)
+    model = main.build_model(args, len(info.notions))
+    x = torch.zeros(3 * n, 3, args.image_size, args.image_size)  # (3n, 3, S, S)
+    anchor, far, close = x.chunk(3)
+    with FlopCounterMode(display=False) as counter:
+        d_far, d_close, emb_norm, mask_norm = model(anchor, far, close, torch.zeros(n, dtype=torch.long))
+        csn_loss(d_far, d_close, emb_norm, mask_norm, args.margin, args.embed_loss, args.mask_loss).backward()
+    return counter.get_total_flops() / n / 1e9
+
+
+def peak_speed(device, n=4096, repeats=5):
+    """GFLOP/s of an n x n matrix product in bf16 and fp32: about the most the device's units give this library."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        times = []
+        for r in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[str(dtype).replace('torch.', '')] = round(2 * n ** 3 / statistics.median(times[1:]) / 1e9, 1)
+    fig = {'mode': 'peak', 'matmul_n': n, 'gflop_per_s': out, 'device': device.type,
+           'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
+           'threads': torch.get_num_threads()}
+    print(f'{n} x {n} matrix product on {fig["device_name"]}: '
+          + ', '.join(f'{k} {v:,.0f} GFLOP/s' for k, v in out.items()))
+    print(json.dumps(fig))
     return 0
 
 
@@ -496,6 +544,8 @@ def main_cli(argv=None):
     try:
         if opts.search:
             return search_speed()
+        if opts.peak:
+            return peak_speed(main.choose_device(argparse.Namespace(no_cuda=False, device=opts.device), 0))
         if opts.make_data:
             make_zappos_like(opts.make_data, opts.images, opts.seed)
             print(f'next: python bench.py --data {opts.make_data}')

@@ -402,6 +402,7 @@ def run(a):
         emb, masks = cached
         print(f'using cached embeddings {os.path.join(cache_dir, "embeddings.npy")} {tuple(emb.shape)}')
     else:
+        csn_main.keep_freed_memory(args, device)  # the command line's process only: load_model leaves malloc alone
         print(f'embedding the {len(info.filenames)} images of {info.root} with {csn_main.describe(args)} on {device}')
         emb, masks = export_embeddings(model, info, args, device, amp_dtype, cache_dir)
     if a.query is None:

@@ -68,6 +68,34 @@ def test_bench_prints_a_json_line_per_figure_of_both_implementations(zappos):
     assert by['original', 'train']['triplets_timed'] == 4  # --steps x --batch-size, after the warm-up
     assert by['repo', 'eval']['settings']['eval_triplets'] == 36  # the whole test split
     assert 'repo / original, train' in p.stdout and 'repo / original, eval' in p.stdout
+    for impl in ('original', 'repo'):  # the training GFLOP/s: the step's FLOPs per triplet x triplets/s
+        f = by[impl, 'train']
+        assert f['gflop_per_s'] == pytest.approx(f['gflop_per_triplet'] * f['triplets_per_s'], rel=0.01)
+    assert 'gflop_per_s' not in by['repo', 'eval']
+
+
+def test_training_flops_per_triplet_are_three_forwards_of_every_conv_and_linear_less_conv1s_input_gradient(zappos):
+    """Counted by hand from the layer shapes: forward 2 x outputs x fan-in per layer; backward twice that (input and
+    weight gradients), except that the image needs no gradient."""
+    from Resnet_18 import EmbeddingNet
+    net, flops = EmbeddingNet(64), {}
+    for name, mod in net.named_modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            mod.register_forward_hook(lambda m, i, o, name=name: flops.__setitem__(
+                name, 2 * o.numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1]))
+        elif isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(lambda m, i, o, name=name: flops.__setitem__(name, 2 * o.numel() * m.in_features))
+    net(torch.zeros(1, 3, 48, 48))
+    per_image = 3 * sum(flops.values()) - flops['conv1']
+    opts = bench.build_parser().parse_args(['--data', zappos, '--image-size', '48'])
+    assert bench.train_gflop_per_triplet(opts) == pytest.approx(3 * per_image / 1e9, rel=1e-9)
+
+
+def test_peak_times_a_matrix_product_in_both_precisions():
+    p = run_bench('--peak', '--device', 'cpu')
+    fig = json.loads(p.stdout.splitlines()[-1])
+    assert fig['mode'] == 'peak' and fig['device'] == 'cpu' and fig['matmul_n'] == 4096
+    assert set(fig['gflop_per_s']) == {'bfloat16', 'float32'} and all(v > 0 for v in fig['gflop_per_s'].values())
 
 
 @pytest.mark.parametrize('masks', [[], ['--learned'], ['--prein']])
