@@ -60,7 +60,8 @@ def build_parser():
     a('--resume', default='', metavar='PATH',
       help='checkpoint to continue from. Restores the model, optimizer, grad scaler, epoch and step, best accuracy, '
            'args and RNG states, so the run goes on exactly where it stopped (also mid-epoch after Ctrl-C). '
-           'With --test: the checkpoint to evaluate')
+           'With --test: the checkpoint to evaluate. "auto": RUNS/NAME/checkpoint.pth.tar if it exists, else start the '
+           'run (with --test: RUNS/NAME/model_best.pth.tar), so the same command line starts, continues or finishes a run')
     a('--name', default='Conditional_Similarity_Network', help='name of the run: files go to RUNS/NAME')
     a('--embed_loss', '--embed-loss', type=float, default=5e-3, help='weight of the embedding L2 norm')
     a('--mask_loss', '--mask-loss', type=float, default=5e-4, help='weight of the mask L1 norm')
@@ -623,6 +624,14 @@ def run(args, explicit):
     if (args.learned or args.prein) and args.model != 'csn':
         raise UserError(f'--learned/--prein are CSN mask options; --model {args.model} has no masks')
     ckpt = None
+    if args.resume == 'auto':
+        found = os.path.join(run_dir_for(args), 'model_best.pth.tar' if args.test else 'checkpoint.pth.tar')
+        if not os.path.exists(found) and args.test:
+            raise UserError(f'--test --resume auto: there is no {found} (train the run --name {args.name} first, or '
+                            f'give --resume PATH)')
+        args.resume = found if os.path.exists(found) else ''
+        if not args.resume and int(os.environ.get('RANK', 0)) == 0:
+            print(f'--resume auto: no {found} yet, starting the run')
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         args = merge_checkpoint_args(args, ckpt, explicit, args.resume)
@@ -734,7 +743,8 @@ def train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, ra
     run_dir = run_dir_for(args)
     ckpt_path, best_path = os.path.join(run_dir, 'checkpoint.pth.tar'), os.path.join(run_dir, 'model_best.pth.tar')
     if ckpt is None and os.path.exists(ckpt_path):
-        raise UserError(f'{run_dir} already holds a run; continue it with --resume {ckpt_path}, or choose another --name')
+        raise UserError(f'{run_dir} already holds a run; continue it with --resume {ckpt_path} (or --resume auto), '
+                        f'or choose another --name')
     if ckpt is not None and is_main and os.path.isdir(run_dir):
         for f in os.listdir(run_dir):  # temporary files of checkpoint writes that a kill interrupted
             if '.pth.tar.tmp' in f:

@@ -182,6 +182,23 @@ def test_an_existing_run_is_never_overwritten(shapes_data, tmp_path):
     assert {f: os.path.getmtime(runs / 'r' / f) for f in os.listdir(runs / 'r')} == before
 
 
+def test_resume_auto_starts_continues_and_tests_a_run_with_one_command_line(shapes_data, tmp_path):
+    runs = tmp_path / 'runs'
+    same = ['--data', shapes_data, '--runs', runs, '--name', 'r', '--resume', 'auto', *FAST]
+    p = expect_error('--test', *same, match='--test --resume auto: there is no')
+    assert not (runs / 'r').exists()
+    p = run_main(*same, '--epochs', 1)
+    assert 'no ' in p.stdout and 'starting the run' in p.stdout and 'epoch   1' in p.stdout
+    p = run_main(*same, '--epochs', 2)  # the same line again: continues, does not refuse or start over
+    assert f'resumed {runs / "r" / "checkpoint.pth.tar"}: epoch 2' in p.stdout and 'epoch   1' not in p.stdout
+    assert [x['epoch'] for x in metrics(runs / 'r')] == [1, 2]
+    p = run_main(*same, '--epochs', 2)  # finished: nothing more to train
+    assert 'done' in p.stdout and [x['epoch'] for x in metrics(runs / 'r')] == [1, 2]
+    run_main('--test', *same)
+    res = json.load(open(runs / 'r' / 'test_results.json'))
+    assert res['checkpoint'].endswith('model_best.pth.tar') and res['triplets'] == 120
+
+
 def test_a_pickle_checkpoint_is_refused_not_executed(tmp_path):
     marker = tmp_path / 'pwned'
 
