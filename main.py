@@ -701,7 +701,7 @@ def test(model, ckpt, info, conditions, args, device, amp_dtype, rank, world, is
         log(f'  {n:<12} {acc * 100:6.2f} %')
     log(f'  {"overall":<12} {res["accuracy"] * 100:6.2f} %')
     os.makedirs(out_dir, exist_ok=True)
-    retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir, embedded.get(None))
+    retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir, embedded)
     path = os.path.join(out_dir, 'test_results.json')
     with open(path, 'w') as f:
         json.dump(res, f, indent=2)
@@ -709,20 +709,35 @@ def test(model, ckpt, info, conditions, args, device, amp_dtype, rank, world, is
     return 0
 
 
+def complete_embeddings(model, images, embedded, store, args, device, amp_dtype, n_notions):
+    """Raw embeddings of the sorted `images` as retrieve.embed_dataset gives them ((N, D), or (C, N, D) for per-notion
+    networks), reusing what evaluate already embedded ({None or notion: (sorted image indices, (U, D))}) and embedding
+    only the rest."""
+    def one(have, c):
+        idx, emb = (have[0], have[1].cpu().numpy()) if have is not None else (images[:0], None)
+        missing = np.setdiff1d(images, idx)  # evaluate's images are some of these
+        parts = [(idx, emb)] if emb is not None else []
+        if len(missing) or not parts:
+            parts.append((missing, embed_images(model, missing, store, args, device, amp_dtype, c=c).cpu().numpy()))
+        order = np.argsort(np.concatenate([i for i, _ in parts]), kind='stable')
+        return np.concatenate([e for _, e in parts])[order]  # (N, D), rows in the order of images
+    if model.embednet.per_notion_backbone:
+        return np.stack([one(embedded.get(c), c) for c in range(n_notions)])  # (C, N, D)
+    return one(embedded.get(None), None)  # (N, D)
+
+
 def retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir, embedded=None):
     """After --test: retrieval mAP per notion over the test images (datasets with labels), the pictures, and with
-    --export-embeddings every image's embedding next to the checkpoint. Adds the mAP to res. embedded: (images, raw
-    embeddings) of the test triplets' images from evaluate (models with one embedding), so they are not embedded again."""
+    --export-embeddings every image's embedding next to the checkpoint. Adds the mAP to res. embedded: what evaluate
+    embedded ({None or notion: (image indices, raw embeddings)}), so those images are not embedded again."""
     import retrieve
     from triplet_image_loader import read_labels
     labels = read_labels(info)
     images = np.unique(trip)                                              # the test triplets' images
     emb = None
-    if embedded is not None:
-        emb = embedded[1].cpu().numpy()                                   # (N, D), rows in the order of images
-        emb = (emb, retrieve.model_masks(model, len(info.notions), emb.shape[-1]))
-    elif labels or args.pictures:
-        emb = retrieve.embed_dataset(model, images, store, args, device, amp_dtype, len(info.notions))
+    if labels or args.pictures:
+        raw = complete_embeddings(model, images, embedded or {}, store, args, device, amp_dtype, len(info.notions))
+        emb = (raw, retrieve.model_masks(model, len(info.notions), raw.shape[-1]))
     if labels:
         r = retrieve.retrieval_map(model, info, images, labels, args, device, amp_dtype, store, emb)
         res['mAP'], res['mAP_per_notion'] = r['mAP'], r['per_notion']

@@ -133,6 +133,40 @@ def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, v
     assert res['mAP'] == pytest.approx(np.mean(list(want.values())), rel=1e-4)
 
 
+@pytest.mark.parametrize('variant', [[], ['--model', 'triplet'], ['--model', 'task']])
+def test_test_reuses_the_evaluations_embeddings_and_embeds_only_the_rest(tmp_path, variant, monkeypatch):
+    """--test's mAP and pictures need every test image under every notion; evaluate has embedded some of them (all,
+    for one-embedding models; each notion's own, for task-specific networks). The merge equals embedding them all."""
+    import main
+    from retrieve import embed_dataset
+    from triplet_image_loader import ImageStore, load_dataset_info
+    make_dataset(str(tmp_path / 'd'))
+    info = load_dataset_info(str(tmp_path / 'd'))
+    torch.manual_seed(0)
+    args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
+    args.workers, args.eval_batch_size = 0, 16
+    model = main.build_model(args, 2).eval()
+    store, cpu = ImageStore(info, 32), torch.device('cpu')
+    rng = np.random.default_rng(0)
+    trip = rng.choice(30, size=(30, 3))                       # (M, 3) image indices
+    cond = np.repeat([0, 1], 15)                              # notion 0 uses some images, notion 1 others
+    trip[cond == 1] += 10                                     # images 30..39 only in notion 1's triplets
+    embedded = {}
+    main.evaluate(model, trip, cond, store, args, cpu, None, info.notions, embeddings=embedded)
+    images = np.unique(trip)
+    calls = []
+    real = main.embed_images
+    monkeypatch.setattr(main, 'embed_images', lambda m, imgs, *a, **k: calls.append(len(imgs)) or real(m, imgs, *a, **k))
+    got = main.complete_embeddings(model, images, embedded, store, args, cpu, None, 2)
+    monkeypatch.setattr(main, 'embed_images', real)
+    want, _ = embed_dataset(model, images, store, args, cpu, None, 2)
+    assert got.shape == want.shape and np.allclose(got, want, atol=1e-5)
+    if variant == ['--model', 'task']:  # each notion's network embeds only the images its triplets left out
+        assert calls == [len(np.setdiff1d(images, trip[cond == c])) for c in (0, 1)] and all(calls)
+    else:
+        assert calls == []  # evaluate embedded every test image already
+
+
 def test_nearest_matches_a_full_sort_over_100k_images():
     from retrieve import nearest, subspace
     rng = np.random.default_rng(0)
