@@ -107,18 +107,24 @@ def test_notion_map_leaves_unknown_labels_out_and_masks_per_notion():
     assert got['shape'] == pytest.approx(slow_map(task[1], [labels['shape'][i] for i in images]), rel=1e-5)
 
 
-@pytest.mark.parametrize('variant', [['--learned'], ['--model', 'task']])
-def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, variant):
+def small_model(tmp_path, variant):
+    """The coloured shapes and an untrained 32-px model of main.py's flags + variant: (info, args, model, store)."""
     import main
-    from retrieve import retrieval_map
-    from triplet_image_loader import ImageStore, load_dataset_info, read_labels
+    from triplet_image_loader import ImageStore, load_dataset_info
     make_dataset(str(tmp_path / 'd'))
     info = load_dataset_info(str(tmp_path / 'd'))
     torch.manual_seed(0)
     args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
     args.workers, args.eval_batch_size = 0, 16
-    model = main.build_model(args, 2).eval()
-    store = ImageStore(info, 32)
+    return info, args, main.build_model(args, 2).eval(), ImageStore(info, 32)
+
+
+@pytest.mark.parametrize('variant', [['--learned'], ['--model', 'task']])
+def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, variant):
+    import main
+    from retrieve import retrieval_map
+    from triplet_image_loader import read_labels
+    info, args, model, store = small_model(tmp_path, variant)
     labels = read_labels(info)
     labels['colour'][3] = labels['colour'][7] = ''  # unknown: left out for colour only
     images = np.arange(3, 40, 4)
@@ -139,14 +145,8 @@ def test_test_reuses_the_evaluations_embeddings_and_embeds_only_the_rest(tmp_pat
     for one-embedding models; each notion's own, for task-specific networks). The merge equals embedding them all."""
     import main
     from retrieve import embed_dataset
-    from triplet_image_loader import ImageStore, load_dataset_info
-    make_dataset(str(tmp_path / 'd'))
-    info = load_dataset_info(str(tmp_path / 'd'))
-    torch.manual_seed(0)
-    args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
-    args.workers, args.eval_batch_size = 0, 16
-    model = main.build_model(args, 2).eval()
-    store, cpu = ImageStore(info, 32), torch.device('cpu')
+    info, args, model, store = small_model(tmp_path, variant)
+    cpu = torch.device('cpu')
     rng = np.random.default_rng(0)
     trip = rng.choice(30, size=(30, 3))                       # (M, 3) image indices
     cond = np.repeat([0, 1], 15)                              # notion 0 uses some images, notion 1 others
