@@ -215,9 +215,15 @@ def original_eval(tnet, loader, args, device, n_notions):
 
 # ------------------------------------------------------------------------------------------------ measurement
 
-def repo_args(opts, flags=None, flag_name='--repo-flags'):
-    """main.py's own defaults, with the bench's data, batch size, image size and device, plus --repo-flags."""
-    flags = opts.repo_flags if flags is None else flags
+def impl_flags(opts, impl):
+    """(main.py flags of this repo's path for impl, the bench flag they came from)."""
+    return (opts.baseline_flags, '--baseline-flags') if impl == 'baseline' else (opts.repo_flags, '--repo-flags')
+
+
+def repo_args(opts, impl='repo'):
+    """main.py's own defaults, with the bench's data, batch size, image size and device, plus --repo-flags (impl
+    baseline: --baseline-flags)."""
+    flags, flag_name = impl_flags(opts, impl)
     argv = ['--data', opts.data, '--batch-size', str(opts.batch_size), '--image-size', str(opts.image_size),
             '--device', opts.device, '--seed', str(opts.seed), '--no-pretrained', *shlex.split(flags)]
     try:
@@ -282,7 +288,7 @@ def sync(device):
 
 def measure(opts, impl, mode):
     """One figure in this process: build, warm up, time opts.steps batches (repo eval: the whole test split)."""
-    args = repo_args(opts, opts.baseline_flags, '--baseline-flags') if impl == 'baseline' else repo_args(opts)
+    args = repo_args(opts, impl)
     device = main.choose_device(args, 0)
     amp_dtype, use_scaler = main.choose_amp(args, device)
     if args.workers is None:  # as main.run() chooses
@@ -321,12 +327,12 @@ def measure(opts, impl, mode):
         else:
             run = lambda sl: original_eval(tnet, original_loader(dataset(sl), B, device), args, device, len(info.notions))
     else:
+        malloc = main.keep_freed_memory(args, device)
         settings.update(amp=str(amp_dtype).replace('torch.', '') if amp_dtype else 'off', grad_scaler=use_scaler,
                         channels_last=args.channels_last, compile=args.compile,
                         forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
                         workers=args.workers, pin_memory=device.type == 'cuda',
-                        malloc=main.keep_freed_memory(args, device),
-                        flags=opts.baseline_flags if impl == 'baseline' else opts.repo_flags)
+                        malloc=malloc, flags=impl_flags(opts, impl)[0])
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
@@ -445,7 +451,7 @@ def run_bench(opts):
         build_image_cache(info, args.image_size, args.cache_dir)  # once, before the timed processes start
         cache_s = time.perf_counter() - t0
     if opts.baseline_flags is not None:
-        repo_args(opts, opts.baseline_flags, '--baseline-flags')  # bad flags fail here, not in every child
+        repo_args(opts, 'baseline')  # bad flags fail here, not in every child
     figures = [(i, m) for i, m in FIGURES if i in opts.impls and m in opts.modes
                and (i != 'baseline' or opts.baseline_flags is not None)]
     runs = {f: [] for f in figures}

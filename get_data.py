@@ -106,8 +106,9 @@ def write_all_triplets(out, notions, labels, split_of, sizes, seed, log):
     return counts
 
 
-def write_layout(out, name, images, filenames, notions, labels, split_of, extra=None):
-    """filenames.json (plain text, one path per line), labels.csv (image, notions..., split) and dataset.json."""
+def write_layout(out, name, images, filenames, notions, labels, split_of, hflip, extra=None):
+    """filenames.json (plain text, one path per line), labels.csv (image, notions..., split) and dataset.json.
+    hflip: whether a horizontally mirrored image keeps all its labels (main.py --hflip auto follows it)."""
     with open(os.path.join(out, 'filenames.json'), 'w') as f:
         f.writelines(p + '\n' for p in filenames)
     with open(os.path.join(out, 'labels.csv'), 'w', newline='') as f:
@@ -115,7 +116,7 @@ def write_layout(out, name, images, filenames, notions, labels, split_of, extra=
         w.writerow(['image'] + list(notions) + ['split'])
         for i, p in enumerate(filenames):
             w.writerow([p] + [labels[n][i] for n in notions] + [split_of[i]])
-    meta = {'name': name, 'images': images, 'notions': list(notions), 'labels': 'labels.csv'}
+    meta = {'name': name, 'images': images, 'notions': list(notions), 'labels': 'labels.csv', 'hflip': bool(hflip)}
     meta.update(extra or {})
     with open(os.path.join(out, 'dataset.json'), 'w') as f:
         json.dump(meta, f, indent=1)
@@ -278,7 +279,8 @@ def build_fonts(args, log=print):
                 split_of.append(str(split))
         shutil.rmtree(staging, ignore_errors=True)
         counts = write_all_triplets(tmp, FONT_NOTIONS, labels, split_of, sizes, args.seed, log)
-        write_layout(tmp, 'fonts', 'images', filenames, FONT_NOTIONS, labels, split_of,
+        # a mirrored glyph is another character (b/d, p/q) or none (J, S, 7), and an italic leans the other way
+        write_layout(tmp, 'fonts', 'images', filenames, FONT_NOTIONS, labels, split_of, False,
                      {'image_size': args.size, 'description': 'glyphs A-Z a-z 0-9 of installed fonts, white on black'})
         contact_sheet(os.path.join(tmp, 'contact_sheet.png'), os.path.join(tmp, 'images'), filenames, labels,
                       FONT_NOTIONS, seed=args.seed)
@@ -385,7 +387,8 @@ def build_attributes(args, log=print):
     with Staging(out, args.force) as tmp:
         counts = write_all_triplets(tmp, notions, labels, split_of, sizes, args.seed, log)
         images_dir = os.path.abspath(args.images)
-        write_layout(tmp, os.path.basename(os.path.abspath(out)), images_dir, images, notions, labels, split_of)
+        write_layout(tmp, os.path.basename(os.path.abspath(out)), images_dir, images, notions, labels, split_of,
+                     not args.no_hflip)
         unknown = {n: sum(1 for v in labels[n] if not v) for n in notions}
         with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
             json.dump({'settings': {'images': images_dir, 'attributes': os.path.abspath(args.attributes),
@@ -429,6 +432,10 @@ def build_parser():
                                           'filename, else the first)')
     g.add_argument('--notions', nargs='+', help='the CSV columns to use as notions (default: all but the image '
                                                 'and a split column)')
+    g.add_argument('--no-hflip', action='store_true',
+                   help='a horizontally mirrored image does not keep its labels (text, left/right notions): write '
+                        '"hflip": false to dataset.json so that main.py never mirrors these images (default: mirroring '
+                        'keeps the labels, as for shoes)')
     import zappos
     zappos.add_args(p)
     return p

@@ -87,6 +87,9 @@ def build_parser():
     a('--num_valtriplets', '--num-valtriplets', type=int, default=80000, help='validation triplets in total (as --num_traintriplets)')
     a('--num_testtriplets', '--num-testtriplets', type=int, default=160000, help='test triplets in total (as --num_traintriplets)')
     a('--image-size', '--image_size', type=int, default=112, help='images are resized and centre-cropped to this size')
+    a('--hflip', choices=['auto', 'on', 'off'], default='auto',
+      help='random horizontal mirroring of training images: auto = what the dataset says ("hflip" in its dataset.json; '
+           'on when absent, as for Zappos; fonts are never mirrored: a mirrored b is a d)')
     a('--runs', default='runs', metavar='DIR', help='folder for the runs\' files')
     a('--check-data', '--check_data', action='store_true', default=False,
       help='check the dataset (triplet lines, indices, duplicates, images) and exit')
@@ -210,6 +213,14 @@ def keep_freed_memory(args, device):
     if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) != 1:
         return 'system default (mallopt refused)'
     return 'keeps freed memory'
+
+
+def choose_hflip(args, info):
+    """(mirror training images?, why) from --hflip and the dataset's own say."""
+    if args.hflip != 'auto':
+        return args.hflip == 'on', f'--hflip {args.hflip}'
+    has_meta = os.path.exists(os.path.join(info.root, 'dataset.json'))
+    return info.hflip, ('dataset.json' if has_meta and 'hflip' in info.extra else 'default for a dataset without "hflip"')
 
 
 def seed_everything(seed):
@@ -412,8 +423,9 @@ class NonFiniteLoss(Exception):
 
 def train_epoch(model, train_model, optimizer, scaler, data, args, device, amp_dtype, epoch, start_step, partial,
                 stop, rank, world, is_main):
-    """One pass over the training triplets (from start_step). Returns (sums dict, finished: bool)."""
-    triplets, conds, store = data
+    """One pass over the training triplets (from start_step). Returns (sums dict, finished: bool).
+    data: (triplets, notions, image store, mirror images at random)."""
+    triplets, conds, store, hflip = data
     model.train()
     local_bs = args.batch_size // world
     sampler = DistributedSampler(range(len(triplets)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
@@ -453,7 +465,8 @@ def train_epoch(model, train_model, optimizer, scaler, data, args, device, amp_d
 
     finished = True
     for u8, c in loader:
-        x = to_input(u8, device, args.channels_last, step_generator(args.seed, epoch, step, rank))  # (3B, 3, S, S)
+        flips = step_generator(args.seed, epoch, step, rank) if hflip else None
+        x = to_input(u8, device, args.channels_last, flips)  # (3B, 3, S, S)
         anchor, far, close = x.chunk(3)
         c = c.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -657,10 +670,13 @@ def run(args, explicit):
     if args.check_data:
         return check_data(info, conditions, args) if is_main else 0
 
+    hflip = choose_hflip(args, info)
+    flip_note = '' if args.test else f', hflip {"on" if hflip[0] else "off"} ({hflip[1]})'
     log(f'device {device}{f" x{world} processes" if world > 1 else ""}, amp {amp_dtype and str(amp_dtype).replace("torch.", "") or "off"}'
         f'{" + grad scaler" if use_scaler else ""}, channels_last {args.channels_last}, compile {args.compile}, '
         f'image cache {"on" if args.cache else "off"}, workers {args.workers}'
-        f'{f", malloc {malloc}" if device.type == "cpu" else ""}')
+        f'{f", malloc {malloc}" if device.type == "cpu" else ""}'
+        f'{flip_note}')
     model = build_model(argparse.Namespace(**{**vars(args), 'no_pretrained': args.no_pretrained or ckpt is not None}),
                         len(info.notions))
     if ckpt is not None:
@@ -675,7 +691,8 @@ def run(args, explicit):
     if args.test:
         out_dir = run_dir_for(args) if 'name' in explicit else os.path.dirname(os.path.abspath(args.resume))
         return test(model, ckpt, info, conditions, args, device, amp_dtype, rank, world, is_main, log, out_dir)
-    return train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, rank, world, is_main, log)
+    return train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, rank, world, is_main, log,
+                 hflip[0])
 
 
 def run_dir_for(args):
@@ -709,23 +726,6 @@ def test(model, ckpt, info, conditions, args, device, amp_dtype, rank, world, is
     return 0
 
 
-def complete_embeddings(model, images, embedded, store, args, device, amp_dtype, n_notions):
-    """Raw embeddings of the sorted `images` as retrieve.embed_dataset gives them ((N, D), or (C, N, D) for per-notion
-    networks), reusing what evaluate already embedded ({None or notion: (sorted image indices, (U, D))}) and embedding
-    only the rest."""
-    def one(have, c):
-        idx, emb = (have[0], have[1].cpu().numpy()) if have is not None else (images[:0], None)
-        missing = np.setdiff1d(images, idx)  # evaluate's images are some of these
-        parts = [(idx, emb)] if emb is not None else []
-        if len(missing) or not parts:
-            parts.append((missing, embed_images(model, missing, store, args, device, amp_dtype, c=c).cpu().numpy()))
-        order = np.argsort(np.concatenate([i for i, _ in parts]), kind='stable')
-        return np.concatenate([e for _, e in parts])[order]  # (N, D), rows in the order of images
-    if model.embednet.per_notion_backbone:
-        return np.stack([one(embedded.get(c), c) for c in range(n_notions)])  # (C, N, D)
-    return one(embedded.get(None), None)  # (N, D)
-
-
 def retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtype, log, out_dir, embedded=None):
     """After --test: retrieval mAP per notion over the test images (datasets with labels), the pictures, and with
     --export-embeddings every image's embedding next to the checkpoint. Adds the mAP to res. embedded: what evaluate
@@ -736,8 +736,7 @@ def retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtyp
     images = np.unique(trip)                                              # the test triplets' images
     emb = None
     if labels or args.pictures:
-        raw = complete_embeddings(model, images, embedded or {}, store, args, device, amp_dtype, len(info.notions))
-        emb = (raw, retrieve.model_masks(model, len(info.notions), raw.shape[-1]))
+        emb = retrieve.embed_dataset(model, images, store, args, device, amp_dtype, len(info.notions), embedded)
     if labels:
         r = retrieve.retrieval_map(model, info, images, labels, args, device, amp_dtype, store, emb)
         res['mAP'], res['mAP_per_notion'] = r['mAP'], r['per_notion']
@@ -754,7 +753,7 @@ def retrieval_and_pictures(res, model, info, trip, store, args, device, amp_dtyp
                                    store, log)
 
 
-def train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, rank, world, is_main, log):
+def train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, rank, world, is_main, log, hflip):
     run_dir = run_dir_for(args)
     ckpt_path, best_path = os.path.join(run_dir, 'checkpoint.pth.tar'), os.path.join(run_dir, 'model_best.pth.tar')
     if ckpt is None and os.path.exists(ckpt_path):
@@ -790,7 +789,7 @@ def train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, ra
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, 'args.json'), 'w') as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump({**vars(args), 'hflip_applied': hflip}, f, indent=2)
         metrics_path = os.path.join(run_dir, 'metrics.jsonl')
         keep_metrics(metrics_path, next_epoch)
         logger = make_run_logger(args, info, run_dir)
@@ -806,14 +805,15 @@ def train(model, ckpt, info, conditions, args, device, amp_dtype, use_scaler, ra
                 'partial': part, 'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scaler': scaler.state_dict() if use_scaler else None, 'best_acc': best_acc, 'best_epoch': best_epoch,
                 'args': {k: v for k, v in vars(args).items() if not k.startswith('_')},
-                'notions': list(info.notions), 'conditions': list(conditions), 'rng': rng_state()}
+                'notions': list(info.notions), 'conditions': list(conditions), 'hflip_applied': hflip,
+                'rng': rng_state()}
 
     for epoch in range(next_epoch, args.epochs + 1):
         lr = args.lr * (0.985 ** epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr
         t0 = time.time()
-        sums, finished = train_epoch(model, train_model, optimizer, scaler, (train_t, train_c, store), args, device,
+        sums, finished = train_epoch(model, train_model, optimizer, scaler, (train_t, train_c, store, hflip), args, device,
                                      amp_dtype, epoch, next_step, partial, stop, rank, world, is_main)
         if not finished:
             if is_main:

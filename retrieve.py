@@ -33,22 +33,31 @@ STAMP = 'embeddings.json'
 # ----------------------------------------------------------------------------------------------- embeddings
 
 @torch.no_grad()
-def embed_dataset(model, images, store, args, device, amp_dtype, n_notions):
-    """Raw embeddings of `images` and the masks, float32 numpy: ((N, D), or (C, N, D) for per-notion nets; (C, D))."""
+def embed_dataset(model, images, store, args, device, amp_dtype, n_notions, done=None):
+    """Raw embeddings of `images` and the masks, float32 numpy: ((N, D), or (C, N, D) for per-notion nets;
+    (C, D)). done: images already embedded, as main.evaluate gives them ({None or notion: (sorted image indices, raw
+    embeddings)}, with `images` sorted); they are reused and only the other images are embedded."""
     model.eval()
-    net = model.embednet
-    if net.per_notion_backbone:
-        emb = np.stack([csn_main.embed_images(model, images, store, args, device, amp_dtype, c=c).cpu().numpy()
-                        for c in range(n_notions)])  # (C, N, D)
+    done = done or {}
+
+    def embed(c):  # (N, D) under notion c's network (c None: the one embedding)
+        new = lambda imgs: csn_main.embed_images(model, imgs, store, args, device, amp_dtype, c=c).cpu().numpy()
+        if c not in done:
+            return new(images)
+        idx, have = done[c][0], done[c][1].cpu().numpy()
+        rest = np.setdiff1d(images, idx)  # done's images are some of `images`, which are then sorted
+        if not len(rest):
+            return have
+        order = np.argsort(np.concatenate([idx, rest]), kind='stable')
+        return np.concatenate([have, new(rest)])[order]
+
+    if model.embednet.per_notion_backbone:
+        emb = np.stack([embed(c) for c in range(n_notions)])  # (C, N, D)
     else:
-        emb = csn_main.embed_images(model, images, store, args, device, amp_dtype).cpu().numpy()  # (N, D)
-    return emb, model_masks(model, n_notions, emb.shape[-1])
-
-
-def model_masks(model, n_notions, dim):
-    """The masks m_c as float32 numpy (C, D); ones for models without masks."""
+        emb = embed(None)  # (N, D)
     w = model.embednet.mask_weights()
-    return np.ones((n_notions, dim), np.float32) if w is None else w.detach().float().cpu().numpy()
+    masks = np.ones((n_notions, emb.shape[-1]), np.float32) if w is None else w.detach().float().cpu().numpy()
+    return emb, masks
 
 
 def subspace(emb, masks, c):

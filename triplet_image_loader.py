@@ -44,6 +44,11 @@ class DatasetInfo:
     def image_path(self, i):
         return os.path.join(self.images_dir, self.filenames[i])
 
+    @property
+    def hflip(self):
+        """Whether a horizontal mirror keeps every label (dataset.json "hflip"; true when absent, as for shoes)."""
+        return self.extra.get('hflip', True)
+
     def triplet_file(self, notion, split):
         return os.path.join(self.root, 'tripletlists', f'{notion}_tripletlist_{split}.txt')
 
@@ -65,6 +70,9 @@ def load_dataset_info(root):
                 raise DataError(f'{meta_path}: missing key {key!r} (expected {{"name", "images", "notions", "labels"}})')
         if not meta['notions'] or len(set(meta['notions'])) != len(meta['notions']):
             raise DataError(f'{meta_path}: "notions" must be a non-empty list of distinct names')
+        if not isinstance(meta.get('hflip', True), bool):
+            raise DataError(f'{meta_path}: "hflip" must be true or false (whether a mirrored image keeps its labels), '
+                            f'not {meta["hflip"]!r}')
     names_path = os.path.join(root, 'filenames.json')
     if not os.path.exists(names_path):
         raise DataError(f'{names_path} not found: {root!r} is not a dataset folder; {GET_DATA_HINT}')

@@ -437,7 +437,7 @@ def install_metadata(zip_path, out, args, log=print):
         split_of = split_groups(filenames, parse_split(args.split), args.seed)
         sizes = {'train': args.train_triplets, 'val': args.val_triplets, 'test': args.test_triplets}
         counts = write_all_triplets(tmp, ZAPPOS_NOTIONS, labels, split_of, sizes, args.seed, log)
-        write_layout(tmp, 'zappos50k', ZAPPOS_IMAGES, filenames, ZAPPOS_NOTIONS, labels, [str(s) for s in split_of],
+        write_layout(tmp, 'zappos50k', ZAPPOS_IMAGES, filenames, ZAPPOS_NOTIONS, labels, [str(s) for s in split_of], True,
                      {'triplets': 'drawn from the UT-Zappos50k metadata (get_data.py --triplets metadata)',
                       'heel': 'flat, low (under 2 in), mid (2 to under 4 in), high (4 in and over)'})
         _put_triplets(tmp, out, ['filenames.json', 'labels.csv', 'dataset.json'])

@@ -116,6 +116,7 @@ def test_fonts_layout_is_what_main_reads(fonts_data):
     _, out, _ = fonts_data
     info = load_dataset_info(str(out))
     assert info.notions == ['character', 'font', 'weight', 'slant']
+    assert info.hflip is False and json.load(open(out / 'dataset.json'))['hflip'] is False  # a mirrored b is a d
     labels = read_labels(info)
     with open(out / 'labels.csv') as f:
         split = [r['split'] for r in csv.DictReader(f)]
@@ -182,6 +183,7 @@ def test_attributes_build_and_missing_values_only_leave_that_notion(tmp_path):
                    '--test-triplets', '50'])
     info = load_dataset_info(str(out))
     assert info.notions == ['colour', 'shape'] and info.filenames == [r[0] for r in rows]
+    assert info.hflip is True                                           # no --no-hflip: mirrors keep the labels
     labels = read_labels(info)
     unlabelled = {i for i, r in enumerate(rows) if r[1] == ''}
     colour_images, shape_images = set(), set()
@@ -195,6 +197,15 @@ def test_attributes_build_and_missing_values_only_leave_that_notion(tmp_path):
     assert not colour_images & unlabelled                               # left out of colour ...
     assert shape_images & unlabelled                                    # ... but still used for shape
     assert os.path.exists(info.image_path(0))
+
+
+def test_attributes_no_hflip_is_written_for_main_to_follow(tmp_path):
+    make_shop(tmp_path)
+    out = tmp_path / 'ds'
+    get_data.main(['--dataset', 'attributes', '--images', str(tmp_path / 'img'), '--attributes',
+                   str(tmp_path / 'shop.csv'), '--out', str(out), '--train-triplets', '40', '--val-triplets', '20',
+                   '--test-triplets', '20', '--no-hflip'])
+    assert json.load(open(out / 'dataset.json'))['hflip'] is False and load_dataset_info(str(out)).hflip is False
 
 
 @pytest.mark.parametrize('problem, message', [

@@ -248,3 +248,53 @@ def test_the_start_line_says_what_was_chosen_for_memory(shapes_data, tmp_path):
     p = run_main('--data', shapes_data, '--runs', tmp_path, '--name', 'b', '--epochs', 1, '--device', 'cpu',
                  '--no-keep-memory', *FAST)
     assert 'malloc system default' in p.stdout
+
+
+def mark_left_right(root):
+    """Paint every image white in its left quarter and black in its right one: a mirror shows at a glance."""
+    from PIL import Image
+    with open(os.path.join(root, 'filenames.json')) as f:
+        names = [n.strip() for n in f if n.strip()]
+    for n in names:
+        path = os.path.join(root, 'images', n)
+        a = np.asarray(Image.open(path).convert('RGB')).copy()
+        q = a.shape[1] // 4
+        a[:, :q], a[:, -q:] = 255, 0
+        Image.fromarray(a).save(path)
+
+
+@pytest.mark.parametrize('hflip, mirrored', [(None, False), ('on', True), ('off', False)])
+def test_a_dataset_that_says_hflip_false_never_sees_a_mirrored_image(shapes_data, tmp_path, monkeypatch, capsys,
+                                                                     hflip, mirrored):
+    import main
+    mark_left_right(shapes_data)
+    meta_path = os.path.join(shapes_data, 'dataset.json')
+    meta = json.load(open(meta_path))
+    json.dump({**meta, 'hflip': False}, open(meta_path, 'w'))
+    seen = []
+    real = main.to_input
+
+    def spy(*a, **k):
+        x = real(*a, **k)  # (N, 3, S, S)
+        seen.append((x[..., :2].mean((1, 2, 3)) - x[..., -2:].mean((1, 2, 3))).detach())  # > 0: white side on the left
+        return x
+    monkeypatch.setattr(main, 'to_input', spy)
+    argv = ['--data', shapes_data, '--runs', str(tmp_path / 'runs'), '--name', 'f', '--epochs', '2', *FAST]
+    assert main.main(argv + (['--hflip', hflip] if hflip else [])) == 0
+    side = torch.cat(seen)
+    assert len(side) >= 2 * 240 * 3                                      # every training image went through the spy
+    assert bool((side < 0).any()) == mirrored and bool((side > 0).any())
+    out = capsys.readouterr().out
+    assert {None: 'hflip off (dataset.json)', 'on': 'hflip on (--hflip on)', 'off': 'hflip off (--hflip off)'}[hflip] in out
+    run = tmp_path / 'runs' / 'f'
+    assert json.load(open(run / 'args.json'))['hflip_applied'] is mirrored
+    assert torch.load(run / 'checkpoint.pth.tar', weights_only=True)['hflip_applied'] is mirrored
+
+
+def test_a_dataset_without_hflip_is_mirrored_as_the_original_did(shapes_data, tmp_path):
+    p = run_main('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'z', '--epochs', 1, *FAST)
+    assert 'hflip on (default for a dataset without "hflip")' in p.stdout
+    json.dump({**json.load(open(os.path.join(shapes_data, 'dataset.json'))), 'hflip': 'no'},
+              open(os.path.join(shapes_data, 'dataset.json'), 'w'))
+    p = run_main('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'y', '--epochs', 1, *FAST, check=False)
+    assert p.returncode == 2 and '"hflip" must be true or false' in p.stderr and 'Traceback' not in p.stderr

@@ -157,7 +157,7 @@ def test_test_reuses_the_evaluations_embeddings_and_embeds_only_the_rest(tmp_pat
     calls = []
     real = main.embed_images
     monkeypatch.setattr(main, 'embed_images', lambda m, imgs, *a, **k: calls.append(len(imgs)) or real(m, imgs, *a, **k))
-    got = main.complete_embeddings(model, images, embedded, store, args, cpu, None, 2)
+    got, _ = embed_dataset(model, images, store, args, cpu, None, 2, done=embedded)
     monkeypatch.setattr(main, 'embed_images', real)
     want, _ = embed_dataset(model, images, store, args, cpu, None, 2)
     assert got.shape == want.shape and np.allclose(got, want, atol=1e-5)

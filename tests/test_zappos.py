@@ -342,6 +342,7 @@ def test_a_dead_triplets_link_falls_back_to_metadata_triplets_that_follow_the_la
     assert 'left out 2 of 50 metadata rows: 1 without an image path; 1 whose image is not in' in said
     info = load_dataset_info(str(out))
     assert info.name == 'zappos50k' and info.notions == NOTIONS and sorted(info.filenames) == sorted(image_paths())
+    assert info.hflip is True                                           # a mirrored shoe is still the same shoe
     labels = read_labels(info)
     for i, p in enumerate(info.filenames):                              # rows stay paired with their image
         assert labels['class'][i] == p.split('/')[0]
