@@ -26,11 +26,25 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-import main
-from get_data import sample_triplets, write_triplets
-from triplet_image_loader import (ZAPPOS_IMAGES, ZAPPOS_NOTIONS, DataError, ImageStore, build_image_cache,
-                                  load_dataset_info, load_triplets)
-from tripletnet import csn_loss, triplet_correct
+import runtime
+from checkpoint import build_model
+from dataset_writer import sample_triplets, write_triplets
+from evaluate import evaluate
+from options import UserError, add_device_flag, main_parser
+from training import train_epoch
+from triplet_image_loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ZAPPOS_IMAGES,
+    ZAPPOS_NOTIONS,
+    DataError,
+    ImageStore,
+    build_image_cache,
+    choose_hflip,
+    load_dataset_info,
+    load_triplets,
+)
+from tripletnet import csn_loss
 
 FIGURES = [('original', 'train'), ('baseline', 'train'), ('repo', 'train'),
            ('original', 'eval'), ('baseline', 'eval'), ('repo', 'eval')]
@@ -124,7 +138,7 @@ def original_transform(size, train):
     from torchvision import transforms as T
     flip = [T.RandomHorizontalFlip()] if train else []
     return T.Compose([T.Resize(size), T.CenterCrop(size), *flip, T.ToTensor(),
-                      T.Normalize(mean=main.IMAGENET_MEAN, std=main.IMAGENET_STD)])
+                      T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
 
 
 class OriginalTriplets(Dataset):
@@ -227,9 +241,9 @@ def repo_args(opts, impl='repo'):
     argv = ['--data', opts.data, '--batch-size', str(opts.batch_size), '--image-size', str(opts.image_size),
             '--device', opts.device, '--seed', str(opts.seed), '--no-pretrained', *shlex.split(flags)]
     try:
-        return main.build_parser().parse_args(argv)
+        return main_parser().parse_args(argv)
     except SystemExit:
-        raise main.UserError(f'{flag_name} {flags!r}: not flags of main.py (see python main.py --help)') from None
+        raise UserError(f'{flag_name} {flags!r}: not flags of main.py (see python main.py --help)') from None
 
 
 def peak_rss_mb():
@@ -289,19 +303,15 @@ def sync(device):
 def measure(opts, impl, mode):
     """One figure in this process: build, warm up, time opts.steps batches (repo eval: the whole test split)."""
     args = repo_args(opts, impl)
-    device = main.choose_device(args, 0)
-    amp_dtype, use_scaler = main.choose_amp(args, device)
-    if args.workers is None:  # as main.run() chooses
-        args.workers = 0 if (args.cache and device.type == 'cpu') else min(8, len(os.sched_getaffinity(0)))
-    args.eval_batch_size = max(args.batch_size, 256)  # as main.run() sets it
-    main.seed_everything(args.seed)
+    rt = runtime.start(args)  # device, AMP, workers and seed as main.py chooses them
+    device, amp_dtype, use_scaler = rt.device, rt.amp_dtype, rt.use_scaler
     info = load_dataset_info(args.data)
     conditions = list(range(len(info.notions)))
     quiet = lambda *a, **k: None
     B, W, N = args.batch_size, opts.warmup, opts.steps
-    model = main.build_model(args, len(info.notions)).to(device)
+    model = build_model(args, len(info.notions)).to(device)
     if args.model != 'csn':
-        raise main.UserError('the original release has only the CSN model: leave --model out of --repo-flags')
+        raise UserError('the original release has only the CSN model: leave --model out of --repo-flags')
     base_rss = peak_rss_mb()
     split = 'train' if mode == 'train' else 'test'
     trip, cond = load_triplets(info, split, conditions, 10 ** 9, args.seed, log=quiet)  # the whole split, shuffled
@@ -327,23 +337,23 @@ def measure(opts, impl, mode):
         else:
             run = lambda sl: original_eval(tnet, original_loader(dataset(sl), B, device), args, device, len(info.notions))
     else:
-        malloc = main.keep_freed_memory(args, device)
+        malloc = runtime.keep_freed_memory(args, device)
         settings.update(amp=str(amp_dtype).replace('torch.', '') if amp_dtype else 'off', grad_scaler=use_scaler,
                         channels_last=args.channels_last, compile=args.compile,
                         forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
-                        workers=args.workers, pin_memory=device.type == 'cuda',
+                        workers=rt.workers, pin_memory=device.type == 'cuda',
                         malloc=malloc, flags=impl_flags(opts, impl)[0])
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
+        hflip = choose_hflip(args, info)[0]  # as main.py mirrors this dataset's training images
         if mode == 'train':
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
             scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
             train_model = torch.compile(model) if args.compile else model
-            run = lambda sl: main.train_epoch(model, train_model, optimizer, scaler, (trip[sl], cond[sl], store), args,
-                                              device, amp_dtype, 1, 0, None, main.StopFlag(), 0, 1, False)
+            run = lambda sl: train_epoch(model, train_model, optimizer, scaler, (trip[sl], cond[sl], store, hflip), rt, 1)
         else:
-            run = lambda sl: main.evaluate(model, trip[sl], cond[sl], store, args, device, amp_dtype, info.notions)
+            run = lambda sl: evaluate(model, trip[sl], cond[sl], store, rt, info.notions)
             timed = slice(0, len(trip))  # embed-once evaluation: its speed depends on the triplets per image
     run(warm)
     sync(device)
@@ -396,7 +406,8 @@ def summarise(impl, mode, runs, opts):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a('--data', default=None, metavar='DIR', help='dataset folder in the CSN layout (required unless --make-data)')
     a('--make-data', default=None, metavar='DIR', help='write a Zappos-format synthetic dataset to DIR and exit')
@@ -406,7 +417,7 @@ def build_parser():
     a('--steps', type=int, default=5, help='timed steps per round (training, and the original\'s evaluation)')
     a('--warmup', type=int, default=2, help='untimed steps before timing')
     a('--repeats', type=int, default=3, help='rounds; the median is reported')
-    a('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='auto = CUDA when available, else the CPU')
+    add_device_flag(p, ('auto', 'cpu', 'cuda'), 'auto = CUDA when available, else the CPU')
     a('--seed', type=int, default=1, help='random seed (triplet order, flips, initialisation)')
     a('--repo-flags', default='', metavar='"FLAGS"',
       help='extra main.py flags for this repo\'s path, e.g. --repo-flags="--amp off --no-channels-last" '
@@ -495,11 +506,10 @@ def train_gflop_per_triplet(opts, n=4):
     from torch.utils.flop_counter import FlopCounterMode
     info = load_dataset_info(opts.data)
     args = repo_args(opts)
-    model = main.build_model(args, len(info.notions))
+    model = build_model(args, len(info.notions))
     x = torch.zeros(3 * n, 3, args.image_size, args.image_size)  # (3n, 3, S, S)
-    anchor, far, close = x.chunk(3)
     with FlopCounterMode(display=False) as counter:
-        d_far, d_close, emb_norm, mask_norm = model(anchor, far, close, torch.zeros(n, dtype=torch.long))
+        d_far, d_close, emb_norm, mask_norm = model(x, torch.zeros(n, dtype=torch.long))
         csn_loss(d_far, d_close, emb_norm, mask_norm, args.margin, args.embed_loss, args.mask_loss).backward()
     return counter.get_total_flops() / n / 1e9
 
@@ -529,7 +539,8 @@ def peak_speed(device, n=4096, repeats=5):
 
 def search_speed(n=100_000, dim=64, queries=50, k=10):
     """Median seconds of one retrieve.py query (mask the dataset for a notion, then the k nearest) over n images."""
-    from retrieve import nearest, subspace
+    from evaluate import subspace
+    from retrieval import nearest
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((n, dim)).astype(np.float32)               # (N, D)
     masks = np.abs(rng.standard_normal((4, dim))).astype(np.float32)     # (C, D)
@@ -551,19 +562,19 @@ def main_cli(argv=None):
         if opts.search:
             return search_speed()
         if opts.peak:
-            return peak_speed(main.choose_device(argparse.Namespace(no_cuda=False, device=opts.device), 0))
+            return peak_speed(runtime.choose_device(argparse.Namespace(no_cuda=False, device=opts.device)))
         if opts.make_data:
             make_zappos_like(opts.make_data, opts.images, opts.seed)
             print(f'next: python bench.py --data {opts.make_data}')
             return 0
         if not opts.data:
-            raise main.UserError('--data DIR is required (or --make-data DIR to write a synthetic Zappos-format set)')
+            raise UserError('--data DIR is required (or --make-data DIR to write a synthetic Zappos-format set)')
         if opts.child:
             impl, mode = opts.child.split(':')
             print(RESULT_TAG + json.dumps(measure(opts, impl, mode)), flush=True)
             return 0
         return run_bench(opts)
-    except (main.UserError, DataError, RuntimeError) as e:
+    except (UserError, DataError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
 

@@ -14,29 +14,29 @@ import numpy as np
 
 # visdom line windows: (window id, title, [(metrics key, trace name)]); the per-notion window is added from `notions`
 LINES = [
-    ("loss", "loss", [("train_loss", "train"), ("val_loss", "val")]),
-    ("acc", "triplet accuracy", [("train_acc", "train"), ("val_acc", "val")]),
-    ("lr", "learning rate", [("lr", "lr")]),
-    ("emb_norm", "embedding norm", [("emb_norm", "embedding norm")]),
-    ("mask_norm", "mask norm", [("mask_norm", "mask norm")]),
-    ("triplets_per_s", "training speed (triplets per second)", [("triplets_per_s", "triplets/s")]),
-    ("seconds", "seconds per epoch", [("seconds", "seconds")]),
+    ('loss', 'loss', [('train_loss', 'train'), ('val_loss', 'val')]),
+    ('acc', 'triplet accuracy', [('train_acc', 'train'), ('val_acc', 'val')]),
+    ('lr', 'learning rate', [('lr', 'lr')]),
+    ('emb_norm', 'embedding norm', [('emb_norm', 'embedding norm')]),
+    ('mask_norm', 'mask norm', [('mask_norm', 'mask norm')]),
+    ('triplets_per_s', 'training speed (triplets per second)', [('triplets_per_s', 'triplets/s')]),
+    ('seconds', 'seconds per epoch', [('seconds', 'seconds')]),
 ]
 # TensorBoard scalar tags for the same metrics
-SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "acc/train", "val_acc": "acc/val",
-           "lr": "lr", "emb_norm": "norm/embedding", "mask_norm": "norm/mask",
-           "triplets_per_s": "speed/triplets_per_s", "seconds": "speed/seconds_per_epoch"}
+SCALARS = {'train_loss': 'loss/train', 'val_loss': 'loss/val', 'train_acc': 'acc/train', 'val_acc': 'acc/val',
+           'lr': 'lr', 'emb_norm': 'norm/embedding', 'mask_norm': 'norm/mask',
+           'triplets_per_s': 'speed/triplets_per_s', 'seconds': 'speed/seconds_per_epoch'}
 BAR_EVERY = 10  # the original plotted the stacked mask bars at epoch 1 and every 10 epochs
 
 
 def make_logger(args, notions, run_dir):
     """The loggers that args ask for (--visdom, --tensorboard) behind one object; a no-op when neither is on."""
     loggers = []
-    if getattr(args, "visdom", False):
-        env = getattr(args, "visdom_env", None) or args.name
-        loggers.append(VisdomLogger(getattr(args, "visdom_server", "http://localhost"),
-                                    getattr(args, "visdom_port", 8097), env, notions))
-    if getattr(args, "tensorboard", False):
+    if getattr(args, 'visdom', False):
+        env = getattr(args, 'visdom_env', None) or args.name
+        loggers.append(VisdomLogger(getattr(args, 'visdom_server', 'http://localhost'),
+                                    getattr(args, 'visdom_port', 8097), env, notions))
+    if getattr(args, 'tensorboard', False):
         loggers.append(TensorBoardLogger(run_dir, notions))
     return Logger(loggers)
 
@@ -70,7 +70,7 @@ class Logger:
 
 def mask_names(notions, masks):
     """A name per mask row: the notions, or 'mask i' where the model's masks do not match them one to one."""
-    return list(notions) if len(notions) == len(masks) else [f"mask {i}" for i in range(len(masks))]
+    return list(notions) if len(notions) == len(masks) else [f'mask {i}' for i in range(len(masks))]
 
 
 def triplet_grid(images, pad=2, min_side=96):
@@ -97,7 +97,7 @@ class VisdomLogger:
         # limit of each request (a hung server costs at most this per try)
         self.retry_s, self.max_retry_s, self.timeout_s = retry_s, max_retry_s, timeout_s
         self.out = out or sys.stderr
-        self.url = f"{server}:{port}/env/{env}"
+        self.url = f'{server}:{port}/env/{env}'
         self.history = []  # every metrics dict logged, in order
         self.heatmap = None  # (epoch, masks) of the last log_masks
         self.bars = {}  # epoch -> masks, the stacked bar snapshots
@@ -105,17 +105,17 @@ class VisdomLogger:
         self.viz = None  # the client, while the server answers
         self.synced = 0  # how many history entries the server holds
         self.resumed = None  # set at the first epoch: a resumed run extends the lines it left
-        self.retry_in, self.next_try, self.error = retry_s, 0.0, ""
-        logging.getLogger("visdom").setLevel(logging.ERROR)  # the client's chatter about sockets and sessions
+        self.retry_in, self.next_try, self.error = retry_s, 0.0, ''
+        logging.getLogger('visdom').setLevel(logging.ERROR)  # the client's chatter about sockets and sessions
         if self._connect():
-            self._say(f"plotting to {self.url}")
+            self._say(f'plotting to {self.url}')
         else:
-            self._say(f"WARNING: no visdom server answers at {server}:{port} ({self.error}). Training goes on "
-                      f"without plots; start one with `python -m visdom.server -port {port}` and they appear at "
-                      f"{self.url}")
+            self._say(f'WARNING: no visdom server answers at {server}:{port} ({self.error}). Training goes on '
+                      f'without plots; start one with `python -m visdom.server -port {port}` and they appear at '
+                      f'{self.url}')
 
     def _say(self, msg):
-        print(f"visdom: {msg}", file=self.out, flush=True)
+        print(f'visdom: {msg}', file=self.out, flush=True)
 
     def _connect(self):
         """Make a client if the server answers now; True if it does."""
@@ -138,14 +138,14 @@ class VisdomLogger:
         try:
             if back:  # a server that was down (or restarted, and so empty): draw everything from the start
                 self._all_windows(self.viz)
-                self._say(f"the server at {self.server}:{self.port} answers; all plots drawn at {self.url}")
+                self._say(f'the server at {self.server}:{self.port} answers; all plots drawn at {self.url}')
             else:
                 what(self.viz)
         except Exception as e:  # noqa: BLE001 - a plot must never stop training
             self.viz = None
             self.next_try = time.monotonic() + self.retry_in
-            self._say(f"WARNING: plotting failed ({type(e).__name__}: {e}). Training goes on; the plots come back "
-                      f"when the server at {self.server}:{self.port} answers again")
+            self._say(f'WARNING: plotting failed ({type(e).__name__}: {e}). Training goes on; the plots come back '
+                      f'when the server at {self.server}:{self.port} answers again')
 
     def _all_windows(self, viz):
         self._lines(viz, self.history, update=None)
@@ -159,10 +159,10 @@ class VisdomLogger:
 
     def _windows(self):
         """[(window id, title, [(key or (dict key, sub key), trace name)])] for the line plots."""
-        first = (self.history[0].get("val_acc_per_notion") or {}) if self.history else {}
+        first = (self.history[0].get('val_acc_per_notion') or {}) if self.history else {}
         names = [n for n in self.notions if n in first] + [n for n in first if n not in self.notions]
-        per_notion = [(("val_acc_per_notion", n), n) for n in names]  # the notions trained on, in index order
-        return LINES[:2] + [("acc_per_notion", "val accuracy per notion", per_notion)] + LINES[2:]
+        per_notion = [(('val_acc_per_notion', n), n) for n in names]  # the notions trained on, in index order
+        return LINES[:2] + [('acc_per_notion', 'val accuracy per notion', per_notion)] + LINES[2:]
 
     def _lines(self, viz, rows, update):
         """Plot rows (metrics dicts) in every line window: update None replaces a window, 'append' extends it."""
@@ -171,7 +171,7 @@ class VisdomLogger:
             for m in rows:
                 vals = [m.get(k[0], {}).get(k[1]) if isinstance(k, tuple) else m.get(k) for k, _ in traces]
                 if all(v is not None and np.isfinite(v) for v in vals):  # NaN would break the page's JSON
-                    pts.append((m["epoch"], vals))
+                    pts.append((m['epoch'], vals))
             if not pts:
                 continue
             x = np.array([e for e, _ in pts], dtype=float)  # (T,)
@@ -181,32 +181,32 @@ class VisdomLogger:
                 x = np.repeat(x[:, None], len(names), axis=1)  # (T, K): visdom wants one x column per trace
             else:
                 y = y[:, 0]
-            opts = dict(title=title, xlabel="epoch", legend=names, showlegend=len(names) > 1,
+            opts = dict(title=title, xlabel='epoch', legend=names, showlegend=len(names) > 1,
                         width=450, height=320, marginbottom=50, marginleft=60)
             viz.line(X=x, Y=y, win=win, update=update, opts=opts)
 
     def _heatmap(self, viz, epoch, masks):
-        viz.heatmap(X=masks, win="masks", opts=dict(
-            title=f"masks, notion x embedding dimension (epoch {epoch})", rownames=mask_names(self.notions, masks),
-            xlabel="embedding dimension", colormap="Viridis", width=900, height=320, marginleft=110))
+        viz.heatmap(X=masks, win='masks', opts=dict(
+            title=f'masks, notion x embedding dimension (epoch {epoch})', rownames=mask_names(self.notions, masks),
+            xlabel='embedding dimension', colormap='Viridis', width=900, height=320, marginleft=110))
 
     def _bar(self, viz, epoch, masks):
-        viz.bar(X=masks.T, win=f"masks_bar_{epoch:04d}", opts=dict(  # (D, n_notions): a bar per dimension
-            stacked=True, legend=mask_names(self.notions, masks), title=f"masks stacked over notions (epoch {epoch})",
-            xlabel="embedding dimension", width=900, height=320))
+        viz.bar(X=masks.T, win=f'masks_bar_{epoch:04d}', opts=dict(  # (D, n_notions): a bar per dimension
+            stacked=True, legend=mask_names(self.notions, masks), title=f'masks stacked over notions (epoch {epoch})',
+            xlabel='embedding dimension', width=900, height=320))
 
     def _triplets(self, viz, grid):
-        viz.image(grid.transpose(2, 0, 1), win="triplets", opts=dict(  # (3, H', W')
-            title="val triplets: anchor, close, far"))
+        viz.image(grid.transpose(2, 0, 1), win='triplets', opts=dict(  # (3, H', W')
+            title='val triplets: anchor, close, far'))
 
     def log_epoch(self, metrics):
         self.history.append(dict(metrics))
         if self.resumed is None:
-            self.resumed = metrics["epoch"] > 1
+            self.resumed = metrics['epoch'] > 1
 
         def new_points(viz):
             # a resumed run extends the lines it left; a fresh one starts them over
-            update = "append" if self.synced or self.resumed else None
+            update = 'append' if self.synced or self.resumed else None
             self._lines(viz, self.history[self.synced:], update)
             self.synced = len(self.history)
         self._draw(new_points)
@@ -247,11 +247,11 @@ def visdom_client(server, port, env, timeout_s):
         def _handle_post(self, url, data=None):
             r = self.session.post(url, data=data or {}, timeout=(min(3.0, timeout_s), timeout_s))
             if r.status_code >= 400:
-                raise RuntimeError(f"visdom server answered HTTP {r.status_code} to {url}: {r.text[:200]}")
+                raise RuntimeError(f'visdom server answered HTTP {r.status_code} to {url}: {r.text[:200]}')
             return r.text
 
         def win_exists(self, win, env=None):  # visdom's prints "Error connecting" on failure; raise instead
-            return self._win_exists_wrap(win, env) == "true"
+            return self._win_exists_wrap(win, env) == 'true'
 
         @property
         def session(self):  # visdom's logs "Setting up a new session..." when it makes one
@@ -260,7 +260,7 @@ def visdom_client(server, port, env, timeout_s):
             return self._session
 
     with warnings.catch_warnings():  # its own use of the deprecated logger.warn
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter('ignore', DeprecationWarning)
         return Client(server=server, port=port, env=env, raise_exceptions=True, use_incoming_socket=False)
 
 
@@ -269,27 +269,27 @@ class TensorBoardLogger:
 
     def __init__(self, run_dir, notions):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+        self.writer = SummaryWriter(log_dir=os.path.join(run_dir, 'tensorboard'))
         self.notions = list(notions)
 
     def log_epoch(self, metrics):
-        step = metrics["epoch"]
+        step = metrics['epoch']
         for key, tag in SCALARS.items():
             if metrics.get(key) is not None:
                 self.writer.add_scalar(tag, metrics[key], step)
-        for notion, acc in (metrics.get("val_acc_per_notion") or {}).items():
-            self.writer.add_scalar(f"acc_per_notion/{notion}", acc, step)
+        for notion, acc in (metrics.get('val_acc_per_notion') or {}).items():
+            self.writer.add_scalar(f'acc_per_notion/{notion}', acc, step)
         self.writer.flush()
 
     def log_masks(self, epoch, masks):
         if masks is None:
             return
         masks = np.asarray(masks, dtype=float)  # (n_notions, D)
-        self.writer.add_image("masks", mask_image(masks, mask_names(self.notions, masks)), epoch,
-                              dataformats="HWC")
+        self.writer.add_image('masks', mask_image(masks, mask_names(self.notions, masks)), epoch,
+                              dataformats='HWC')
 
     def log_triplets(self, images):
-        self.writer.add_image("val triplets (anchor, close, far)", triplet_grid(images), 0, dataformats="HWC")
+        self.writer.add_image('val triplets (anchor, close, far)', triplet_grid(images), 0, dataformats='HWC')
 
     def log_embeddings(self, embeddings, labels, images=None):
         import torch
@@ -299,7 +299,7 @@ class TensorBoardLogger:
         if images is not None:
             label_img = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
         self.writer.add_embedding(torch.as_tensor(np.asarray(embeddings, dtype=np.float32)), metadata=rows,
-                                  metadata_header=header, label_img=label_img, tag="val_embedding")
+                                  metadata_header=header, label_img=label_img, tag='val_embedding')
 
     def close(self):
         self.writer.close()
@@ -312,9 +312,9 @@ def mask_image(masks, notions):
     fig = Figure(figsize=(10, 0.4 * len(notions) + 1.2), dpi=80)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    im = ax.imshow(masks, aspect="auto", cmap="viridis", interpolation="nearest")
+    im = ax.imshow(masks, aspect='auto', cmap='viridis', interpolation='nearest')
     ax.set_yticks(range(len(notions)), notions)
-    ax.set_xlabel("embedding dimension")
+    ax.set_xlabel('embedding dimension')
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     canvas.draw()

@@ -2,7 +2,7 @@
 
 Each triplet line is `a b c`: image a (anchor) is more similar to image c (close) than to image b (far).
 Images are decoded, resized and centre-cropped once into a uint8 cache memory-mapped from disk; random flips and
-normalisation happen later on tensors (see main.py).
+normalisation happen later on tensors (to_input). make_store and make_loader give a command its images.
 """
 import csv
 import fcntl
@@ -11,18 +11,21 @@ import json
 import os
 import tempfile
 import weakref
-from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from atomic import atomic_path
 
 ZAPPOS_NOTIONS = ['class', 'closure', 'gender', 'heel']
 ZAPPOS_IMAGES = 'ut-zap50k-images'
 SPLITS = ('train', 'val', 'test')
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GET_DATA_HINT = ('get it with `python get_data.py` (Zappos50k), `python get_data.py --dataset fonts --out DIR` '
                  '(offline) or `python get_data.py --dataset attributes ...` (your own images); see the README')
 
@@ -250,14 +253,13 @@ def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
         if os.path.exists(path):  # another process built it while we waited
             return path
         n = len(info.filenames)
-        tmp = f'{path}.tmp{os.getpid()}'
-        np.memmap(tmp, dtype=np.uint8, mode='w+', shape=(n, size, size, 3)).flush()
         paths = [info.image_path(i) for i in range(n)]
         step = 256
-        jobs = [(paths[s:s + step], size, tmp, s) for s in range(0, n, step)]
         workers = workers or min(len(os.sched_getaffinity(0)), 8)
         from tqdm import tqdm
-        try:
+        with atomic_path(path) as tmp:
+            np.memmap(tmp, dtype=np.uint8, mode='w+', shape=(n, size, size, 3)).flush()
+            jobs = [(paths[s:s + step], size, tmp, s) for s in range(0, n, step)]
             with tqdm(total=n, desc=f'caching {n} images at {size}px', unit='img', leave=False) as bar:
                 if workers > 1 and len(jobs) > 1:
                     with get_context('fork').Pool(workers) as pool:
@@ -266,10 +268,6 @@ def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
                 else:
                     for job in jobs:
                         bar.update(_decode_chunk(job))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         for old in os.listdir(cache_dir):  # drop caches of older versions of the images at this size
             if old.startswith(f'images_{size}px_') and old.endswith('.u8') and old != os.path.basename(path):
                 os.remove(os.path.join(cache_dir, old))
@@ -366,6 +364,78 @@ def missing_images(info):
     return [info.image_path(i) for i in range(len(info.filenames)) if not os.path.isfile(info.image_path(i))]
 
 
-def notion_counts(conditions, notions):
-    c = Counter(conditions.tolist())
-    return {notions[k]: c[k] for k in sorted(c)}
+
+# ------------------------------------------------------------------------------------------ images for a command
+
+def choose_hflip(args, info):
+    """(mirror training images?, why) from --hflip and the dataset's own say."""
+    if args.hflip != 'auto':
+        return args.hflip == 'on', f'--hflip {args.hflip}'
+    has_meta = os.path.exists(os.path.join(info.root, 'dataset.json'))
+    return info.hflip, ('dataset.json' if has_meta and 'hflip' in info.extra else 'default for a dataset without "hflip"')
+
+
+def make_store(info, rt):
+    """The images of a run (Runtime rt): from the uint8 cache (--cache, built once per machine) or decoded by PIL."""
+    args = rt.args
+    if not args.cache:
+        missing = missing_images(info)
+        if missing:
+            raise DataError(f'{len(missing)} image(s) listed in {os.path.join(info.root, "filenames.json")} are missing, '
+                            f'e.g. {missing[:3]}')
+        return ImageStore(info, args.image_size)
+    # the first process of each machine builds the cache (a shared folder is built once: the others find it done)
+    local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0
+    quiet = (lambda *a, **k: None)
+    path = build_image_cache(info, args.image_size, args.cache_dir, log=rt.log) if local_main else None
+    if rt.world > 1:
+        dist.barrier()
+        if not local_main:
+            path = build_image_cache(info, args.image_size, args.cache_dir, log=quiet)
+    return ImageStore(info, args.image_size, path)
+
+
+class SkipSampler(Sampler):
+    """The first `skip` indices of a sampler left out: resuming mid-epoch continues the same order."""
+
+    def __init__(self, sampler, skip=0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        return it
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
+
+
+def make_loader(dataset, batch_sampler, workers, device):
+    """Batches from the dataset; a worker process that dies is reported with the image it was reading."""
+    store = dataset.store
+    if workers > 0 and store.tracker is None:
+        store.tracker = ReadTracker(workers)
+    loader = DataLoader(dataset, sampler=batch_sampler, batch_size=None, num_workers=workers,
+                        pin_memory=device.type == 'cuda', prefetch_factor=4 if workers > 0 else None)
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if 'DataLoader worker' not in str(e) or store.tracker is None:
+            raise
+        paths = [store.info.image_path(i) for i in store.tracker.reading()]
+        raise DataError(f'a DataLoader worker died ({str(e).splitlines()[0]}) while reading '
+                        f'{", ".join(paths) or "no image"}. Check that image, or run with --workers 0 to see the '
+                        f'error in the main process') from None
+
+
+def to_input(u8, device, channels_last, flip_gen=None):
+    """uint8 images (N, S, S, 3) -> normalised float (N, 3, S, S) on the device; random horizontal flips if flip_gen."""
+    x = u8.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (N, 3, S, S), channels_last strides
+    x = x.float() if channels_last else x.contiguous().float()
+    if flip_gen is not None:
+        flip = (torch.rand(x.shape[0], generator=flip_gen) < 0.5).to(device, non_blocking=True)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std

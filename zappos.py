@@ -14,7 +14,6 @@ import re
 import shutil
 import socket
 import stat
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,11 +24,18 @@ from http.client import HTTPException
 import numpy as np
 from tqdm import tqdm
 
-from triplet_image_loader import (SPLITS, ZAPPOS_IMAGES, ZAPPOS_NOTIONS, DataError, check_triplet_file, format_problems,
-                                  load_dataset_info)
+from atomic import atomic_open, replace_tree
+from dataset_writer import GetDataError, parse_split, split_groups, write_all_triplets, write_layout
+from triplet_image_loader import (
+    SPLITS,
+    ZAPPOS_IMAGES,
+    ZAPPOS_NOTIONS,
+    DataError,
+    check_triplet_file,
+    format_problems,
+    load_dataset_info,
+)
 from triplet_image_loader import missing_images as loader_missing_images
-
-from get_data import GetDataError, parse_split, split_groups, write_all_triplets, write_layout  # noqa: E402
 
 URLS = {
     'images': 'http://vision.cs.utexas.edu/projects/finegrained/utzap50k/ut-zap50k-images.zip',
@@ -308,17 +314,6 @@ def _clean_path(p):
 
 # ----------------------------------------------------------------------------------------------- installing
 
-def _replace(src, dest):
-    """Move src to dest, replacing a file or folder there."""
-    if os.path.isdir(dest) and not os.path.islink(dest):
-        old = f'{dest}.old-{os.getpid()}'
-        os.replace(dest, old)
-        os.replace(src, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dest)
-
-
 def _remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -344,7 +339,7 @@ def install_images(zip_path, out, log=print):
         n = sum(len(f) for _, _, f in os.walk(root))
         if n == 0:
             raise BadArchive(f'{zip_path} holds no files')
-        _replace(root, os.path.join(out, ZAPPOS_IMAGES))
+        replace_tree(root, os.path.join(out, ZAPPOS_IMAGES))
     finally:
         _remove(tmp)
     log(f'{os.path.join(out, ZAPPOS_IMAGES)}: {n} files from {zip_path}')
@@ -357,10 +352,10 @@ def _put_triplets(tmp, out, files):
     for name in ('dataset.json', 'labels.csv'):
         if name not in files:
             _remove(os.path.join(out, name))
-    _replace(os.path.join(tmp, 'tripletlists'), os.path.join(out, 'tripletlists'))
+    replace_tree(os.path.join(tmp, 'tripletlists'), os.path.join(out, 'tripletlists'))
     for name in files:
         if name != 'filenames.json':
-            _replace(os.path.join(tmp, name), os.path.join(out, name))
+            replace_tree(os.path.join(tmp, name), os.path.join(out, name))
     os.replace(os.path.join(tmp, 'filenames.json'), os.path.join(out, 'filenames.json'))
 
 
@@ -530,7 +525,7 @@ def _ours(meta_path):
 def offline_message(e, urls):
     return (f'cannot reach {e.url} ({str(e).split(": ", 1)[-1]}). If this machine has no internet, download these '
             f'on one that has:\n  ' + '\n  '.join(urls) + '\nput them in one folder (keeping the file names) and run '
-            f'`python get_data.py --from FOLDER`')
+            '`python get_data.py --from FOLDER`')
 
 
 class _Fetcher:
@@ -636,7 +631,7 @@ def run(args, log=print):
                                                                          ', or use --triplets metadata'))
     record = {'triplets': mode, 'images': n, 'settings': settings if mode == 'metadata' else None,
               'archives': {k: fetch.urls[k] for k in ('images', 'triplets' if mode == 'paper' else 'metadata')}}
-    with open(os.path.join(out, RECORD), 'w') as f:
+    with atomic_open(os.path.join(out, RECORD)) as f:
         json.dump(record, f, indent=1)
     kept = [name for name in ARCHIVES.values() if os.path.exists(os.path.join(out, name))]
     log(f'{out}: Zappos50k ready ({n} images, {mode} triplets); train with `python main.py --data {out}`'

@@ -81,3 +81,10 @@ def run_main(*args, cwd=None, check=True, timeout=600, env=None):
 # small and fast: 32 px, random init, batch 32
 FAST = ['--no-pretrained', '--image-size', '32', '--batch-size', '32', '--num_traintriplets', '240',
         '--num_valtriplets', '120', '--num_testtriplets', '120', '--lr', '1e-3', '--log-interval', '2']
+
+
+def pytest_collection_modifyitems(items):
+    """reproduce.py's and setup.sh's tests run whole scripts: slow (their files are edited elsewhere, so marked here)."""
+    for item in items:
+        if item.path.name in ('test_reproduce.py', 'test_setup.py'):
+            item.add_marker(pytest.mark.slow)

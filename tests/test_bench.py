@@ -12,9 +12,17 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import bench
-import main
+from checkpoint import build_model
 from conftest import REPO
-from triplet_image_loader import ImageStore, TripletBatches, build_image_cache, load_dataset_info, load_triplets
+from options import main_parser
+from triplet_image_loader import (
+    ImageStore,
+    TripletBatches,
+    build_image_cache,
+    load_dataset_info,
+    load_triplets,
+    to_input,
+)
 from tripletnet import csn_loss
 
 CPU = torch.device('cpu')
@@ -50,6 +58,7 @@ def test_make_data_writes_the_zappos_layout_with_three_test_triplets_per_test_im
         assert category(a) == category(close) != category(far)
 
 
+@pytest.mark.slow
 def test_bench_prints_a_json_line_per_figure_of_both_implementations(zappos):
     p = run_bench('--data', zappos, '--batch-size', 4, '--image-size', 32, '--steps', 1, '--warmup', 1,
                   '--repeats', 1, '--device', 'cpu')
@@ -91,6 +100,7 @@ def test_training_flops_per_triplet_are_three_forwards_of_every_conv_and_linear_
     assert bench.train_gflop_per_triplet(opts) == pytest.approx(3 * per_image / 1e9, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_peak_times_a_matrix_product_in_both_precisions():
     p = run_bench('--peak', '--device', 'cpu')
     fig = json.loads(p.stdout.splitlines()[-1])
@@ -98,17 +108,18 @@ def test_peak_times_a_matrix_product_in_both_precisions():
     assert set(fig['gflop_per_s']) == {'bfloat16', 'float32'} and all(v > 0 for v in fig['gflop_per_s'].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('masks', [[], ['--learned'], ['--prein']])
 def test_original_loop_computes_the_same_loss_and_gradients_as_tripletnet(zappos, masks):
     """Same 8 triplets, fp32, no flips, BatchNorm in eval mode: the original's three forwards on PIL-decoded images
     against one forward of this repo's TripletNet on the uint8 cache. (In training mode they differ on purpose:
     BatchNorm's batch statistics are over the 3B images of one forward here, over each B in the original.)"""
     torch.manual_seed(0)
-    args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', *masks])
+    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', *masks])
     info = load_dataset_info(zappos)
     trip, cond = load_triplets(info, 'train', ALL, 10 ** 9, seed=0)
     trip, cond = trip[:8], cond[:8]
-    model = main.build_model(args, 4).eval()
+    model = build_model(args, 4).eval()
     if masks == ['--learned']:
         assert (model.embednet.masks.weight < 0).any()  # the ReLU of learned masks matters here
 
@@ -122,9 +133,9 @@ def test_original_loop_computes_the_same_loss_and_gradients_as_tripletnet(zappos
 
     store = ImageStore(info, 32, build_image_cache(info, 32, log=lambda *a: None))
     u8, c = TripletBatches(trip, cond, store)[np.arange(8)]
-    x = main.to_input(u8, CPU, channels_last=False)  # (24, 3, 32, 32), no flips
+    x = to_input(u8, CPU, channels_last=False)  # (24, 3, 32, 32), no flips
     torch.testing.assert_close(x, torch.cat(batch[:3]), atol=1e-6, rtol=0)  # the cache decodes as the original did
-    d_far, d_close, emb_norm, mask_norm = model(*x.chunk(3), c)
+    d_far, d_close, emb_norm, mask_norm = model(x, c)
     loss_r = csn_loss(d_far, d_close, emb_norm, mask_norm, args.margin, args.embed_loss, args.mask_loss)
     loss_r.backward()
 
@@ -138,6 +149,7 @@ def test_original_loop_computes_the_same_loss_and_gradients_as_tripletnet(zappos
         torch.testing.assert_close(grads_r[n], grads_o[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 def test_baseline_flags_measure_a_second_setting_of_this_repo_in_the_same_run(zappos):
     p = run_bench('--data', zappos, '--batch-size', 4, '--image-size', 32, '--steps', 1, '--warmup', 1,
                   '--repeats', 1, '--device', 'cpu', '--modes', 'train', '--impls', 'repo', 'baseline',
@@ -152,6 +164,7 @@ def test_baseline_flags_measure_a_second_setting_of_this_repo_in_the_same_run(za
     assert 'repo / baseline, train' in p.stdout and '--three-forwards --no-keep-memory' in p.stdout
 
 
+@pytest.mark.slow
 def test_bad_baseline_flags_are_named_before_anything_runs(zappos):
     p = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--data', zappos, '--baseline-flags=--no-such-flag'],
                        capture_output=True, text=True, timeout=120)

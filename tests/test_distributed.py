@@ -1,7 +1,6 @@
 """torchrun --nproc_per_node 2 on the CPU (Gloo): training, one set of run files, and the same test accuracy."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,6 +8,8 @@ import pytest
 import torch
 
 from conftest import FAST, REPO, run_main
+
+pytestmark = pytest.mark.slow  # every test here runs main.py in child processes
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
 
@@ -61,19 +62,19 @@ def test_batch_size_must_split_over_the_processes(shapes_data, tmp_path):
     assert p.returncode != 0 and 'does not split evenly over 2 processes' in p.stderr + p.stdout
 
 
-HANG = r'''
+HANG = r"""
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import main
-real_loss, calls = main.csn_loss, [0]
+import main, training
+real_loss, calls = training.csn_loss, [0]
 def loss(*a, **k):
     calls[0] += 1
     if os.environ.get('RANK') == '1' and calls[0] == 3:
         time.sleep(3600)  # this rank hangs: the other one must not wait for ever
     return real_loss(*a, **k)
-main.csn_loss = loss
+training.csn_loss = loss
 sys.exit(main.main(sys.argv[1:]))
-'''
+"""
 
 
 def test_a_rank_that_hangs_takes_the_job_down_with_a_clear_message(shapes_data, tmp_path):

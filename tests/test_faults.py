@@ -11,15 +11,17 @@ import torch
 
 from conftest import FAST, REPO
 
+pytestmark = pytest.mark.slow  # every test here runs main.py in child processes
+
 # Runs main.main(argv) after patching: FAULT is 'kill_step N', 'sigint_step N [N ...]' (one SIGINT per N), 'nan_step N',
 # 'kill_in_save N' (SIGKILL half-way through the Nth checkpoint write), 'save_error N ERRNO', 'kill_image PATH'.
-WRAPPER = r'''
+WRAPPER = r"""
 import errno, io, os, signal, sys
 sys.path.insert(0, {repo!r})
-import main, torch, triplet_image_loader
+import main, torch, training, triplet_image_loader
 fault = os.environ.get('FAULT', '').split()
 calls = {{'loss': 0, 'save': 0}}
-real_loss, real_save, real_load = main.csn_loss, torch.save, triplet_image_loader.load_image
+real_loss, real_save, real_load = training.csn_loss, torch.save, triplet_image_loader.load_image
 def loss(*a, **k):
     calls['loss'] += 1
     n = calls['loss']
@@ -44,9 +46,9 @@ def load_image(path, size):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_load(path, size)
 if fault:
-    main.csn_loss, torch.save, triplet_image_loader.load_image = loss, save, load_image
+    training.csn_loss, torch.save, triplet_image_loader.load_image = loss, save, load_image
 sys.exit(main.main(sys.argv[1:]))
-'''.format(repo=REPO)
+""".format(repo=REPO)
 
 
 def run(args, fault=''):
@@ -177,7 +179,6 @@ def test_check_data_reports_every_problem_with_file_and_line(tmp_path):
 
 def test_a_dataloader_worker_that_dies_names_the_image(data_and_reference, tmp_path):
     args, runs, _ = data_and_reference
-    data = args[1]
     target = 'red_circle_2.png'
     p = run([*args, '--name', 'worker', '--no-cache', '--workers', '1'], fault=f'kill_image {target}')
     assert p.returncode == 2, p.stderr

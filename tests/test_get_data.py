@@ -90,6 +90,7 @@ def fonts_data(tmp_path_factory):
     return src, out, argv
 
 
+@pytest.mark.slow
 def test_fonts_filters_keep_the_letters_and_say_why_the_rest_went(fonts_data):
     src, out, _ = fonts_data
     with open(out / 'manifest.json') as f:
@@ -115,6 +116,7 @@ def test_fonts_filters_keep_the_letters_and_say_why_the_rest_went(fonts_data):
     assert man['counts']['images'] == 62 * len(kept)
 
 
+@pytest.mark.slow
 def test_fonts_layout_is_what_main_reads(fonts_data):
     _, out, _ = fonts_data
     info = load_dataset_info(str(out))
@@ -139,6 +141,7 @@ def test_fonts_layout_is_what_main_reads(fonts_data):
     assert os.path.getsize(out / 'contact_sheet.png') > 10000
 
 
+@pytest.mark.slow
 def test_fonts_second_run_does_nothing_and_main_checks_the_data(fonts_data, capsys):
     _, out, argv = fonts_data
     before = os.path.getmtime(out / 'manifest.json')
@@ -151,6 +154,7 @@ def test_fonts_second_run_does_nothing_and_main_checks_the_data(fonts_data, caps
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_fonts_refuses_a_folder_it_did_not_build(tmp_path):
     (tmp_path / 'mine').mkdir()
     (tmp_path / 'mine' / 'thesis.tex').write_text('precious')
@@ -178,6 +182,7 @@ def make_shop(root, n=60):
     return rows
 
 
+@pytest.mark.slow
 def test_attributes_build_and_missing_values_only_leave_that_notion(tmp_path):
     rows = make_shop(tmp_path)
     out = tmp_path / 'ds'
@@ -202,6 +207,7 @@ def test_attributes_build_and_missing_values_only_leave_that_notion(tmp_path):
     assert os.path.exists(info.image_path(0))
 
 
+@pytest.mark.slow
 def test_attributes_no_hflip_is_written_for_main_to_follow(tmp_path):
     make_shop(tmp_path)
     out = tmp_path / 'ds'
@@ -217,6 +223,7 @@ def test_attributes_no_hflip_is_written_for_main_to_follow(tmp_path):
     ('column', 'notion column(s) size not in the header'),
     ('duplicate', 'listed again (first on line 2)'),
 ])
+@pytest.mark.slow
 def test_attributes_bad_input_names_the_file_and_writes_nothing(tmp_path, capsys, problem, message):
     rows = make_shop(tmp_path, 12)
     extra = []

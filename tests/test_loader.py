@@ -1,5 +1,4 @@
 """Reading the CSN dataset layout: triplet order, subsets, bad lines, and the image cache."""
-import json
 import os
 import subprocess
 import sys
@@ -9,8 +8,17 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_dataset
-from triplet_image_loader import (DataError, ImageStore, TripletBatches, build_image_cache, load_dataset_info,
-                                  load_image, load_triplets, parse_conditions, read_labels)
+from triplet_image_loader import (
+    DataError,
+    ImageStore,
+    TripletBatches,
+    build_image_cache,
+    load_dataset_info,
+    load_image,
+    load_triplets,
+    parse_conditions,
+    read_labels,
+)
 
 
 def write(path, text):
@@ -123,6 +131,7 @@ def test_cache_holds_the_same_pixels_as_decoding(shapes_data):
         assert np.array_equal(np.asarray(t(im.convert('RGB'))), cached.get(np.array([5]))[0])
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_rebuilt_when_an_image_or_the_size_changes(shapes_data):
     info = load_dataset_info(shapes_data)
     quiet = lambda *a: None
@@ -136,6 +145,7 @@ def test_cache_is_reused_and_rebuilt_when_an_image_or_the_size_changes(shapes_da
     assert (ImageStore(info, 16, p2).get(np.array([3]))[0, ..., 1] == 255).all()
 
 
+@pytest.mark.slow
 def test_two_processes_building_the_cache_at_once_agree(shapes_data):
     code = ('import sys; sys.path.insert(0, %r); from triplet_image_loader import *; '
             'print(build_image_cache(load_dataset_info(%r), 28, workers=1, log=lambda *a: None))') % (REPO, shapes_data)

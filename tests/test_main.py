@@ -15,6 +15,7 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_train_learns_then_resume_continues_and_test_writes_results(shapes_data, tmp_path):
     runs = tmp_path / 'runs'
     run_main('--data', shapes_data, '--runs', runs, '--name', 'csn', '--epochs', 4, *FAST)
@@ -48,6 +49,7 @@ def test_train_learns_then_resume_continues_and_test_writes_results(shapes_data,
 
 @pytest.mark.parametrize('variant', [['--model', 'triplet'], ['--model', 'task'], ['--learned'], ['--prein'],
                                      ['--conditions', 'shape'], ['--conditions', '0']])
+@pytest.mark.slow
 def test_every_model_and_mask_variant_trains_and_tests(shapes_data, tmp_path, variant):
     runs = tmp_path / 'runs'
     run_main('--data', shapes_data, '--runs', runs, '--name', 'v', '--epochs', 1, *FAST, *variant)
@@ -57,6 +59,7 @@ def test_every_model_and_mask_variant_trains_and_tests(shapes_data, tmp_path, va
     assert set(res['per_notion']) == expected
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_resume_is_exact(shapes_data, tmp_path):
     runs = tmp_path / 'runs'
     run_main('--data', shapes_data, '--runs', runs, '--name', 'a', '--epochs', 2, '--learned', *FAST)
@@ -73,27 +76,31 @@ def test_same_seed_same_run_and_resume_is_exact(shapes_data, tmp_path):
 
 
 def test_evaluation_embeds_each_image_once_and_matches_per_triplet_scoring(shapes_data):
-    import main
-    from triplet_image_loader import ImageStore, load_dataset_info, load_triplets
+    from checkpoint import build_model
+    from evaluate import evaluate
+    from options import main_parser
+    from runtime import Runtime
+    from triplet_image_loader import ImageStore, load_dataset_info, load_triplets, to_input
     torch.manual_seed(0)
-    args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', '--learned'])
-    args.workers, args.eval_batch_size = 0, 16
+    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', '--learned'])
+    rt = Runtime(args, torch.device('cpu'), workers=0, eval_batch_size=16)
     info = load_dataset_info(shapes_data)
-    model = main.build_model(args, 2).eval()
+    model = build_model(args, 2).eval()
     store = ImageStore(info, 32)
     trip, cond = load_triplets(info, 'test', [0, 1], 120, seed=1)
-    res = main.evaluate(model, trip, cond, store, args, torch.device('cpu'), None, info.notions)
+    res = evaluate(model, trip, cond, store, rt, info.notions)
     correct = []
     with torch.no_grad():  # the original's way: every triplet through the network on its own
         for (a, f, c), k in zip(trip, cond):
-            x = main.to_input(torch.from_numpy(store.get(np.array([a, f, c]))), torch.device('cpu'), False)
-            d_far, d_close, _, _ = model(x[0:1], x[1:2], x[2:3], torch.tensor([k]))
+            x = to_input(torch.from_numpy(store.get(np.array([a, f, c]))), torch.device('cpu'), False)
+            d_far, d_close, _, _ = model(x, torch.tensor([k]))
             correct.append(bool(d_far > d_close))
     assert res['accuracy'] == pytest.approx(np.mean(correct))
     for n, k in (('colour', 0), ('shape', 1)):
         assert res['per_notion'][n] == pytest.approx(np.mean([ok for ok, c in zip(correct, cond) if c == k]))
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag_with_its_default():
     p = run_main('--help')
     for flag in ('--batch-size', '--epochs', '--start_epoch', '--lr', '--seed', '--no-cuda', '--log-interval', '--margin',
@@ -108,6 +115,7 @@ def test_help_documents_every_flag_with_its_default():
         assert default in text, default
 
 
+@pytest.mark.slow
 def test_hyphenated_and_original_spellings_mean_the_same(shapes_data, tmp_path):
     runs = tmp_path / 'runs'
     run_main('--data', shapes_data, '--runs', runs, '--name', 'h', '--epochs', 1, *FAST, '--embed-loss', '0.01',
@@ -116,6 +124,7 @@ def test_hyphenated_and_original_spellings_mean_the_same(shapes_data, tmp_path):
     assert a['embed_loss'] == 0.01 and a['mask_loss'] == 0.002 and a['dim_embed'] == 32 and a['no_cuda'] is True
 
 
+@pytest.mark.slow
 def test_pretrained_weights_from_file_or_a_clear_error(shapes_data, tmp_path):
     from torchvision.models import resnet18
     weights = tmp_path / 'resnet18.pth'
@@ -147,6 +156,7 @@ def expect_error(*args, match, **kw):
     return p
 
 
+@pytest.mark.slow
 def test_bad_inputs_stop_with_one_clear_message_before_training(shapes_data, tmp_path):
     runs = tmp_path / 'runs'
     base = ['--runs', runs, '--epochs', 1, *FAST]
@@ -159,7 +169,7 @@ def test_bad_inputs_stop_with_one_clear_message_before_training(shapes_data, tmp
     expect_error('--data', shapes_data, '--name', 'x', *base, match='shape_tripletlist_train.txt:122: image index 4000')
     expect_error('--data', shapes_data, '--name', 'x', *base, '--conditions', 'colour', 'heel', match="unknown notion 'heel'")
     assert not (runs / 'x').exists()  # nothing was written for the failed starts
-    p = run_main('--data', shapes_data, '--name', 'y', *base, '--conditions', 'colour', '--skip-bad-triplets')
+    run_main('--data', shapes_data, '--name', 'y', *base, '--conditions', 'colour', '--skip-bad-triplets')
     os.remove(os.path.join(shapes_data, 'images', 'shapes', 'red_circle_3.png'))
     expect_error('--data', shapes_data, '--name', 'z', *base, '--conditions', 'colour', '--cache-dir', tmp_path / 'c2',
                  match='red_circle_3.png')
@@ -173,6 +183,7 @@ def test_bad_inputs_stop_with_one_clear_message_before_training(shapes_data, tmp
     expect_error('--learned', '--prein', match='--learned and --prein')
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_never_overwritten(shapes_data, tmp_path):
     runs = tmp_path / 'runs'
     run_main('--data', shapes_data, '--runs', runs, '--name', 'r', '--epochs', 1, *FAST)
@@ -182,6 +193,7 @@ def test_an_existing_run_is_never_overwritten(shapes_data, tmp_path):
     assert {f: os.path.getmtime(runs / 'r' / f) for f in os.listdir(runs / 'r')} == before
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_continues_and_tests_a_run_with_one_command_line(shapes_data, tmp_path):
     runs = tmp_path / 'runs'
     same = ['--data', shapes_data, '--runs', runs, '--name', 'r', '--resume', 'auto', *FAST]
@@ -199,6 +211,7 @@ def test_resume_auto_starts_continues_and_tests_a_run_with_one_command_line(shap
     assert res['checkpoint'].endswith('model_best.pth.tar') and res['triplets'] == 120
 
 
+@pytest.mark.slow
 def test_a_pickle_checkpoint_is_refused_not_executed(tmp_path):
     marker = tmp_path / 'pwned'
 
@@ -215,19 +228,20 @@ def test_a_pickle_checkpoint_is_refused_not_executed(tmp_path):
     assert not marker.exists()
 
 
-FAULTS_AFTER_FREE = '''
+FAULTS_AFTER_FREE = """
 import argparse, resource, sys, torch
 sys.path.insert(0, sys.argv[2])
-import main
-print(main.keep_freed_memory(argparse.Namespace(keep_memory=sys.argv[1] == 'on'), torch.device('cpu')))
+import runtime
+print(runtime.keep_freed_memory(argparse.Namespace(keep_memory=sys.argv[1] == 'on'), torch.device('cpu')))
 torch.ones(64 << 20, dtype=torch.uint8)  # a 64 MiB block, used and freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     torch.ones(64 << 20, dtype=torch.uint8)  # as a training step's activations: the same sizes, again and again
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-'''
+"""
 
 
+@pytest.mark.slow
 def test_keep_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
     import subprocess
     import sys
@@ -242,6 +256,7 @@ def test_keep_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
     assert out['off'][1] >= 4 * out['on'][1] + 100, out  # without it each reuse faults the block in again
 
 
+@pytest.mark.slow
 def test_the_start_line_says_what_was_chosen_for_memory(shapes_data, tmp_path):
     p = run_main('--data', shapes_data, '--runs', tmp_path, '--name', 'a', '--epochs', 1, '--device', 'cpu', *FAST)
     assert 'malloc keeps freed memory' in p.stdout
@@ -263,22 +278,24 @@ def mark_left_right(root):
         Image.fromarray(a).save(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('hflip, mirrored', [(None, False), ('on', True), ('off', False)])
 def test_a_dataset_that_says_hflip_false_never_sees_a_mirrored_image(shapes_data, tmp_path, monkeypatch, capsys,
                                                                      hflip, mirrored):
     import main
+    import training
     mark_left_right(shapes_data)
     meta_path = os.path.join(shapes_data, 'dataset.json')
     meta = json.load(open(meta_path))
     json.dump({**meta, 'hflip': False}, open(meta_path, 'w'))
     seen = []
-    real = main.to_input
+    real = training.to_input
 
     def spy(*a, **k):
         x = real(*a, **k)  # (N, 3, S, S)
         seen.append((x[..., :2].mean((1, 2, 3)) - x[..., -2:].mean((1, 2, 3))).detach())  # > 0: white side on the left
         return x
-    monkeypatch.setattr(main, 'to_input', spy)
+    monkeypatch.setattr(training, 'to_input', spy)
     argv = ['--data', shapes_data, '--runs', str(tmp_path / 'runs'), '--name', 'f', '--epochs', '2', *FAST]
     assert main.main(argv + (['--hflip', hflip] if hflip else [])) == 0
     side = torch.cat(seen)
@@ -291,6 +308,7 @@ def test_a_dataset_that_says_hflip_false_never_sees_a_mirrored_image(shapes_data
     assert torch.load(run / 'checkpoint.pth.tar', weights_only=True)['hflip_applied'] is mirrored
 
 
+@pytest.mark.slow
 def test_a_dataset_without_hflip_is_mirrored_as_the_original_did(shapes_data, tmp_path):
     p = run_main('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'z', '--epochs', 1, *FAST)
     assert 'hflip on (default for a dataset without "hflip")' in p.stdout
@@ -298,3 +316,15 @@ def test_a_dataset_without_hflip_is_mirrored_as_the_original_did(shapes_data, tm
               open(os.path.join(shapes_data, 'dataset.json'), 'w'))
     p = run_main('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'y', '--epochs', 1, *FAST, check=False)
     assert p.returncode == 2 and '"hflip" must be true or false' in p.stderr and 'Traceback' not in p.stderr
+
+
+@pytest.mark.parametrize('module, argv', [('options', ['--marg', '0.3']), ('retrieve', ['--resume', 'x', '--quer', '1']),
+                                          ('get_data', ['--datas', 'fonts']), ('bench', ['--dat', 'd'])])
+def test_an_abbreviated_flag_is_refused_not_guessed(module, argv, capsys):
+    """--marg 0.3 on a resumed run would otherwise be read as --margin without explicit_flags knowing it was given."""
+    import importlib
+    mod = importlib.import_module(module)
+    parser = mod.main_parser() if module == 'options' else mod.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert 'unrecognized arguments' in capsys.readouterr().err

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -72,7 +71,7 @@ def neighbours(stdout):
 # ------------------------------------------------------------------------------------------------------- metrics
 
 def test_average_precision_matches_slow_loop():
-    from retrieve import average_precisions, mean_average_precision
+    from retrieval import average_precisions, mean_average_precision
     rng = np.random.default_rng(0)
     x = rng.standard_normal((60, 5))
     labels = list(rng.choice(['a', 'b', 'c'], 60))
@@ -92,7 +91,7 @@ def test_average_precision_matches_slow_loop():
 
 
 def test_notion_map_leaves_unknown_labels_out_and_masks_per_notion():
-    from retrieve import notion_map
+    from retrieval import notion_map
     rng = np.random.default_rng(1)
     emb, masks = rng.standard_normal((30, 8)), np.abs(rng.standard_normal((2, 8)))
     images = np.arange(5, 30, 2)  # rows of a bigger dataset
@@ -108,31 +107,32 @@ def test_notion_map_leaves_unknown_labels_out_and_masks_per_notion():
 
 
 def small_model(tmp_path, variant):
-    """The coloured shapes and an untrained 32-px model of main.py's flags + variant: (info, args, model, store)."""
-    import main
+    """The coloured shapes and an untrained 32-px model of main.py's flags + variant: (info, runtime, model, store)."""
+    from checkpoint import build_model
+    from options import main_parser
+    from runtime import Runtime
     from triplet_image_loader import ImageStore, load_dataset_info
     make_dataset(str(tmp_path / 'd'))
     info = load_dataset_info(str(tmp_path / 'd'))
     torch.manual_seed(0)
-    args = main.build_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
-    args.workers, args.eval_batch_size = 0, 16
-    return info, args, main.build_model(args, 2).eval(), ImageStore(info, 32)
+    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
+    rt = Runtime(args, torch.device('cpu'), workers=0, eval_batch_size=16)
+    return info, rt, build_model(args, 2).eval(), ImageStore(info, 32)
 
 
 @pytest.mark.parametrize('variant', [['--learned'], ['--model', 'task']])
 def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, variant):
-    import main
-    from retrieve import retrieval_map
-    from triplet_image_loader import read_labels
-    info, args, model, store = small_model(tmp_path, variant)
+    from retrieval import retrieval_map
+    from triplet_image_loader import read_labels, to_input
+    info, rt, model, store = small_model(tmp_path, variant)
     labels = read_labels(info)
     labels['colour'][3] = labels['colour'][7] = ''  # unknown: left out for colour only
     images = np.arange(3, 40, 4)
-    res = retrieval_map(model, info, images, labels, args, torch.device('cpu'), None, store=store)
+    res = retrieval_map(model, info, images, labels, rt, store=store)
     want = {}
     with torch.no_grad():
         for c, name in enumerate(info.notions):
-            x = main.to_input(torch.from_numpy(store.get(images)), torch.device('cpu'), False)
+            x = to_input(torch.from_numpy(store.get(images)), torch.device('cpu'), False)
             emb = model.embednet.apply_mask(model.embednet.embed(x, c), torch.full((len(images),), c))[0]
             want[name] = slow_map(emb.numpy().astype(np.float64), [labels[name][i] for i in images])
     assert res['per_notion'] == pytest.approx(want, rel=1e-4)
@@ -143,23 +143,22 @@ def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, v
 def test_test_reuses_the_evaluations_embeddings_and_embeds_only_the_rest(tmp_path, variant, monkeypatch):
     """--test's mAP and pictures need every test image under every notion; evaluate has embedded some of them (all,
     for one-embedding models; each notion's own, for task-specific networks). The merge equals embedding them all."""
-    import main
-    from retrieve import embed_dataset
-    info, args, model, store = small_model(tmp_path, variant)
-    cpu = torch.device('cpu')
+    import evaluate
+    from evaluate import embed_dataset
+    info, rt, model, store = small_model(tmp_path, variant)
     rng = np.random.default_rng(0)
     trip = rng.choice(30, size=(30, 3))                       # (M, 3) image indices
     cond = np.repeat([0, 1], 15)                              # notion 0 uses some images, notion 1 others
     trip[cond == 1] += 10                                     # images 30..39 only in notion 1's triplets
     embedded = {}
-    main.evaluate(model, trip, cond, store, args, cpu, None, info.notions, embeddings=embedded)
+    evaluate.evaluate(model, trip, cond, store, rt, info.notions, embeddings=embedded)
     images = np.unique(trip)
     calls = []
-    real = main.embed_images
-    monkeypatch.setattr(main, 'embed_images', lambda m, imgs, *a, **k: calls.append(len(imgs)) or real(m, imgs, *a, **k))
-    got, _ = embed_dataset(model, images, store, args, cpu, None, 2, done=embedded)
-    monkeypatch.setattr(main, 'embed_images', real)
-    want, _ = embed_dataset(model, images, store, args, cpu, None, 2)
+    real = evaluate.embed_images
+    monkeypatch.setattr(evaluate, 'embed_images', lambda m, imgs, *a, **k: calls.append(len(imgs)) or real(m, imgs, *a, **k))
+    got, _ = embed_dataset(model, images, store, rt, 2, done=embedded)
+    monkeypatch.setattr(evaluate, 'embed_images', real)
+    want, _ = embed_dataset(model, images, store, rt, 2)
     assert got.shape == want.shape and np.allclose(got, want, atol=1e-5)
     if variant == ['--model', 'task']:  # each notion's network embeds only the images its triplets left out
         assert calls == [len(np.setdiff1d(images, trip[cond == c])) for c in (0, 1)] and all(calls)
@@ -168,7 +167,8 @@ def test_test_reuses_the_evaluations_embeddings_and_embeds_only_the_rest(tmp_pat
 
 
 def test_nearest_matches_a_full_sort_over_100k_images():
-    from retrieve import nearest, subspace
+    from evaluate import subspace
+    from retrieval import nearest
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((100_000, 64)).astype(np.float32)
     masks = np.abs(rng.standard_normal((4, 64))).astype(np.float32)
@@ -194,6 +194,7 @@ def trained(tmp_path_factory):
     return data, root / 'runs' / 'csn', names, labels
 
 
+@pytest.mark.slow
 def test_retrieval_by_colour_finds_the_same_colour_and_caches_the_embeddings(trained, tmp_path):
     data, run, names, labels = trained
     ckpt = run / 'model_best.pth.tar'
@@ -212,11 +213,11 @@ def test_retrieval_by_colour_finds_the_same_colour_and_caches_the_embeddings(tra
     assert meta['checkpoint'] == 'model_best.pth.tar' and meta['embeddings_shape'] == [40, 64]
 
     # the cache holds the model's embeddings of every image
-    import main
-    from retrieve import load_model
+    from checkpoint import load_model
+    from evaluate import embed_images
     from triplet_image_loader import ImageStore, load_dataset_info
-    model, _, args, device, amp = load_model(str(ckpt), data, 'cpu')
-    want = main.embed_images(model, np.arange(40), ImageStore(load_dataset_info(data), 32), args, device, amp)
+    model, _, rt = load_model(str(ckpt), data, 'cpu')
+    want = embed_images(model, np.arange(40), ImageStore(load_dataset_info(data), 32), rt)
     np.testing.assert_allclose(emb, want.numpy(), rtol=1e-3, atol=1e-3)
 
     # a second query reuses them; by shape, from a path listed in filenames.json
@@ -240,6 +241,7 @@ def test_retrieval_by_colour_finds_the_same_colour_and_caches_the_embeddings(tra
     assert 'embedding the 40 images' in p.stdout and os.stat(run / 'embeddings.npy').st_mtime_ns != mtime
 
 
+@pytest.mark.slow
 def test_bad_query_and_notion_say_what_to_do(trained):
     data, run, _, _ = trained
     p = retrieve('--resume', run / 'model_best.pth.tar', '--data', data, '--query', 'nope.png', '--notion', 'colour',
@@ -249,33 +251,37 @@ def test_bad_query_and_notion_say_what_to_do(trained):
     assert p.returncode == 2 and 'unknown notion' in p.stderr and 'colour' in p.stderr
 
 
+@pytest.mark.slow
 def test_export_embeddings_is_reused_by_retrieve(trained, tmp_path):
-    import main
-    from retrieve import export_embeddings, load_model
+    from checkpoint import load_model
+    from retrieval import export_embeddings
     from triplet_image_loader import load_dataset_info
     data, run, _, _ = trained
     ckpt = str(run / 'checkpoint.pth.tar')
-    model, _, args, device, amp = load_model(ckpt, data, 'cpu')
-    emb, masks = export_embeddings(model, load_dataset_info(data), args, device, amp, str(run))
+    model, _, rt = load_model(ckpt, data, 'cpu')
+    emb, masks = export_embeddings(model, load_dataset_info(data), rt, str(run))
     assert emb.shape == (40, 64) and masks[0, :32].tolist() == [1.0] * 32 and masks[0, 32:].tolist() == [0.0] * 32
     p = retrieve('--resume', ckpt, '--data', data, '--query', 0, '--notion', 'colour', '--k', 3)
     assert 'using cached embeddings' in p.stdout
 
 
+@pytest.mark.slow
 def test_pictures_and_map_of_the_trained_model(trained, tmp_path):
-    import main
-    from retrieve import embed_dataset, load_model, retrieval_map, test_images, write_pictures
+    from checkpoint import load_model
+    from evaluate import embed_dataset
+    from pictures import write_pictures
+    from retrieval import retrieval_map, test_images
     from triplet_image_loader import ImageStore, load_dataset_info, read_labels
     data, run, _, _ = trained
-    model, _, args, device, amp = load_model(str(run / 'model_best.pth.tar'), data, 'cpu')
+    model, _, rt = load_model(str(run / 'model_best.pth.tar'), data, 'cpu')
     info = load_dataset_info(data)
     store, labels = ImageStore(info, 32), read_labels(info)
-    images = test_images(info, args)
+    images = test_images(info, rt.args)
     assert images.tolist() == list(range(3, 40, 4))  # the test split of the shapes: every 4th image
-    emb = embed_dataset(model, images, store, args, device, amp, 2)
-    res = retrieval_map(model, info, images, labels, args, device, amp, emb=emb)
+    emb = embed_dataset(model, images, store, rt, 2)
+    res = retrieval_map(model, info, images, labels, rt, emb=emb)
     assert res['per_notion']['colour'] > 0.9 and 0 < res['per_notion']['shape'] <= 1
-    paths = write_pictures(model, info, store, labels, args, device, amp, str(tmp_path), emb=emb)
+    paths = write_pictures(model, info, store, labels, rt, str(tmp_path), emb=emb)
     names = sorted(os.path.basename(p) for p in paths)
     assert names == ['masks.png', 'retrieval_colour.png', 'retrieval_shape.png', 'tsne_colour.png', 'tsne_shape.png']
     from PIL import Image

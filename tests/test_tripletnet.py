@@ -48,7 +48,7 @@ def test_loss_and_accuracy_match_reference_loop(mask_type):
     B = 7
     anchor, far, close = (torch.randn(B, 3, 2, 2, dtype=torch.double) for _ in range(3))
     c = torch.tensor([0, 1, 2, 3, 3, 1, 0])
-    d_far, d_close, emb_norm, mask_norm = model(anchor, far, close, c)
+    d_far, d_close, emb_norm, mask_norm = model(torch.cat([anchor, far, close]), c)
     loss = csn_loss(d_far, d_close, emb_norm, mask_norm, 0.2, 5e-3, 5e-4)
     acc = triplet_correct(d_far, d_close).double().mean()
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_fixed_masks_are_disjoint_blocks_and_get_no_gradient():
                                         [0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1]]))
     model = TripletNet(net)
     x = torch.randn(3, 3, 2, 2)
-    out = model(x, x.flip(0), x.roll(1, 0), torch.tensor([0, 1, 2]))
+    out = model(torch.cat([x, x.flip(0), x.roll(1, 0)]), torch.tensor([0, 1, 2]))
     csn_loss(*out, 0.2, 5e-3, 5e-4).backward()
     assert w.grad is None and not w.requires_grad
     assert net.embeddingnet.fc.weight.grad is not None
@@ -85,7 +85,7 @@ def test_learned_masks_get_gradient_only_for_the_notions_used(mask_type):
     net = ConditionalSimNet(Linear(), 4, 8, mask_type)
     model = TripletNet(net)
     x = torch.randn(4, 3, 2, 2)
-    out = model(x, torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.tensor([1, 1, 3, 3]))
+    out = model(torch.cat([x, torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)]), torch.tensor([1, 1, 3, 3]))
     csn_loss(*out, 0.2, 5e-3, 5e-4).backward()
     g = net.masks.weight.grad
     assert g[[0, 2]].abs().sum() == 0 and g[1].abs().sum() > 0 and g[3].abs().sum() > 0
@@ -95,7 +95,7 @@ def test_mask_initialisations():
     torch.manual_seed(0)
     learned = ConditionalSimNet(Linear(), 4, 64, 'learned').masks.weight
     assert abs(learned.mean().item() - 0.9) < 0.15 and abs(learned.std().item() - 0.7) < 0.15
-    prein = ConditionalSimNet(Linear(), 4, 64, "prein").masks.weight.detach()
+    prein = ConditionalSimNet(Linear(), 4, 64, 'prein').masks.weight.detach()
     assert torch.all(prein[0, :16] == 1) and torch.allclose(prein[0, 16:], torch.tensor(0.1))
     relu = ConditionalSimNet(Linear(), 4, 64, 'learned')
     assert (relu.mask_weights() >= 0).all() and (relu.masks.weight < 0).any()
@@ -105,7 +105,7 @@ def test_triplet_baseline_has_no_masks():
     torch.manual_seed(0)
     net = TripletEmbedNet(Linear())
     x, y, z = (torch.randn(5, 3, 2, 2) for _ in range(3))
-    d_far, d_close, _, mask_norm = TripletNet(net)(x, y, z, torch.tensor([0, 1, 2, 3, 0]))
+    d_far, d_close, _, mask_norm = TripletNet(net)(torch.cat([x, y, z]), torch.tensor([0, 1, 2, 3, 0]))
     assert mask_norm.item() == 0
     assert torch.allclose(d_far, (net.embeddingnet(x) - net.embeddingnet(y)).norm(dim=1), atol=1e-5)
 
@@ -119,7 +119,7 @@ def test_task_specific_nets_route_each_notion_to_its_own_network():
     for i in range(6):
         assert torch.allclose(out[i], nets.nets[c[i]](x[i:i + 1])[0], atol=1e-6)
     model = TripletNet(nets)
-    csn_loss(*model(x, x.roll(1, 0), x.roll(2, 0), torch.tensor([0, 0, 0, 0, 0, 0])), 0.2, 5e-3, 5e-4).backward()
+    csn_loss(*model(torch.cat([x, x.roll(1, 0), x.roll(2, 0)]), torch.tensor([0, 0, 0, 0, 0, 0])), 0.2, 5e-3, 5e-4).backward()
     assert nets.nets[0].fc.weight.grad is not None  # trained only on its own notion's triplets
     assert nets.nets[1].fc.weight.grad is None and nets.nets[2].fc.weight.grad is None
 
@@ -133,17 +133,17 @@ def test_one_forward_equals_three_separate_forwards():
     a, f, c_ = (torch.randn(3, 3, 32, 32) for _ in range(3))
     cond = torch.tensor([0, 3, 1])
     with torch.no_grad():
-        d_far, d_close, _, _ = model(a, f, c_, cond)
+        d_far, d_close, _, _ = model(torch.cat([a, f, c_]), cond)
         ea, ef, ec = (net.apply_mask(net.embed(t), cond)[0] for t in (a, f, c_))
     assert torch.allclose(d_far, torch.nn.functional.pairwise_distance(ea, ef), atol=1e-4)
     assert torch.allclose(d_close, torch.nn.functional.pairwise_distance(ea, ec), atol=1e-4)
     three = TripletNet(net, three_forwards=True).eval()                  # main.py --three-forwards
     with torch.no_grad():
-        out1, out3 = model(a, f, c_, cond), three(a, f, c_, cond)
+        out1, out3 = model(torch.cat([a, f, c_]), cond), three(torch.cat([a, f, c_]), cond)
     assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(out1, out3))
     model.train(), three.train()                                          # batch statistics: over 3B or over each B
     with torch.no_grad():
-        assert not torch.allclose(model(a, f, c_, cond)[0], three(a, f, c_, cond)[0], atol=1e-4)
+        assert not torch.allclose(model(torch.cat([a, f, c_]), cond)[0], three(torch.cat([a, f, c_]), cond)[0], atol=1e-4)
 
 
 def test_backbone_is_resnet18_up_to_layer3_and_loads_torchvision_weights():
@@ -154,7 +154,8 @@ def test_backbone_is_resnet18_up_to_layer3_and_loads_torchvision_weights():
     assert torch.equal(net.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
     assert not hasattr(net, 'layer4') and net.fc.in_features == 256
     x = torch.randn(2, 3, 112, 112)
-    tv.eval(); net.eval()
+    tv.eval()
+    net.eval()
     with torch.no_grad():
         feats = tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))))  # (2, 256, 7, 7)
         assert torch.allclose(net(x), net.fc(feats.mean((2, 3))), atol=1e-5)

@@ -18,6 +18,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
+import dataset_writer
 import get_data
 import zappos
 from conftest import REPO
@@ -179,6 +180,7 @@ def dead_url(name):
 
 # --------------------------------------------------------------------------------------------- downloading
 
+@pytest.mark.slow
 def test_an_interrupted_download_resumes_with_range_and_ends_byte_identical(server, tmp_path):
     blob = os.urandom(300_000)
     server.state['files']['/blob.bin'] = blob
@@ -191,6 +193,7 @@ def test_an_interrupted_download_resumes_with_range_and_ends_byte_identical(serv
     assert 'connection closed after 100000 of 300000 bytes; retrying' in '\n'.join(logs)
 
 
+@pytest.mark.slow
 def test_a_server_that_ignores_range_makes_the_download_start_over(server, tmp_path):
     blob = os.urandom(50_000)
     server.state['files']['/blob.bin'] = blob
@@ -202,6 +205,7 @@ def test_a_server_that_ignores_range_makes_the_download_start_over(server, tmp_p
     assert server.state['requests'] == [('/blob.bin', 'bytes=27-')]
 
 
+@pytest.mark.slow
 def test_a_part_file_that_is_already_whole_is_kept(server, tmp_path):
     blob = os.urandom(10_000)
     server.state['files']['/blob.bin'] = blob
@@ -211,6 +215,7 @@ def test_a_part_file_that_is_already_whole_is_kept(server, tmp_path):
     assert (tmp_path / 'blob.bin').read_bytes() == blob and server.state['requests'] == [('/blob.bin', 'bytes=10000-')]
 
 
+@pytest.mark.slow
 def test_server_errors_are_retried_with_back_off_and_a_dead_link_is_not(server, tmp_path):
     server.state['status']['/busy.bin'] = 503
     logs = []
@@ -225,6 +230,7 @@ def test_server_errors_are_retried_with_back_off_and_a_dead_link_is_not(server, 
     assert len(server.state['requests']) == 4 and not e.value.unreachable
 
 
+@pytest.mark.slow
 def test_no_server_at_all_is_reported_as_unreachable(tmp_path):
     with pytest.raises(zappos.DownloadError, match=re.escape(dead_url('x.zip'))) as e:
         zappos.download(dead_url('x.zip'), str(tmp_path / 'x.zip'), retries=1, timeout=2, backoff=0.01,
@@ -262,7 +268,7 @@ def test_safe_extract_refuses_members_that_escape_and_writes_nothing(tmp_path, b
     target = tmp_path / 'box' / 'target'
     target.mkdir(parents=True)
     name = 'ut-zap50k-images/link' if bad == 'symlink' else bad
-    with pytest.raises(get_data.GetDataError, match=re.escape(f'{zpath}: refusing to extract member {name!r}')):
+    with pytest.raises(dataset_writer.GetDataError, match=re.escape(f'{zpath}: refusing to extract member {name!r}')):
         zappos.safe_extract(zpath, str(target), log=lambda m: None)
     assert os.listdir(target) == []
     assert [f for _, _, files in os.walk(tmp_path) for f in files] == ['evil.zip']
@@ -295,10 +301,10 @@ def test_read_metadata_pairs_rows_with_paths_whatever_the_mat_variable_is_called
     assert labels['gender'][5] == '' and labels['closure'][11] == '' and labels['heel'][7] == ''   # that notion only
     assert (labels['class'][5], labels['gender'][4], labels['heel'][0]) == ('Boots', 'Women', 'flat')
     scipy.io.savemat(str(tmp_path / 'image-path.mat'), {'imagepath': np.array(['a.jpg'], dtype=object).reshape(1, 1)})
-    with pytest.raises(get_data.GetDataError, match=r'image-path.mat lists 1 image paths but .*meta-data.csv has 50'):
+    with pytest.raises(dataset_writer.GetDataError, match=r'image-path.mat lists 1 image paths but .*meta-data.csv has 50'):
         zappos.read_metadata(str(tmp_path / 'meta-data.csv'), str(tmp_path / 'image-path.mat'))
     (tmp_path / 'meta-data.csv').write_text('CID,Category,Closure\n1,Shoes,Buckle\n')
-    with pytest.raises(get_data.GetDataError, match=r'meta-data.csv:1: no column\(s\) Gender, HeelHeight'):
+    with pytest.raises(dataset_writer.GetDataError, match=r'meta-data.csv:1: no column\(s\) Gender, HeelHeight'):
         zappos.read_metadata(str(tmp_path / 'meta-data.csv'), str(tmp_path / 'image-path.mat'))
 
 
@@ -310,6 +316,7 @@ def read_lists(out):
             for n in NOTIONS for s in SPLITS}
 
 
+@pytest.mark.slow
 def test_paper_triplets_end_to_end_resuming_a_cut_download_and_a_second_run_does_nothing(server, archives,
                                                                                           tmp_path, capsys):
     out = tmp_path / 'data'
@@ -331,6 +338,7 @@ def test_paper_triplets_end_to_end_resuming_a_cut_download_and_a_second_run_does
     assert 'already there (48 images, paper triplets); nothing to do' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_dead_triplets_link_falls_back_to_metadata_triplets_that_follow_the_labels(server, tmp_path, capsys):
     out = tmp_path / 'data'
     server.state['status']['/csn_zappos_triplets.zip'] = 404
@@ -366,6 +374,7 @@ def test_a_dead_triplets_link_falls_back_to_metadata_triplets_that_follow_the_la
     assert load_dataset_info(str(out)).notions == NOTIONS and read_lists(out)['tripletlists/heel_tripletlist_val.txt']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('times', [1, 2])
 def test_a_truncated_archive_is_downloaded_once_more_then_reported(server, tmp_path, capsys, times):
     whole = server.state['files']['/ut-zap50k-images.zip']
@@ -384,6 +393,7 @@ def test_a_truncated_archive_is_downloaded_once_more_then_reported(server, tmp_p
 
 @pytest.mark.parametrize('gone,mode,flag', [('ut-zap50k-images.zip', 'auto', '--images-url'),
                                              ('csn_zappos_triplets.zip', 'paper', '--triplets-url')])
+@pytest.mark.slow
 def test_a_dead_link_without_a_fallback_says_which_flag_to_use(server, tmp_path, gone, mode, flag):
     server.state['status']['/' + gone] = 410
     with pytest.raises(SystemExit, match=rf'{re.escape(server.url(gone))}: HTTP 410 Gone\. If the file has moved, '
@@ -393,6 +403,7 @@ def test_a_dead_link_without_a_fallback_says_which_flag_to_use(server, tmp_path,
     assert not (tmp_path / 'data' / 'filenames.json').exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_member_stops_the_extraction_and_leaves_no_images_folder(server, tmp_path):
     path = tmp_path / 'damaged.zip'
     with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as z:
@@ -406,6 +417,7 @@ def test_a_damaged_member_stops_the_extraction_and_leaves_no_images_folder(serve
     assert sorted(os.listdir(tmp_path / 'data')) == ['ut-zap50k-images.zip']   # no half-extracted folder
 
 
+@pytest.mark.slow
 def test_a_malicious_images_archive_is_refused_and_nothing_lands_outside(server, tmp_path):
     server.state['files']['/ut-zap50k-images.zip'] = evil_zip(tmp_path / 'evil.zip', '../../evil').read_bytes()
     with pytest.raises(SystemExit, match=r"ut-zap50k-images.zip: refusing to extract member '../../evil'"):
@@ -436,6 +448,7 @@ def test_another_dataset_in_out_is_not_overwritten(tmp_path):
         get(out, dead_url)
 
 
+@pytest.mark.slow
 def test_no_network_says_which_urls_to_fetch_and_about_from(tmp_path):
     """As a user runs it: `python get_data.py` exits 1 with one clear line, no traceback."""
     p = subprocess.run([sys.executable, os.path.join(REPO, 'get_data.py'), *flags(tmp_path / 'data', dead_url)],

@@ -1,0 +1,114 @@
+"""The command line of main.py, and what every script's command line shares: the user-facing error and the flags."""
+import argparse
+
+
+class UserError(Exception):
+    """A problem with the command line, the files or the environment; printed as one clear message."""
+
+
+def add_device_flag(group, choices=('auto', 'cpu', 'cuda', 'mps'), help='auto = CUDA, then MPS, then CPU'):
+    group.add_argument('--device', choices=list(choices), default='auto', help=help)
+
+
+def main_parser():
+    """main.py's command line."""
+    p = argparse.ArgumentParser(
+        description='Conditional Similarity Networks: train (default) or --test. Flags of the original release keep '
+                    'their meaning; underscores and hyphens are interchangeable (--embed_loss = --embed-loss).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    g = p.add_argument_group('training (flags of the original release)')
+    a = g.add_argument
+    a('--batch-size', '--batch_size', type=int, default=256,
+      help='global batch size in triplets; under torchrun each of the N processes takes batch-size/N of it, so runs '
+           'with any number of processes are comparable')
+    a('--epochs', type=int, default=200, help='number of epochs to train')
+    a('--start_epoch', '--start-epoch', type=int, default=1, help='epoch number to start from (a --resume overrides it)')
+    a('--lr', type=float, default=5e-5, help='Adam learning rate; epoch e uses lr * 0.985^e')
+    a('--seed', type=int, default=1, help='random seed (subsets, shuffling, flips, initialisation)')
+    a('--no-cuda', '--no_cuda', action='store_true', default=False, help='use the CPU even when CUDA is available')
+    a('--log-interval', '--log_interval', type=int, default=20, help='batches between progress-bar updates of loss and accuracy')
+    a('--margin', type=float, default=0.2, help='margin of the ranking loss')
+    a('--resume', default='', metavar='PATH',
+      help='checkpoint to continue from. Restores the model, optimizer, grad scaler, epoch and step, best accuracy, '
+           'args and RNG states, so the run goes on exactly where it stopped (also mid-epoch after Ctrl-C). '
+           'With --test: the checkpoint to evaluate. "auto": RUNS/NAME/checkpoint.pth.tar if it exists, else start the '
+           'run (with --test: RUNS/NAME/model_best.pth.tar), so the same command line starts, continues or finishes a run')
+    a('--name', default='Conditional_Similarity_Network', help='name of the run: files go to RUNS/NAME')
+    a('--embed_loss', '--embed-loss', type=float, default=5e-3, help='weight of the embedding L2 norm')
+    a('--mask_loss', '--mask-loss', type=float, default=5e-4, help='weight of the mask L1 norm')
+    a('--num_traintriplets', '--num-traintriplets', type=int, default=100000,
+      help='training triplets in total over all the dataset\'s notions: each selected notion contributes N / (number of notions)')
+    a('--dim_embed', '--dim-embed', type=int, default=64, help='embedding dimensions')
+    a('--test', action='store_true', default=False, help='evaluate --resume on the test split and exit')
+    a('--learned', action='store_true', default=False, help='learn the masks, from a random N(0.9, 0.7) start')
+    a('--prein', action='store_true', default=False, help='learn the masks, from the disjoint blocks (0.1 elsewhere)')
+    a('--visdom', action='store_true', default=False, help='plot to a visdom server (python -m visdom.server)')
+    a('--conditions', nargs='*', default=None, metavar='NOTION',
+      help='notions to use, by index or name (e.g. 0 1 or class heel); default: all of the dataset\'s')
+    g = p.add_argument_group('data and model')
+    a = g.add_argument
+    a('--data', default='data', metavar='DIR', help='dataset folder (filenames.json, images, tripletlists/)')
+    a('--model', choices=['csn', 'triplet', 'task'], default='csn',
+      help='csn = Conditional Similarity Network; triplet = standard triplet network (no masks); '
+           'task = a set of task-specific triplet networks (one per notion)')
+    a('--no-pretrained', '--no_pretrained', action='store_true', default=False,
+      help='start the backbone from random weights instead of ImageNet')
+    a('--weights', default='', metavar='FILE', help='ImageNet weights: a torchvision resnet18 state dict file '
+                                                     '(default: torch\'s cache, downloading if online)')
+    a('--num_valtriplets', '--num-valtriplets', type=int, default=80000, help='validation triplets in total (as --num_traintriplets)')
+    a('--num_testtriplets', '--num-testtriplets', type=int, default=160000, help='test triplets in total (as --num_traintriplets)')
+    a('--image-size', '--image_size', type=int, default=112, help='images are resized and centre-cropped to this size')
+    a('--hflip', choices=['auto', 'on', 'off'], default='auto',
+      help='random horizontal mirroring of training images: auto = what the dataset says ("hflip" in its dataset.json; '
+           'on when absent, as for Zappos; fonts are never mirrored: a mirrored b is a d)')
+    a('--runs', default='runs', metavar='DIR', help='folder for the runs\' files')
+    a('--check-data', '--check_data', action='store_true', default=False,
+      help='check the dataset (triplet lines, indices, duplicates, images) and exit')
+    a('--skip-bad-triplets', '--skip_bad_triplets', action='store_true', default=False,
+      help='leave out bad triplet lines (reported) instead of refusing to start')
+    a('--export-embeddings', '--export_embeddings', action='store_true', default=False,
+      help='with --test: also write the embeddings of every image (embeddings.npy, masks.npy, images.txt) next to the checkpoint')
+    a('--pictures', action=argparse.BooleanOptionalAction, default=True,
+      help='with --test: write masks.png, t-SNE maps and retrieval grids per notion next to test_results.json')
+    g = p.add_argument_group('speed')
+    a = g.add_argument
+    add_device_flag(g)
+    a('--workers', type=int, default=None,
+      help='DataLoader worker processes (default: 0 on the CPU with the image cache, else min(8, cores))')
+    a('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
+      help='mixed precision: auto = bf16 on CUDA and on CPUs with bf16 support, fp16 with a grad scaler on older GPUs')
+    a('--channels-last', '--channels_last', dest='channels_last', action='store_true', default=True,
+      help='channels_last memory format')
+    a('--no-channels-last', '--no_channels_last', dest='channels_last', action='store_false', help='plain NCHW memory format')
+    a('--three-forwards', '--three_forwards', action='store_true', default=False,
+      help='embed anchors, fars and closes in three backbone calls, as the original did, instead of one (slower; '
+           'BatchNorm then normalises each role on its own; for comparisons)')
+    a('--compile', action='store_true', default=False, help='torch.compile the model')
+    a('--keep-memory', '--keep_memory', action=argparse.BooleanOptionalAction, default=True,
+      help='on the CPU (glibc): keep freed memory in the process for the next step instead of handing each large '
+           'block back to the system, which costs a page fault per 4 KiB when it is used again; faster, and the '
+           'resident memory stays at its peak')
+    a('--cache', dest='cache', action='store_true', default=True,
+      help='decode, resize and crop every image once into a uint8 file memory-mapped from --cache-dir')
+    a('--no-cache', '--no_cache', dest='cache', action='store_false', help='decode images with PIL at every use')
+    a('--cache-dir', '--cache_dir', default=None, metavar='DIR', help='where the image cache goes (default: DATA/cache)')
+    a('--dist-timeout', '--dist_timeout', type=float, default=600,
+      help='seconds a torchrun process waits for the others before failing the job')
+    g = p.add_argument_group('live plots')
+    a = g.add_argument
+    a('--visdom-server', '--visdom_server', default='http://localhost', help='visdom server address')
+    a('--visdom-port', '--visdom_port', type=int, default=8097, help='visdom server port')
+    a('--visdom-env', '--visdom_env', default=None, help='visdom environment (default: the run\'s --name)')
+    a('--tensorboard', action='store_true', default=False, help='write TensorBoard logs under RUNS/NAME/tensorboard')
+    return p
+
+
+def explicit_flags(parser, argv):
+    """dests of the flags given on the command line (to tell 'left at default' from 'asked for')."""
+    out = set()
+    for tok in argv:
+        if tok.startswith('--'):
+            action = parser._option_string_actions.get(tok.split('=', 1)[0])
+            if action is not None:
+                out.add(action.dest)
+    return out

@@ -1,0 +1,175 @@
+"""Where and how a run executes: processes (torchrun), device, mixed precision, memory, seeds and the stop flag.
+
+`start(args)` builds one Runtime at the beginning of a command; it is passed around instead of its parts. args are
+never changed: what is derived from them (workers, the evaluation batch, the checkpoint --resume auto found) lives here.
+"""
+import ctypes
+import datetime
+import os
+import platform
+import random
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from options import UserError
+
+
+class StopFlag:
+    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: exit at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.requested = True
+        print('\nstopping after this step and saving a checkpoint (press Ctrl-C again to exit at once)',
+              file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The parsed args and what a command derived from them, built once."""
+    args: object                      # the argparse Namespace, as parsed (and merged with a checkpoint's)
+    device: torch.device
+    amp_dtype: torch.dtype = None     # autocast dtype, None = full precision
+    use_scaler: bool = False          # fp16 grad scaler
+    rank: int = 0                     # this process under torchrun, and how many there are
+    world: int = 1
+    workers: int = 0                  # DataLoader worker processes
+    eval_batch_size: int = 256        # images per batch when embedding
+    resume: str = ''                  # the checkpoint this run continues or tests ('' = none)
+    stop: StopFlag = field(default_factory=StopFlag)
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def log(self, *a, **k):
+        """print, in the first process only."""
+        if self.is_main:
+            print(*a, **k)
+
+
+def start(args, resume=''):
+    """Join torchrun's processes (if any), choose device and AMP, seed everything: the Runtime of main.py."""
+    rank, world, local_rank = setup_distributed(args)
+    device = choose_device(args, local_rank)
+    amp_dtype, use_scaler = choose_amp(args, device)
+    workers = args.workers
+    if workers is None:
+        workers = 0 if (args.cache and device.type == 'cpu') else min(8, len(os.sched_getaffinity(0)))
+    seed_everything(args.seed)
+    return Runtime(args, device, amp_dtype, use_scaler, rank, world, workers, max(args.batch_size, 256), resume)
+
+
+def setup_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA, Gloo on the CPU."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    if world > 1:
+        use_cuda = args.device in ('auto', 'cuda') and not args.no_cuda and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group('nccl' if use_cuda else 'gloo',
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+        if args.batch_size % world:
+            raise UserError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
+    return rank, world, local_rank
+
+
+def lost_peer(e):
+    """Whether a collective failed because another process is gone or stuck (Gloo/NCCL timeouts, closed sockets)."""
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, 'DistError', ())) or any(
+        w in text for w in ('timed out', 'timeout', 'connection closed', 'connection reset', 'broken pipe', 'nccl'))
+
+
+def choose_device(args, local_rank=0):
+    if args.no_cuda and args.device == 'cuda':
+        raise UserError('--no-cuda and --device cuda contradict each other')
+    want = 'cpu' if args.no_cuda else args.device
+    if want == 'auto':
+        want = 'cuda' if torch.cuda.is_available() else (
+            'mps' if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available() else 'cpu')
+    if want == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError('--device cuda: no CUDA device is available (use --device cpu)')
+        return torch.device('cuda', local_rank)
+    if want == 'mps' and not torch.backends.mps.is_available():
+        raise UserError('--device mps: MPS is not available (use --device cpu)')
+    return torch.device(want)
+
+
+def cpu_has_bf16():
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+        return 'avx512_bf16' in flags or 'amx_bf16' in flags
+    except OSError:
+        return False
+
+
+def choose_amp(args, device):
+    """(autocast dtype or None, use a grad scaler)."""
+    if args.amp == 'off' or device.type == 'mps':
+        return None, False
+    if device.type == 'cuda':
+        if args.amp == 'fp16' or (args.amp == 'auto' and not torch.cuda.is_bf16_supported()):
+            return torch.float16, True
+        return torch.bfloat16, False
+    if args.amp == 'fp16':
+        raise UserError('--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU')
+    if args.amp == 'auto' and not cpu_has_bf16():
+        return None, False
+    return torch.bfloat16, False
+
+
+def keep_freed_memory(args, device):
+    """Tell glibc's malloc to keep freed memory: no mmap per large block, no trimming of the heap. Without it every
+    activation over 32 MB is mmapped fresh and unmapped after use, so each training step page-faults all of them back
+    in. Returns what was done, for the log line."""
+    if not args.keep_memory or device.type != 'cpu':
+        return 'system default'
+    if platform.libc_ver()[0] != 'glibc':
+        return 'system default (not glibc)'
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) != 1:
+        return 'system default (mallopt refused)'
+    return 'keeps freed memory'
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+             'numpy': [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
