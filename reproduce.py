@@ -133,8 +133,9 @@ def main_settings(args, passthrough):
 
 
 def grid(args):
-    """The study's runs in the order they are trained: seed by seed, so a partial study already spans the budgets."""
-    return [(model, budget, seed) for seed in args.seeds for budget in sorted(args.budgets)
+    """The study's runs in the order they are trained: seed by seed, so a partial study already spans the budgets,
+    the largest budget first (its first seed also writes the pictures)."""
+    return [(model, budget, seed) for seed in args.seeds for budget in sorted(args.budgets, reverse=True)
             for model in [m[0] for m in MODELS if m[0] in args.models]]
 
 

@@ -56,10 +56,11 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
     cmds = launched(p.stdout)
     assert len(cmds) == 32 and sum('--test' in c for c in cmds) == 16
     train = [c for c in cmds if '--test' not in c]
-    # seed by seed, budget by budget, the four models at each: the same triplets, epochs and seed for every model
+    # seed by seed, the largest budget first, the four models at each: the same triplets, epochs and seed for every
+    # model at a budget
     assert ['--seed 1' in c for c in train] == [True] * 8 + [False] * 8
-    assert all('--num_traintriplets 32 ' in c and '--epochs 2' in c for c in train[:4])
-    assert all('--num_traintriplets 64 ' in c and '--epochs 1' in c for c in train[4:8])
+    assert all('--num_traintriplets 64 ' in c and '--epochs 1' in c for c in train[:4])
+    assert all('--num_traintriplets 32 ' in c and '--epochs 2' in c for c in train[4:8])
     assert '--model task' in train[1] and '--learned' in train[3]
     pictures = [c for c in cmds if '--test' in c and '--pictures' in c.split()]
     assert len(pictures) == 4 and all('_n64_s1/' in c for c in pictures)  # the largest budget's first seed only
