@@ -13,7 +13,6 @@ that are there.
 """
 import argparse
 import json
-import math
 import os
 import shlex
 import signal
