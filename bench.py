@@ -30,7 +30,7 @@ import runtime
 from checkpoint import build_model
 from dataset_writer import sample_triplets, write_triplets
 from evaluate import evaluate
-from options import UserError, add_device_flag, main_parser
+from options import UserError, add_device_flag, int_range, main_parser, nonneg_int, positive_int
 from training import train_epoch
 from triplet_image_loader import (
     IMAGENET_MEAN,
@@ -411,14 +411,14 @@ def build_parser():
     a = p.add_argument
     a('--data', default=None, metavar='DIR', help='dataset folder in the CSN layout (required unless --make-data)')
     a('--make-data', default=None, metavar='DIR', help='write a Zappos-format synthetic dataset to DIR and exit')
-    a('--images', type=int, default=2000, help='with --make-data: number of images')
-    a('--batch-size', type=int, default=64, help='triplets per step, for both implementations')
-    a('--image-size', type=int, default=112, help='images are resized and centre-cropped to this size')
-    a('--steps', type=int, default=5, help='timed steps per round (training, and the original\'s evaluation)')
-    a('--warmup', type=int, default=2, help='untimed steps before timing')
-    a('--repeats', type=int, default=3, help='rounds; the median is reported')
+    a('--images', type=int_range(32), default=2000, help='with --make-data: number of images')
+    a('--batch-size', type=positive_int, default=64, help='triplets per step, for both implementations')
+    a('--image-size', type=positive_int, default=112, help='images are resized and centre-cropped to this size')
+    a('--steps', type=positive_int, default=5, help='timed steps per round (training, and the original\'s evaluation)')
+    a('--warmup', type=nonneg_int, default=2, help='untimed steps before timing')
+    a('--repeats', type=positive_int, default=3, help='rounds; the median is reported')
     add_device_flag(p, ('auto', 'cpu', 'cuda'), 'auto = CUDA when available, else the CPU')
-    a('--seed', type=int, default=1, help='random seed (triplet order, flips, initialisation)')
+    a('--seed', type=nonneg_int, default=1, help='random seed (triplet order, flips, initialisation)')
     a('--repo-flags', default='', metavar='"FLAGS"',
       help='extra main.py flags for this repo\'s path, e.g. --repo-flags="--amp off --no-channels-last" '
            '(default: main.py\'s defaults)')

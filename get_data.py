@@ -30,6 +30,7 @@ from dataset_writer import (
     write_all_triplets,
     write_layout,
 )
+from options import nonneg_int, positive_int
 from triplet_image_loader import SPLITS
 
 
@@ -243,6 +244,16 @@ def build_attributes(args, log=print):
 
 # ---------------------------------------------------------------------------------------------------- the CLI
 
+def split_fractions(text):
+    """--split's argparse type: checked at parse time, kept as the text (it is recorded as given)."""
+    try:
+        parse_split(text)
+    except GetDataError:
+        raise argparse.ArgumentTypeError(f'expected three fractions train,val,test such as 0.7,0.15,0.15 (train > 0, '
+                                         f'none < 0), got {text!r}') from None
+    return text
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -251,20 +262,20 @@ def build_parser():
       help='which dataset to build (default: zappos)')
     a('--out', metavar='DIR', help='output folder (default: data for zappos, data/fonts, data/attributes)')
     a('--force', action='store_true', help='rebuild even when the output looks complete (default: off)')
-    a('--seed', type=int, default=1, help='seed of the image split and the triplet draw (default: 1)')
-    a('--split', default='0.7,0.15,0.15', help='train,val,test fractions of the fonts\' families or of your images '
+    a('--seed', type=nonneg_int, default=1, help='seed of the image split and the triplet draw (default: 1)')
+    a('--split', type=split_fractions, default='0.7,0.15,0.15', help='train,val,test fractions of the fonts\' families or of your images '
                                                '(default: 0.7,0.15,0.15)')
-    a('--train-triplets', type=int, default=50000, help='training triplets per notion (default: 50000)')
-    a('--val-triplets', type=int, default=20000, help='validation triplets per notion (default: 20000, as the paper)')
-    a('--test-triplets', type=int, default=40000, help='test triplets per notion (default: 40000, as the paper)')
+    a('--train-triplets', type=positive_int, default=50000, help='training triplets per notion (default: 50000)')
+    a('--val-triplets', type=positive_int, default=20000, help='validation triplets per notion (default: 20000, as the paper)')
+    a('--test-triplets', type=positive_int, default=40000, help='test triplets per notion (default: 40000, as the paper)')
     g = p.add_argument_group('fonts')
     g.add_argument('--font-dir', action='append', metavar='DIR',
                    help='more fonts to use besides /usr/share/fonts (repeatable; default: none)')
     g.add_argument('--no-system-fonts', action='store_true',
                    help='use only the --font-dir folders, not /usr/share/fonts (default: off)')
-    g.add_argument('--max-faces', type=int, help='use about this many faces, whole families (default: all)')
-    g.add_argument('--size', type=int, default=64, help='glyph image size in pixels (default: 64)')
-    g.add_argument('--workers', type=int, help='rendering processes (default: one per CPU core)')
+    g.add_argument('--max-faces', type=positive_int, help='use about this many faces, whole families (default: all)')
+    g.add_argument('--size', type=positive_int, default=64, help='glyph image size in pixels (default: 64)')
+    g.add_argument('--workers', type=positive_int, help='rendering processes (default: one per CPU core)')
     g = p.add_argument_group('attributes (your own images)')
     g.add_argument('--images', metavar='DIR', help='folder the CSV\'s image paths are relative to')
     g.add_argument('--attributes', metavar='FILE.csv', help='CSV: an image path column and one column per notion')

@@ -1,9 +1,53 @@
 """The command line of main.py, and what every script's command line shares: the user-facing error and the flags."""
 import argparse
+import math
 
 
 class UserError(Exception):
     """A problem with the command line, the files or the environment; printed as one clear message."""
+
+
+class Bounded:
+    """An argparse `type=` that parses an int or a float and checks low <= x (low < x if low_open) and x <= high, so a bad
+    value stops argparse with `error: argument --FLAG: must be an integer >= 1, got 0` (exit 2). The bounds are
+    attributes, for the tests that walk every flag."""
+
+    def __init__(self, kind, low, high=None, low_open=False):
+        self.kind, self.low, self.high, self.low_open = kind, low, high, low_open
+        self.__name__ = self.describe()  # argparse names the type in some messages
+
+    def describe(self):
+        what = 'an integer' if self.kind is int else 'a number'
+        if self.high is not None:
+            return f'{what} from {self.low} to {self.high}'
+        return f'{what} {">" if self.low_open else ">="} {self.low:g}'
+
+    def __call__(self, text):
+        try:
+            x = self.kind(text)
+        except ValueError:
+            x = None
+        ok = x is not None and math.isfinite(x) and (x > self.low if self.low_open else x >= self.low) and (
+            self.high is None or x <= self.high)
+        if not ok:
+            shown = text if text and text == text.strip() else repr(text)
+            raise argparse.ArgumentTypeError(f'must be {self.describe()}, got {shown}')
+        return x
+
+    def __repr__(self):
+        return f'<{self.describe()}>'
+
+
+def int_range(low, high=None):
+    """An integer from low to high (no upper bound when high is None)."""
+    return Bounded(int, low, high)
+
+
+positive_int = int_range(1)
+nonneg_int = int_range(0)
+positive_float = Bounded(float, 0, low_open=True)
+nonneg_float = Bounded(float, 0)
+port = int_range(1, 65535)
 
 
 def add_device_flag(group, choices=('auto', 'cpu', 'cuda', 'mps'), help='auto = CUDA, then MPS, then CPU'):
@@ -18,27 +62,27 @@ def main_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = p.add_argument_group('training (flags of the original release)')
     a = g.add_argument
-    a('--batch-size', '--batch_size', type=int, default=256,
+    a('--batch-size', '--batch_size', type=positive_int, default=256,
       help='global batch size in triplets; under torchrun each of the N processes takes batch-size/N of it, so runs '
            'with any number of processes are comparable')
-    a('--epochs', type=int, default=200, help='number of epochs to train')
-    a('--start_epoch', '--start-epoch', type=int, default=1, help='epoch number to start from (a --resume overrides it)')
-    a('--lr', type=float, default=5e-5, help='Adam learning rate; epoch e uses lr * 0.985^e')
-    a('--seed', type=int, default=1, help='random seed (subsets, shuffling, flips, initialisation)')
+    a('--epochs', type=positive_int, default=200, help='number of epochs to train')
+    a('--start_epoch', '--start-epoch', type=positive_int, default=1, help='epoch number to start from (a --resume overrides it)')
+    a('--lr', type=positive_float, default=5e-5, help='Adam learning rate; epoch e uses lr * 0.985^e')
+    a('--seed', type=nonneg_int, default=1, help='random seed (subsets, shuffling, flips, initialisation)')
     a('--no-cuda', '--no_cuda', action='store_true', default=False, help='use the CPU even when CUDA is available')
-    a('--log-interval', '--log_interval', type=int, default=20, help='batches between progress-bar updates of loss and accuracy')
-    a('--margin', type=float, default=0.2, help='margin of the ranking loss')
+    a('--log-interval', '--log_interval', type=positive_int, default=20, help='batches between progress-bar updates of loss and accuracy')
+    a('--margin', type=nonneg_float, default=0.2, help='margin of the ranking loss')
     a('--resume', default='', metavar='PATH',
       help='checkpoint to continue from. Restores the model, optimizer, grad scaler, epoch and step, best accuracy, '
            'args and RNG states, so the run goes on exactly where it stopped (also mid-epoch after Ctrl-C). '
            'With --test: the checkpoint to evaluate. "auto": RUNS/NAME/checkpoint.pth.tar if it exists, else start the '
            'run (with --test: RUNS/NAME/model_best.pth.tar), so the same command line starts, continues or finishes a run')
     a('--name', default='Conditional_Similarity_Network', help='name of the run: files go to RUNS/NAME')
-    a('--embed_loss', '--embed-loss', type=float, default=5e-3, help='weight of the embedding L2 norm')
-    a('--mask_loss', '--mask-loss', type=float, default=5e-4, help='weight of the mask L1 norm')
-    a('--num_traintriplets', '--num-traintriplets', type=int, default=100000,
+    a('--embed_loss', '--embed-loss', type=nonneg_float, default=5e-3, help='weight of the embedding L2 norm')
+    a('--mask_loss', '--mask-loss', type=nonneg_float, default=5e-4, help='weight of the mask L1 norm')
+    a('--num_traintriplets', '--num-traintriplets', type=positive_int, default=100000,
       help='training triplets in total over all the dataset\'s notions: each selected notion contributes N / (number of notions)')
-    a('--dim_embed', '--dim-embed', type=int, default=64, help='embedding dimensions')
+    a('--dim_embed', '--dim-embed', type=positive_int, default=64, help='embedding dimensions')
     a('--test', action='store_true', default=False, help='evaluate --resume on the test split and exit')
     a('--learned', action='store_true', default=False, help='learn the masks, from a random N(0.9, 0.7) start')
     a('--prein', action='store_true', default=False, help='learn the masks, from the disjoint blocks (0.1 elsewhere)')
@@ -55,9 +99,9 @@ def main_parser():
       help='start the backbone from random weights instead of ImageNet')
     a('--weights', default='', metavar='FILE', help='ImageNet weights: a torchvision resnet18 state dict file '
                                                      '(default: torch\'s cache, downloading if online)')
-    a('--num_valtriplets', '--num-valtriplets', type=int, default=80000, help='validation triplets in total (as --num_traintriplets)')
-    a('--num_testtriplets', '--num-testtriplets', type=int, default=160000, help='test triplets in total (as --num_traintriplets)')
-    a('--image-size', '--image_size', type=int, default=112, help='images are resized and centre-cropped to this size')
+    a('--num_valtriplets', '--num-valtriplets', type=positive_int, default=80000, help='validation triplets in total (as --num_traintriplets)')
+    a('--num_testtriplets', '--num-testtriplets', type=positive_int, default=160000, help='test triplets in total (as --num_traintriplets)')
+    a('--image-size', '--image_size', type=positive_int, default=112, help='images are resized and centre-cropped to this size')
     a('--hflip', choices=['auto', 'on', 'off'], default='auto',
       help='random horizontal mirroring of training images: auto = what the dataset says ("hflip" in its dataset.json; '
            'on when absent, as for Zappos; fonts are never mirrored: a mirrored b is a d)')
@@ -73,7 +117,7 @@ def main_parser():
     g = p.add_argument_group('speed')
     a = g.add_argument
     add_device_flag(g)
-    a('--workers', type=int, default=None,
+    a('--workers', type=nonneg_int, default=None,
       help='DataLoader worker processes (default: 0 on the CPU with the image cache, else min(8, cores))')
     a('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
       help='mixed precision: auto = bf16 on CUDA and on CPUs with bf16 support, fp16 with a grad scaler on older GPUs')
@@ -92,12 +136,12 @@ def main_parser():
       help='decode, resize and crop every image once into a uint8 file memory-mapped from --cache-dir')
     a('--no-cache', '--no_cache', dest='cache', action='store_false', help='decode images with PIL at every use')
     a('--cache-dir', '--cache_dir', default=None, metavar='DIR', help='where the image cache goes (default: DATA/cache)')
-    a('--dist-timeout', '--dist_timeout', type=float, default=600,
+    a('--dist-timeout', '--dist_timeout', type=positive_float, default=600,
       help='seconds a torchrun process waits for the others before failing the job')
     g = p.add_argument_group('live plots')
     a = g.add_argument
     a('--visdom-server', '--visdom_server', default='http://localhost', help='visdom server address')
-    a('--visdom-port', '--visdom_port', type=int, default=8097, help='visdom server port')
+    a('--visdom-port', '--visdom_port', type=port, default=8097, help='visdom server port')
     a('--visdom-env', '--visdom_env', default=None, help='visdom environment (default: the run\'s --name)')
     a('--tensorboard', action='store_true', default=False, help='write TensorBoard logs under RUNS/NAME/tensorboard')
     return p

@@ -38,19 +38,20 @@ SET_HERE = ('--model', '--learned', '--prein', '--name', '--resume', '--test', '
 
 
 def build_parser():
+    from options import nonneg_int, positive_int
     p = argparse.ArgumentParser(
         description='Train and test the CSN paper\'s four models over training budgets and seeds and check the paper\'s '
                     'claims; other flags are passed on to main.py (e.g. --no-pretrained --image-size 64).',
         allow_abbrev=False)
     a = p.add_argument
     a('--data', required=True, metavar='DIR', help='dataset folder')
-    a('--budgets', '--num_traintriplets', '--num-traintriplets', dest='budgets', nargs='+', type=int, default=[100000],
+    a('--budgets', '--num_traintriplets', '--num-traintriplets', dest='budgets', nargs='+', type=positive_int, default=[100000],
       metavar='N', help='training triplets in total over the notions, one study point each; the same triplets for '
                         'every model at a budget (default: 100000)')
-    a('--seeds', '--seed', dest='seeds', nargs='+', type=int, default=[1], metavar='S',
+    a('--seeds', '--seed', dest='seeds', nargs='+', type=nonneg_int, default=[1], metavar='S',
       help='seeds: each model and budget is trained once per seed (subset, order, initialisation) (default: 1)')
-    a('--epochs', type=int, default=10, help='epochs of each run, when --seen is not given (default: 10)')
-    a('--seen', type=int, default=None, metavar='N',
+    a('--epochs', type=positive_int, default=10, help='epochs of each run, when --seen is not given (default: 10)')
+    a('--seen', type=positive_int, default=None, metavar='N',
       help='train every run on about N triplets in all: a budget B gets max(1, round(N / B)) epochs, so budgets are '
            'compared at the same compute (default: off, --epochs for every budget)')
     a('--runs', default='runs', metavar='DIR', help='folder of the runs (default: runs)')
@@ -536,14 +537,15 @@ def reproduce(args, passthrough):
 
 
 def main(argv=None):
-    args, passthrough = build_parser().parse_known_args(argv)
-    for flag, values in (('--budgets', args.budgets), ('--seeds', args.seeds), ('--epochs', [args.epochs]),
-                         ('--seen', [args.seen] if args.seen is not None else [])):
-        bad = [v for v in values if v < (0 if flag == '--seeds' else 1)]
-        if bad:
-            build_parser().error(f'{flag} {bad[0]}: must be {"0 or more" if flag == "--seeds" else "1 or more"}')
+    from options import main_parser
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(argv)
     if len(set(args.budgets)) != len(args.budgets) or len(set(args.seeds)) != len(args.seeds):
-        build_parser().error('--budgets and --seeds take distinct values')
+        parser.error('--budgets and --seeds take distinct values')
+    # main.py's flags are checked now, with its own ranges, not when the first run starts
+    passed_on = main_parser()
+    passed_on.error = lambda message: parser.error(f'{message} (passed on to main.py)')
+    passed_on.parse_args(['--data', args.data, *passthrough])
     return reproduce(args, passthrough)
 
 

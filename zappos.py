@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from atomic import atomic_open, replace_tree
 from dataset_writer import GetDataError, parse_split, split_groups, write_all_triplets, write_layout
+from options import nonneg_float, nonneg_int, positive_float
 from triplet_image_loader import (
     SPLITS,
     ZAPPOS_IMAGES,
@@ -463,11 +464,11 @@ def add_args(parser):
       help=f'where to get {ARCHIVES["triplets"]} (default: {URLS["triplets"]})')
     a('--metadata-url', metavar='URL', default=URLS['metadata'],
       help=f'where to get {ARCHIVES["metadata"]} (default: {URLS["metadata"]})')
-    a('--retries', metavar='N', type=int, default=5,
+    a('--retries', metavar='N', type=nonneg_int, default=5,
       help='download attempts after the first one fails (default: 5)')
-    a('--timeout', metavar='SECONDS', type=float, default=60,
+    a('--timeout', metavar='SECONDS', type=positive_float, default=60,
       help='seconds to wait for the server before a retry (default: 60)')
-    a('--backoff', metavar='SECONDS', type=float, default=2.0,
+    a('--backoff', metavar='SECONDS', type=nonneg_float, default=2.0,
       help='seconds before the first retry, doubling after each (default: 2.0)')
 
 
