@@ -13,8 +13,13 @@ from tripletnet import TripletNet
 
 # flags that fix the model's shape: taken from a checkpoint, and must match it when given on the command line
 MODEL_FLAGS = ('model', 'dim_embed', 'learned', 'prein')
+# how to run: the current machine's business (a run started on the CPU continues on a GPU, a checkpoint from a GPU
+# tests on a laptop); never taken from the checkpoint's run. Flags that change what is learned (--three-forwards,
+# --hflip, the model's shape, the data) do come back.
+HOW_TO_RUN = ('device', 'no_cuda', 'amp', 'compile', 'workers', 'channels_last', 'keep_memory', 'cache', 'cache_dir',
+              'dist_timeout')
 # flags of this call, never taken from the checkpoint's run
-THIS_CALL = ('resume', 'test', 'export_embeddings', 'pictures', 'check_data', 'workers')
+THIS_CALL = ('resume', 'test', 'export_embeddings', 'pictures', 'check_data') + HOW_TO_RUN
 
 
 def save_checkpoint(state, path):
@@ -49,6 +54,13 @@ def merge_checkpoint_args(args, ckpt, explicit, path):
                             f'for --{k.replace("_", "-")} {getattr(args, k)}; drop the flag or use a matching checkpoint')
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items()
                                                   if k not in explicit and k in vars(args) and k not in THIS_CALL}})
+
+
+def how_to_run_changes(args, ckpt, explicit):
+    """'--flag stored -> now' for each how-to-run flag left at its default that differs from the checkpoint's run."""
+    stored = ckpt.get('args') or {}
+    return [f'--{k.replace("_", "-")} {stored[k]} -> {getattr(args, k)}' for k in HOW_TO_RUN
+            if k in stored and k not in explicit and stored[k] != getattr(args, k) and k != 'workers']
 
 
 def describe(a):

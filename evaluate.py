@@ -30,11 +30,22 @@ def embed_images(model, images, store, rt, c=None, shared=False):
 
 
 @torch.no_grad()
+def broadcast_buffers(model, rt):
+    """Under torchrun, every process takes rank 0's buffers (BatchNorm's running statistics): each process updated its
+    own in training, and the model evaluated must be the one rank 0 saves."""
+    if rt.world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+@torch.no_grad()
 def evaluate(model, triplets, conds, store, rt, notions, embeddings=None):
-    """Triplet accuracy and ranking loss of a split (triplets (M, 3), conds (M,)), each image embedded once.
-    Returns {'accuracy', 'loss' (ranking loss only), 'per_notion' {name: acc}, 'triplets'}. embeddings: a dict to
-    fill with {notion or None (one embedding for all): (sorted image indices, their raw embeddings (U, D))}."""
+    """Triplet accuracy and ranking loss of a split (triplets (M, 3), conds (M,)), each image embedded once (under
+    torchrun a share per process, all with rank 0's model). Returns {'accuracy', 'loss' (ranking loss only),
+    'per_notion' {name: acc}, 'triplets'}. embeddings: a dict to fill with {notion or None (one embedding for all):
+    (sorted image indices, their raw embeddings (U, D))}."""
     model.eval()
+    broadcast_buffers(model, rt)
     net = model.embednet
     correct = torch.zeros(len(triplets), dtype=torch.bool, device=rt.device)
     losses = torch.zeros(len(triplets), device=rt.device)

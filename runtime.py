@@ -50,6 +50,7 @@ class Runtime:
     workers: int = 0                  # DataLoader worker processes
     eval_batch_size: int = 256        # images per batch when embedding
     resume: str = ''                  # the checkpoint this run continues or tests ('' = none)
+    workers_note: str = ''            # why fewer workers than usual (shared memory), for the start line
     stop: StopFlag = field(default_factory=StopFlag)
 
     @property
@@ -67,11 +68,44 @@ def start(args, resume=''):
     rank, world, local_rank = setup_distributed(args)
     device = choose_device(args, local_rank)
     amp_dtype, use_scaler = choose_amp(args, device)
-    workers = args.workers
+    workers, note = args.workers, ''
     if workers is None:
-        workers = 0 if (args.cache and device.type == 'cpu') else min(8, len(os.sched_getaffinity(0)))
+        batch_bytes = 3 * (args.batch_size // world) * args.image_size ** 2 * 3  # a (3B, S, S, 3) uint8 batch
+        workers, note = default_workers(args.cache, device.type, len(os.sched_getaffinity(0)),
+                                        int(os.environ.get('LOCAL_WORLD_SIZE', '1')), batch_bytes, shm_free_bytes())
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick its fastest convolutions once
     seed_everything(args.seed)
-    return Runtime(args, device, amp_dtype, use_scaler, rank, world, workers, max(args.batch_size, 256), resume)
+    return Runtime(args, device, amp_dtype, use_scaler, rank, world, workers, max(args.batch_size, 256), resume,
+                   workers_note=note)
+
+
+PREFETCH = 4  # batches each DataLoader worker keeps ready (in shared memory)
+
+
+def shm_free_bytes(path='/dev/shm'):
+    """Free bytes of the shared memory that DataLoader workers hand batches over in (None if unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def default_workers(cache, device_type, cores, local_world, batch_bytes, shm_free):
+    """(DataLoader workers per process, a note when shared memory limited them). 0 on the CPU with the image cache
+    (reading the memory map in the process is faster than handing batches over); else the machine's cores shared by
+    the processes torchrun starts on it (LOCAL_WORLD_SIZE), at most 8; and no more than half the free /dev/shm can hold
+    at PREFETCH batches per worker (a container's 64 MB /dev/shm holds none at batch 256 and 112 px: then 0)."""
+    if cache and device_type == 'cpu':
+        return 0, ''
+    workers = max(1, min(8, cores // max(local_world, 1)))
+    if shm_free is not None and batch_bytes > 0:
+        fit = int(shm_free // 2 // (PREFETCH * batch_bytes))
+        if fit < workers:
+            return fit, (f'{fit} workers: /dev/shm has {shm_free / 2**20:.0f} MB free, {PREFETCH * batch_bytes / 2**20:.0f} '
+                         f'MB per worker (in docker give it more with --shm-size 2g, or set --workers)')
+    return workers, ''
 
 
 def setup_distributed(args):
@@ -82,11 +116,25 @@ def setup_distributed(args):
         use_cuda = args.device in ('auto', 'cuda') and not args.no_cuda and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group('nccl' if use_cuda else 'gloo',
+        backend = 'nccl' if use_cuda else 'gloo'
+        for k, v in collective_error_env(backend).items():
+            os.environ.setdefault(k, v)
+        dist.init_process_group(backend,
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
         if args.batch_size % world:
             raise UserError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
     return rank, world, local_rank
+
+
+def collective_error_env(backend):
+    """Environment that makes a failed or timed-out collective an exception in the main thread, as Gloo's are, so
+    main.py can say which checkpoint to --resume (exit 4). NCCL's default is a watchdog thread that aborts the process
+    at the timeout with no word; with blocking wait, wait() raises after --dist-timeout instead (and the watchdog's
+    own error handling is off). Only the collectives whose result the host reads wait: main.py's log-interval sums and
+    evaluation's gather; DDP's gradient all-reduce stays asynchronous."""
+    if backend != 'nccl':
+        return {}
+    return {'TORCH_NCCL_BLOCKING_WAIT': '1', 'TORCH_NCCL_ASYNC_ERROR_HANDLING': '0'}
 
 
 def lost_peer(e):
@@ -121,12 +169,18 @@ def cpu_has_bf16():
         return False
 
 
+def cuda_has_bf16(device):
+    """Whether the GPU has bf16 units: compute capability 8.0 (Ampere) or later. torch.cuda.is_bf16_supported() also
+    counts emulation, which T4 and V100 (7.x) have: bf16 there is slow, and fp16 with a grad scaler is their path."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choose_amp(args, device):
     """(autocast dtype or None, use a grad scaler)."""
     if args.amp == 'off' or device.type == 'mps':
         return None, False
     if device.type == 'cuda':
-        if args.amp == 'fp16' or (args.amp == 'auto' and not torch.cuda.is_bf16_supported()):
+        if args.amp == 'fp16' or (args.amp == 'auto' and not cuda_has_bf16(device)):
             return torch.float16, True
         return torch.bfloat16, False
     if args.amp == 'fp16':

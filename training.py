@@ -1,6 +1,10 @@
 """The training loop: one pass over the training triplets, each step one forward of the stacked (anchor, far, close)
-batch, the CSN loss, one optimizer step; losses are checked and summed on the host every --log-interval steps."""
+batch, the CSN loss, one optimizer step; losses are checked and summed on the host every --log-interval steps, and
+nothing else in a step waits for the device."""
+import contextlib
 import math
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -15,9 +19,43 @@ class NonFiniteLoss(Exception):
     """A step's loss is nan or inf: training stops, the last good checkpoint is kept."""
 
 
-def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_step=0, partial=None):
+def make_optimizer(params, lr, device):
+    """Adam; on CUDA the fused kernel, which also takes the grad scaler's inf check on the device (the unfused step
+    under a grad scaler reads it on the host every step)."""
+    return torch.optim.Adam(params, lr=lr, fused=True) if torch.device(device).type == 'cuda' else \
+        torch.optim.Adam(params, lr=lr)
+
+
+def stats_dtype(device):
+    """The dtype of the per-step sums: float64, but float32 on MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == 'mps' else torch.float64
+
+
+@contextlib.contextmanager
+def host_read(device):
+    """The log-interval read: the one place a step may wait for the device (lifts torch.cuda.set_sync_debug_mode,
+    which bench.py --gpu-check sets around training steps to catch any other wait)."""
+    if torch.device(device).type != 'cuda':
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def progress_on_terminal():
+    """tqdm's bar on a terminal; plain lines every --log-interval steps when output goes to a file (a log stays
+    readable and grep-able)."""
+    return sys.stderr.isatty()
+
+
+def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_step=0, partial=None, on_step=None):
     """One pass over the training triplets (from start_step). Returns (sums dict, finished: bool).
-    data: (triplets, notions, image store, mirror images at random)."""
+    data: (triplets, notions, image store, mirror images at random). on_step(step): called after each step (bench.py
+    starts its clock there)."""
     triplets, conds, store, hflip = data
     args, device, rank, world, stop = rt.args, rt.device, rt.rank, rt.world, rt.stop
     model.train()
@@ -30,19 +68,27 @@ def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_st
                          rt.workers, device)
     n_steps = math.ceil(len(sampler) / local_bs)
     sums = dict(partial) if partial else {'loss': 0.0, 'correct': 0, 'n': 0, 'emb_norm': 0.0, 'mask_norm': 0.0, 'steps': 0}
-    bar = tqdm(total=n_steps, initial=start_step, desc=f'epoch {epoch} train', disable=not rt.is_main, leave=False,
-               dynamic_ncols=True)
-    pending = []  # per-step (loss, correct, n, emb_norm, mask_norm) on the device, read every log-interval steps
-    step = start_step
+    terminal = progress_on_terminal()
+    bar = tqdm(total=n_steps, initial=start_step, desc=f'epoch {epoch} train', disable=not rt.is_main or not terminal,
+               leave=False, dynamic_ncols=True)
+    dtype = stats_dtype(device)
+    pending = []  # per-step (loss * B, correct, emb_norm, mask_norm) on the device, read every log-interval steps
+    counts = []   # the steps' batch sizes B, on the host
+    step, n_start, t_start = start_step, sums['n'], time.perf_counter()
 
     def sync():
         """Read the pending steps (one device sync), check them, and agree with the other processes on stopping."""
+        with host_read(device):
+            return read_pending()
+
+    def read_pending():
         if not pending:
-            w = torch.zeros(0, 5, device=device, dtype=torch.float64)
+            w = torch.zeros(0, 4, device=device, dtype=dtype)
         else:
-            w = torch.stack(pending)  # (steps, 5)
+            w = torch.stack(pending)  # (steps, 4)
         bad = (~torch.isfinite(w[:, 0])).nonzero()
-        total = torch.cat([w.sum(0) if len(w) else w.new_zeros(5),
+        s4 = w.sum(0) if len(w) else w.new_zeros(4)
+        total = torch.cat([s4[:2], w.new_tensor([float(sum(counts))]), s4[2:],
                            w.new_tensor([float(stop.requested), float(bad[0, 0]) + 1 if len(bad) else 0.0])])
         if world > 1:
             dist.all_reduce(total)
@@ -54,8 +100,13 @@ def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_st
             sums[k] += int(v) if k in ('correct', 'n') else v
         sums['steps'] = step
         pending.clear()
-        if sums['n']:
+        counts.clear()
+        if sums['n'] and terminal:
             bar.set_postfix(loss=f'{sums["loss"] / sums["n"]:.4f}', acc=f'{sums["correct"] / sums["n"]:.3f}')
+        elif sums['n'] and step > start_step:
+            rate = (sums['n'] - n_start) / max(time.perf_counter() - t_start, 1e-9)
+            rt.log(f'epoch {epoch} step {step}/{n_steps}  loss {sums["loss"] / sums["n"]:.4f}  '
+                   f'acc {sums["correct"] / sums["n"]:.3f}  {rate:.0f} triplets/s', flush=True)
         return total[5] > 0
 
     finished = True
@@ -71,16 +122,20 @@ def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_st
         scaler.step(optimizer)
         scaler.update()
         B = d_far.shape[0]
-        pending.append(torch.stack([loss.detach() * B, triplet_correct(d_far, d_close).sum(), torch.tensor(B, device=device),
-                                    emb_norm.detach(), mask_norm.detach()]).double())
+        pending.append(torch.stack([loss.detach() * B, triplet_correct(d_far, d_close).sum(),
+                                    emb_norm.detach(), mask_norm.detach()]).to(dtype))
+        counts.append(B)
         step += 1
         bar.update(1)
+        if on_step is not None:
+            on_step(step)
         # a single process may stop at any step; under torchrun the processes agree at the log-interval syncs
         if step % args.log_interval == 0 or step == n_steps or (world == 1 and stop.requested):
             if sync() and step < n_steps:
                 finished = False
                 break
-    sync()
+    if pending:
+        sync()
     bar.close()
     sums['steps'] = step
     return sums, finished

@@ -260,7 +260,7 @@ def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
         with atomic_path(path) as tmp:
             np.memmap(tmp, dtype=np.uint8, mode='w+', shape=(n, size, size, 3)).flush()
             jobs = [(paths[s:s + step], size, tmp, s) for s in range(0, n, step)]
-            with tqdm(total=n, desc=f'caching {n} images at {size}px', unit='img', leave=False) as bar:
+            with tqdm(total=n, desc=f'caching {n} images at {size}px', unit='img', leave=False, disable=None) as bar:
                 if workers > 1 and len(jobs) > 1:
                     with get_context('fork').Pool(workers) as pool:
                         for k in pool.imap_unordered(_decode_chunk, jobs):
@@ -412,7 +412,8 @@ class SkipSampler(Sampler):
 
 
 def make_loader(dataset, batch_sampler, workers, device):
-    """Batches from the dataset; a worker process that dies is reported with the image it was reading."""
+    """Batches from the dataset; a worker process that dies is reported with the image it was reading, or as a lack of
+    shared memory when that is what killed it."""
     store = dataset.store
     if workers > 0 and store.tracker is None:
         store.tracker = ReadTracker(workers)
@@ -423,19 +424,54 @@ def make_loader(dataset, batch_sampler, workers, device):
     except RuntimeError as e:
         if 'DataLoader worker' not in str(e) or store.tracker is None:
             raise
+        if shared_memory_failure(str(e)):
+            raise DataError(shm_message(str(e), workers)) from None
         paths = [store.info.image_path(i) for i in store.tracker.reading()]
         raise DataError(f'a DataLoader worker died ({str(e).splitlines()[0]}) while reading '
                         f'{", ".join(paths) or "no image"}. Check that image, or run with --workers 0 to see the '
                         f'error in the main process') from None
 
 
+def shared_memory_failure(text):
+    """Whether a DataLoader error means the workers ran out of shared memory (/dev/shm) rather than a bad image: a
+    bus error when a worker touches shared memory that is not there, or a failed write of a batch into it."""
+    t = text.lower()
+    return any(w in t for w in ('bus error', 'shared memory', 'shm', 'no space left on device'))
+
+
+def shm_message(text, workers, shm='/dev/shm'):
+    try:
+        st = os.statvfs(shm)
+        size = f' ({st.f_bavail * st.f_frsize / 2**20:.0f} MB free of {st.f_blocks * st.f_frsize / 2**20:.0f} MB)'
+    except OSError:
+        size = ''
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1].strip()[:200]
+    return (f'the {workers} DataLoader workers ran out of shared memory in {shm}{size}: {last}. Not a bad image: in '
+            f'docker give the container more (docker run --shm-size 2g, or --ipc host), or use fewer --workers '
+            f'(--workers 0 reads in the main process and needs none)')
+
+
+_NORM = {}  # device -> (mean, std) (1, 3, 1, 1), built once: a new tensor per call is a host-to-device copy per step
+
+
+def normalisation(device):
+    device = torch.device(device)
+    if device not in _NORM:
+        _NORM[device] = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+                         torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+    return _NORM[device]
+
+
 def to_input(u8, device, channels_last, flip_gen=None):
-    """uint8 images (N, S, S, 3) -> normalised float (N, 3, S, S) on the device; random horizontal flips if flip_gen."""
+    """uint8 images (N, S, S, 3) -> normalised float (N, 3, S, S) on the device; random horizontal flips if flip_gen.
+    Nothing here waits for the device: the flips are drawn on the host and copied from pinned memory."""
     x = u8.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (N, 3, S, S), channels_last strides
     x = x.float() if channels_last else x.contiguous().float()
     if flip_gen is not None:
-        flip = (torch.rand(x.shape[0], generator=flip_gen) < 0.5).to(device, non_blocking=True)
+        flip = torch.rand(x.shape[0], generator=flip_gen) < 0.5  # (N,) on the host
+        if x.device.type == 'cuda':
+            flip = flip.pin_memory()
+        flip = flip.to(x.device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = normalisation(x.device)
     return (x / 255.0 - mean) / std
