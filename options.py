@@ -1,4 +1,6 @@
-"""The command line of main.py, and what every script's command line shares: the user-facing error and the flags."""
+"""The command line of main.py, and what every script's command line shares: the user-facing error, the flags, and
+the argparse types that check a number's range at parse time (positive_int, nonneg_int, positive_float, nonneg_float,
+int_range, port)."""
 import argparse
 import math
 

@@ -10,14 +10,16 @@ masks.npy, images.txt, embeddings.json: see retrieval.py for their layout).
 """
 import argparse
 import os
+import re
 import sys
 import time
 
 import torch
+from PIL import Image
 
 from checkpoint import describe, load_model
 from evaluate import subspace
-from options import UserError, add_device_flag
+from options import UserError, add_device_flag, positive_int
 from pictures import plot_retrieval, short
 from retrieval import export_embeddings, load_cached_embeddings, nearest
 from runtime import keep_freed_memory
@@ -34,33 +36,61 @@ def build_parser():
     a('--query', default=None, help='an image index (row of filenames.json), a path listed in filenames.json, or any '
                                     'image file')
     a('--notion', default=None, help='the notion of similarity, by name or index (e.g. character, font, 0)')
-    a('--k', type=int, default=10, help='number of neighbours')
+    a('--k', type=positive_int, default=10, help='number of neighbours')
     a('--out', default=None, metavar='PNG', help='picture of the query and its neighbours (default: '
                                                  'retrieval/<notion>_<query>.png in the checkpoint\'s folder)')
     a('--recompute', action='store_true', default=False, help='embed the dataset again even when the cache is valid')
     add_device_flag(p)
     a('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default=None,
       help='mixed precision for embedding (default: the checkpoint\'s setting)')
-    a('--batch-size', '--batch_size', type=int, default=256, help='images per batch when embedding the dataset')
+    a('--batch-size', '--batch_size', type=positive_int, default=256, help='images per batch when embedding the dataset')
     return p
 
 
 def resolve_query(query, info):
-    """--query -> (image index or None, path of the image file)."""
-    if query.isdigit():
-        i = int(query)
-        if i >= len(info.filenames):
-            raise DataError(f'--query {i}: the dataset has images 0..{len(info.filenames) - 1}')
-        return i, info.image_path(i)
+    """--query -> (image index or None, path of the image file), checked before anything is embedded."""
+    n = len(info.filenames)
     index = {name: i for i, name in enumerate(info.filenames)}
+    path = os.path.expanduser(query)
+    if re.fullmatch(r'-?[0-9]+', query) and not os.path.isfile(path):
+        i = int(query)
+        if not 0 <= i < n:
+            raise DataError(f'--query {query}: no such image index; the dataset has images 0..{n - 1}')
+        return i, info.image_path(i)
     if query in index:
         return index[query], info.image_path(index[query])
-    path = os.path.expanduser(query)
-    if os.path.isfile(path):
-        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(info.images_dir))
-        return index.get(rel), path
-    raise DataError(f'--query {query!r}: not an image index, not a path listed in '
-                    f'{os.path.join(info.root, "filenames.json")}, and no such image file')
+    if not os.path.isfile(path):
+        raise DataError(f'--query {query!r}: not an image index (0..{n - 1}), not a path listed in '
+                        f'{os.path.join(info.root, "filenames.json")}, and no such image file')
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f'--query {query!r}: the file is not an image that PIL can read ({e})') from None
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(info.images_dir))
+    return index.get(rel), path
+
+
+def resolve_notion(notion, notions, trained):
+    """--notion (a name or an index) -> its index, refused when unknown or when the checkpoint never trained it."""
+    known = ', '.join(f'{i}={name}' for i, name in enumerate(notions))
+    if notion.isdigit() and int(notion) < len(notions):
+        c = int(notion)
+    elif notion in notions:
+        c = notions.index(notion)
+    else:
+        raise DataError(f'--notion {notion!r}: unknown notion; this dataset has {known}')
+    if c not in trained:
+        raise DataError(f'--notion {notions[c]}: the checkpoint was not trained on it (its --conditions were '
+                        f'{", ".join(notions[t] for t in trained)}), so its mask or network is untrained; use one of these')
+    return c
+
+
+def trained_notions(ckpt, notions):
+    """Indices of the notions the checkpoint trained (all of them for a checkpoint of older code that did not say)."""
+    if ckpt.get('conditions') is not None:
+        return list(ckpt['conditions'])
+    return parse_conditions((ckpt.get('args') or {}).get('conditions'), notions)
 
 
 def run(a):
@@ -70,6 +100,11 @@ def run(a):
     info = load_dataset_info(args.data)
     if ckpt.get('notions') and ckpt['notions'] != info.notions:
         raise DataError(f'--resume {a.resume} was trained on notions {ckpt["notions"]}, but {args.data} has {info.notions}')
+    # the notion and the query are checked before anything is embedded (embedding a dataset takes minutes)
+    if a.query is not None and a.notion is None:
+        raise DataError(f'--query needs --notion, one of {", ".join(info.notions)}')
+    c = resolve_notion(a.notion, info.notions, trained_notions(ckpt, info.notions)) if a.notion is not None else None
+    q_index, q_path = resolve_query(a.query, info) if a.query is not None else (None, None)
     cache_dir = os.path.dirname(os.path.abspath(a.resume))
     cached = None if a.recompute else load_cached_embeddings(cache_dir, a.resume, info, args)
     if cached is not None:
@@ -81,11 +116,7 @@ def run(a):
         emb, masks = export_embeddings(model, info, rt, cache_dir)
     if a.query is None:
         return 0
-    if a.notion is None:
-        raise DataError(f'--query needs --notion, one of {", ".join(info.notions)}')
-    c = parse_conditions([a.notion], info.notions)[0]
     name = info.notions[c]
-    q_index, q_path = resolve_query(a.query, info)
     space = subspace(emb, masks, c)  # (N, D)
     if q_index is None:  # an image from outside the dataset: embed it now
         u8 = torch.from_numpy(load_image(q_path, args.image_size)[None].copy())  # (1, S, S, 3)

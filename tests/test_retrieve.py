@@ -289,3 +289,101 @@ def test_pictures_and_map_of_the_trained_model(trained, tmp_path):
         with Image.open(p) as im:
             assert im.size[0] > 300 and im.size[1] > 150
             assert len(set(np.asarray(im.convert('L')).ravel().tolist())) > 20  # not a blank canvas
+
+
+# ------------------------------------------------------------------ the query and the notion, checked before embedding
+
+@pytest.fixture
+def untrained_checkpoint(tmp_path):
+    """A CSN checkpoint of the shapes as main.py writes one, untrained, alone in its folder: (data, checkpoint path).
+    Its run trained only notion 1 (shape), as `--conditions shape` does."""
+    from checkpoint import build_model
+    from options import main_parser
+    data = str(tmp_path / 'shapes')
+    make_dataset(data)
+    args = main_parser().parse_args(['--data', data, *FAST, '--conditions', 'shape'])
+    torch.manual_seed(0)
+    ckpt = {'args': {**vars(args), 'conditions': ['shape']}, 'state_dict': build_model(args, 2).state_dict(),
+            'notions': ['colour', 'shape'], 'conditions': [1]}
+    os.makedirs(tmp_path / 'run')
+    path = tmp_path / 'run' / 'checkpoint.pth.tar'
+    torch.save(ckpt, path)
+    return data, path
+
+
+@pytest.fixture
+def no_embedding(monkeypatch):
+    """Any embedding of an image fails the test."""
+    import evaluate
+    import retrieve as r
+
+    def embedded(*a, **k):
+        raise AssertionError('an image was embedded before the command line was checked')
+    monkeypatch.setattr(evaluate, 'embed_images', embedded)
+    monkeypatch.setattr(r, 'export_embeddings', embedded)
+
+
+def one_error_line(p):
+    assert p.returncode == 2 and p.stdout == '', p
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in p.stderr, p.stderr
+    return lines[0]
+
+
+def test_a_bad_query_stops_before_any_embedding(untrained_checkpoint, no_embedding, tmp_path):
+    data, ckpt = untrained_checkpoint
+    not_an_image = tmp_path / 'notes.png'
+    not_an_image.write_text('not a picture')
+    for query, want in [(40, 'error: --query 40: no such image index; the dataset has images 0..39'),
+                        (-1, 'error: --query -1: no such image index; the dataset has images 0..39'),
+                        ('nope.png', "error: --query 'nope.png': not an image index (0..39), not a path listed in "
+                                     f"{os.path.join(data, 'filenames.json')}, and no such image file"),
+                        (tmp_path, f"error: --query '{tmp_path}': not an image index (0..39)")]:
+        line = one_error_line(retrieve('--resume', ckpt, '--data', data, '--query', query, '--notion', 'shape',
+                                       check=False))
+        assert line.startswith(want), line
+    line = one_error_line(retrieve('--resume', ckpt, '--data', data, '--query', not_an_image, '--notion', 'shape',
+                                   check=False))
+    assert line.startswith(f"error: --query '{not_an_image}': the file is not an image that PIL can read"), line
+    line = one_error_line(retrieve('--resume', ckpt, '--data', data, '--query', 3, check=False))
+    assert line == 'error: --query needs --notion, one of colour, shape'
+    assert os.listdir(ckpt.parent) == ['checkpoint.pth.tar']  # no embeddings cache, no picture
+
+
+def test_an_unknown_notion_is_named_by_notion_not_conditions(untrained_checkpoint, no_embedding):
+    data, ckpt = untrained_checkpoint
+    for notion in ['size', '2', '-1']:
+        line = one_error_line(retrieve('--resume', ckpt, '--data', data, '--query', 3, '--notion', notion, check=False))
+        assert line == f"error: --notion '{notion}': unknown notion; this dataset has 0=colour, 1=shape"
+    # without --query too: a bad --notion is not silently ignored
+    line = one_error_line(retrieve('--resume', ckpt, '--data', data, '--notion', 'size', check=False))
+    assert '--notion' in line and '--conditions' not in line
+
+
+@pytest.mark.parametrize('stored', ['conditions', 'args only'])
+def test_a_notion_the_checkpoint_did_not_train_is_refused(untrained_checkpoint, no_embedding, stored):
+    data, ckpt = untrained_checkpoint
+    if stored == 'args only':  # a checkpoint of older code: only its args say which notions its run trained
+        d = torch.load(ckpt, weights_only=True)
+        del d['conditions']
+        torch.save(d, ckpt)
+    for notion in ['colour', '0']:
+        line = one_error_line(retrieve('--resume', ckpt, '--data', data, '--query', 3, '--notion', notion, check=False))
+        assert line == ('error: --notion colour: the checkpoint was not trained on it (its --conditions were shape), so '
+                        'its mask or network is untrained; use one of these')
+
+
+def test_a_trained_notion_and_a_valid_query_go_on_to_embed(untrained_checkpoint, no_embedding):
+    """The same command line with good values passes the checks and reaches the embedding (which fails here)."""
+    data, ckpt = untrained_checkpoint
+    with pytest.raises(AssertionError, match='an image was embedded'):
+        retrieve('--resume', ckpt, '--data', data, '--query', 39, '--notion', 'shape', check=False)
+
+
+@pytest.mark.slow
+def test_the_real_command_line_refuses_a_query_out_of_range_at_once(untrained_checkpoint):
+    data, ckpt = untrained_checkpoint
+    p = retrieve('--resume', ckpt, '--data', data, '--query', 99999999, '--notion', 'shape', check=False,
+                 subprocess_=True)
+    assert one_error_line(p) == 'error: --query 99999999: no such image index; the dataset has images 0..39'
+    assert os.listdir(ckpt.parent) == ['checkpoint.pth.tar']
