@@ -295,6 +295,10 @@ class TensorBoardLogger:
         import torch
         header = list(labels)
         rows = [list(r) for r in zip(*(labels[n] for n in header))]  # (N, n_notions) of str
+        if not header:  # no labels (the paper's Zappos release): the projector shows the points without metadata
+            rows, header = None, None
+        elif len(header) == 1:  # one column: the projector's format then has no header line
+            rows, header = [r[0] for r in rows], None
         label_img = None
         if images is not None:
             label_img = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)

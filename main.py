@@ -4,6 +4,8 @@
     python main.py --test --resume runs/csn_learned/model_best.pth.tar
     torchrun --nproc_per_node 4 main.py ...      (DistributedDataParallel; see the README)
 """
+import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,13 +19,20 @@ from tqdm import tqdm
 import options
 import runtime
 from atomic import atomic_open
-from checkpoint import build_model, describe, load_checkpoint, merge_checkpoint_args, save_checkpoint
+from checkpoint import (
+    build_model,
+    describe,
+    how_to_run_changes,
+    load_checkpoint,
+    merge_checkpoint_args,
+    save_checkpoint,
+)
 from evaluate import embed_dataset, embed_images, evaluate
 from loggers import Logger, make_logger
 from options import UserError, explicit_flags
 from pictures import write_pictures
 from retrieval import export_embeddings, retrieval_map
-from training import NonFiniteLoss, train_epoch
+from training import NonFiniteLoss, make_optimizer, train_epoch
 from triplet_image_loader import (
     DataError,
     check_triplet_file,
@@ -64,6 +73,10 @@ def main(argv=None):
               f'one of them died or hung for longer than --dist-timeout {args.dist_timeout:g} s. The job stops; the '
               f'last checkpoint is kept, continue with --resume {os.path.join(args.runs, args.name, "checkpoint.pth.tar")}',
               file=sys.stderr)
+        if dist.get_backend() == 'nccl':  # tearing NCCL down waits for the collective that never ends: leave at once
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(4)
         return 4
     finally:
         if dist.is_initialized():
@@ -87,6 +100,10 @@ def run(args, explicit):
     if resume:
         ckpt = load_checkpoint(resume)
         args = merge_checkpoint_args(args, ckpt, explicit, resume)
+        changed = how_to_run_changes(args, ckpt, explicit)
+        if changed and int(os.environ.get('RANK', 0)) == 0:
+            print(f'note: how to run is this machine\'s choice, not the checkpoint\'s: {", ".join(changed)} (give the '
+                  f'flag to keep the checkpoint\'s)')
     elif args.test:
         raise UserError('--test needs --resume CHECKPOINT (e.g. runs/NAME/model_best.pth.tar)')
 
@@ -98,6 +115,10 @@ def run(args, explicit):
     if ckpt is not None and ckpt.get('notions') and ckpt['notions'] != info.notions:
         raise UserError(f'--resume {resume}: the checkpoint was trained on notions {ckpt["notions"]}, but '
                         f'{args.data} has {info.notions}')
+    if args.test and ckpt is not None:
+        conditions = trained_conditions(ckpt, conditions, info.notions, resume, rt.log)
+        args = argparse.Namespace(**{**vars(args), 'conditions': [info.notions[c] for c in conditions]})
+        rt = dataclasses.replace(rt, args=args)
     if args.check_data:
         return check_data(info, conditions) if rt.is_main else 0
 
@@ -107,6 +128,7 @@ def run(args, explicit):
     rt.log(f'device {rt.device}{f" x{rt.world} processes" if rt.world > 1 else ""}, amp {amp}'
            f'{" + grad scaler" if rt.use_scaler else ""}, channels_last {args.channels_last}, compile {args.compile}, '
            f'image cache {"on" if args.cache else "off"}, workers {rt.workers}'
+           f'{f" ({rt.workers_note})" if rt.workers_note else ""}'
            f'{f", malloc {malloc}" if rt.device.type == "cpu" else ""}'
            f'{flip_note}')
     model = build_model(args, len(info.notions), pretrained=not args.no_pretrained and ckpt is None)
@@ -123,6 +145,25 @@ def run(args, explicit):
         out_dir = run_dir_for(args) if 'name' in explicit else os.path.dirname(os.path.abspath(resume))
         return test(model, ckpt, info, conditions, rt, out_dir)
     return train(model, ckpt, info, conditions, rt, hflip[0])
+
+
+def trained_conditions(ckpt, conditions, notions, resume, log):
+    """The notions --test evaluates: those asked for that the checkpoint trained (a mask or network that was never
+    trained answers with noise). Says which were left out; refuses when none is left."""
+    trained = ckpt.get('conditions')
+    if trained is None:  # a checkpoint of older code: the notions its run's --conditions selected
+        trained = parse_conditions((ckpt.get('args') or {}).get('conditions'), notions)
+    kept = [c for c in conditions if c in trained]
+    dropped = [notions[c] for c in conditions if c not in trained]
+    if not kept:
+        raise UserError(f'--test: {resume} was trained on {[notions[c] for c in trained]} only, not on {dropped}: '
+                        f'an untrained notion cannot be evaluated; leave out --conditions or choose trained notions')
+    if dropped:
+        log(f'note: {resume} was trained on {[notions[c] for c in trained]} only; --test evaluates those, not {dropped}')
+    elif len(trained) < len(notions):
+        log(f'note: {resume} was trained on {[notions[c] for c in trained]} of the dataset\'s {list(notions)}; '
+            f'--test evaluates those only')
+    return kept
 
 
 def run_dir_for(args):
@@ -143,7 +184,7 @@ def check_data(info, conditions):
             used.update(np.unique(t).tolist())
             print(f'{path}: {len(t)} good triplets, {len(bad)} bad lines')
     names = os.path.join(info.root, 'filenames.json')
-    for i in tqdm(sorted(used), desc='reading images', leave=False):
+    for i in tqdm(sorted(used), desc='reading images', leave=False, disable=None):
         try:
             load_image(info.image_path(i), 8)
         except DataError as e:
@@ -222,7 +263,7 @@ def train(model, ckpt, info, conditions, rt, hflip):
     val_t, val_c = load_triplets(info, 'val', conditions, args.num_valtriplets, args.seed, args.skip_bad_triplets, log)
     store = make_store(info, rt)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr)
+    optimizer = make_optimizer(params, args.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=rt.use_scaler)
     next_epoch, next_step, best_acc, best_epoch, partial = args.start_epoch, 0, 0.0, 0, None
     if ckpt is not None:
@@ -235,9 +276,12 @@ def train(model, ckpt, info, conditions, rt, hflip):
         log(f'resumed {rt.resume}: epoch {next_epoch}, step {next_step}, best val accuracy {best_acc * 100:.2f} %')
     train_model = model
     if rt.world > 1:
+        # broadcast_buffers=False: rank 0's buffers are the same either way (DDP broadcasts rank 0's own), and the
+        # others' are replaced by rank 0's before evaluating (evaluate.broadcast_buffers); that saves a collective per
+        # step, which NCCL's blocking wait (runtime.collective_error_env) would make the host wait for
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None,
-            find_unused_parameters=args.model == 'task')
+            find_unused_parameters=args.model == 'task', broadcast_buffers=False)
     if args.compile:
         train_model = torch.compile(train_model)
     logger, saved_args = Logger(), {**vars(args), 'resume': rt.resume, 'workers': rt.workers}
@@ -315,8 +359,10 @@ def log_val_embeddings(logger, model, info, val_t, store, rt, n=500):
     images = np.unique(val_t)[:n]
     net = model.embednet
     emb = embed_images(model, images, store, rt, c=0 if net.per_notion_backbone else None)
-    labels = read_labels(info) or {}
-    logger.log_embeddings(emb.cpu().numpy(), {k: [v[i] for i in images] for k, v in labels.items()}, store.get(images))
+    labels = read_labels(info)
+    meta = ({k: [v[i] for i in images] for k, v in labels.items()} if labels
+            else {'image': [info.filenames[i] for i in images]})  # no labels.csv: the projector names the files
+    logger.log_embeddings(emb.cpu().numpy(), meta, store.get(images))
 
 
 def keep_metrics(path, next_epoch):

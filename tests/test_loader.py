@@ -175,3 +175,66 @@ def test_read_only_data_folder_puts_the_cache_elsewhere(shapes_data, tmp_path, m
     write(blocked, 'a file, so no folder can be made here')
     path = build_image_cache(info, 16, cache_dir=str(blocked / 'cache'), log=logs.append)
     assert path.startswith(str(tmp_path / 'home' / '.cache' / 'csn')) and 'cannot write the image cache' in logs[0]
+
+
+# ---- DataLoader workers and shared memory ------------------------------------------------------------------------
+
+MB = 2 ** 20
+
+
+@pytest.mark.parametrize('cache, device, cores, local_world, shm_mb, expected', [
+    (True, 'cpu', 16, 1, 8000, 0),        # the memory-mapped cache read in the process
+    (False, 'cpu', 16, 1, 8000, 8),       # PIL decoding: at most 8
+    (True, 'cuda', 16, 1, 8000, 8),
+    (True, 'cuda', 16, 4, 8000, 4),       # torchrun with 4 processes on the machine share its 16 cores
+    (True, 'cuda', 16, 8, 8000, 2),
+    (True, 'cuda', 4, 8, 8000, 1),        # never 0 for want of cores
+    (True, 'cuda', 16, 1, 1700, 7),       # half of 1700 MB holds 7 workers x 4 batches of 28.9 MB
+    (True, 'cuda', 16, 1, 64, 0),         # docker's default 64 MB /dev/shm: no worker, no bus error
+    (True, 'cuda', 16, 1, None, 8),       # /dev/shm unknown
+])
+def test_workers_are_sized_by_the_cores_the_processes_of_a_machine_share_and_by_shared_memory(
+        cache, device, cores, local_world, shm_mb, expected):
+    from runtime import PREFETCH, default_workers
+    batch = 3 * 256 * 112 * 112 * 3  # batch 256 at 112 px: 28.9 MB
+    workers, note = default_workers(cache, device, cores, local_world, batch, None if shm_mb is None else shm_mb * MB)
+    assert workers == expected
+    if shm_mb is not None and workers:
+        assert workers * PREFETCH * batch <= shm_mb * MB / 2  # what the workers keep ready fits in half of /dev/shm
+    assert bool(note) == (not (cache and device == 'cpu') and workers < min(8, max(1, cores // local_world)))
+    if note:
+        assert '--shm-size' in note and '--workers' in note
+
+
+@pytest.mark.parametrize('text, shm', [
+    ('DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader\'s workers are out of '
+     'shared memory. Please try to raise your shared memory limit.', True),
+    ('Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  ...\n'
+     'RuntimeError: unable to write to file </torch_123_456_0>: No space left on device (28)', True),
+    ('unable to allocate shared memory(shm) for file </torch_1_2>: Resource temporarily unavailable (11)', True),
+    ('DataLoader worker (pid(s) 4242) exited unexpectedly', False),
+    ('DataLoader worker (pid 4242) is killed by signal: Segmentation fault.', False),
+    ('cannot read image data/images/a.png: cannot identify image file', False),
+])
+def test_a_shared_memory_failure_is_told_apart_from_a_bad_image(text, shm):
+    from triplet_image_loader import shared_memory_failure
+    assert shared_memory_failure(text) == shm
+
+
+class NoShm(TripletBatches):
+    def __getitem__(self, pos):
+        raise RuntimeError('unable to write to file </torch_1_2_3>: No space left on device (28)')
+
+
+def test_a_worker_that_cannot_write_to_shared_memory_says_how_to_give_it_more(shapes_data):
+    import torch
+
+    from triplet_image_loader import make_loader
+    info = load_dataset_info(shapes_data)
+    trip, cond = load_triplets(info, 'train', [0, 1], 8, seed=1)
+    loader = make_loader(NoShm(trip, cond, ImageStore(info, 32)), [[0, 1]], 1, torch.device('cpu'))
+    with pytest.raises(DataError) as e:
+        next(loader)
+    msg = str(e.value)
+    assert 'shared memory' in msg and '--shm-size' in msg and '--workers' in msg and 'Not a bad image' in msg
+    assert 'Traceback' not in msg and 'No space left on device' in msg

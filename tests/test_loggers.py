@@ -107,6 +107,19 @@ def test_tensorboard_writes_scalars_masks_triplets_and_projector(tmp_path):
     assert 'val_embedding' in (tmp_path / 'tensorboard' / 'projector_config.pbtxt').read_text()
 
 
+@pytest.mark.parametrize('labels', [{}, {'image': ['a.jpg', 'b.jpg', 'c.jpg']}])
+def test_the_projector_takes_a_dataset_without_labels_or_with_one_column(tmp_path, labels):
+    """The paper's Zappos release has no labels.csv: the projector once failed at the end of training (#labels
+    should equal #data points)."""
+    lg = loggers.make_logger(argparse.Namespace(visdom=False, tensorboard=True, name='tb'), ['class'], str(tmp_path))
+    lg.log_embeddings(np.zeros((3, 4)), labels, np.zeros((3, 8, 8, 3), np.uint8))
+    lg.close()
+    proj = tmp_path / 'tensorboard' / '00000' / 'val_embedding'
+    assert len((proj / 'tensors.tsv').read_text().splitlines()) == 3
+    meta = proj / 'metadata.tsv'
+    assert (meta.read_text().splitlines() == ['a.jpg', 'b.jpg', 'c.jpg']) if labels else not meta.exists()
+
+
 def fake_npm_packages(tmp_path, monkeypatch):
     """Small stand-ins for the npm tarballs (same names and layout), with PACKAGES pointing at their hashes."""
     src = tmp_path / 'npm'

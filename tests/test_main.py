@@ -1,7 +1,9 @@
 """main.py through its command line, as a user runs it: train, resume, test, every model, and every bad input."""
+import argparse
 import json
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -231,7 +233,8 @@ def test_a_pickle_checkpoint_is_refused_not_executed(tmp_path):
 FAULTS_AFTER_FREE = """
 import argparse, resource, sys, torch
 sys.path.insert(0, sys.argv[2])
-import runtime
+import main, runtime  # a training process: everything main.py loads is loaded (in a bare interpreter glibc's free
+# chunk does not fit torch's next aligned 64 MiB request, the heap grows instead and every block is faulted in anew)
 print(runtime.keep_freed_memory(argparse.Namespace(keep_memory=sys.argv[1] == 'on'), torch.device('cpu')))
 torch.ones(64 << 20, dtype=torch.uint8)  # a 64 MiB block, used and freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -328,3 +331,147 @@ def test_an_abbreviated_flag_is_refused_not_guessed(module, argv, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
     assert 'unrecognized arguments' in capsys.readouterr().err
+
+
+# ---- the GPU, MPS and torchrun paths, checked on the CPU (no GPU has run this code: see the README) ---------------
+
+@pytest.mark.parametrize('capability, amp, expected', [((7, 5), 'auto', (torch.float16, True)),    # T4
+                                                       ((7, 0), 'auto', (torch.float16, True)),    # V100
+                                                       ((8, 0), 'auto', (torch.bfloat16, False)),  # A100
+                                                       ((9, 0), 'auto', (torch.bfloat16, False)),  # H100
+                                                       ((9, 0), 'fp16', (torch.float16, True)),
+                                                       ((7, 5), 'bf16', (torch.bfloat16, False)),
+                                                       ((8, 6), 'off', (None, False))])
+def test_amp_auto_on_cuda_follows_the_compute_capability_not_emulated_bf16(monkeypatch, capability, amp, expected):
+    import runtime
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)  # recent torch: True on a T4 too
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    args = argparse.Namespace(amp=amp)
+    assert runtime.choose_amp(args, torch.device('cuda', 0)) == expected
+
+
+def test_the_per_step_sums_are_float32_on_mps_which_has_no_float64():
+    from training import stats_dtype
+    assert stats_dtype(torch.device('mps')) == torch.float32
+    assert stats_dtype('mps') == torch.float32
+    assert stats_dtype(torch.device('cpu')) == torch.float64 and stats_dtype(torch.device('cuda', 1)) == torch.float64
+
+
+class HostTraffic(torch.overrides.TorchFunctionMode):
+    """Records, outside training.host_read (the log-interval read), every tensor built from Python data (on a GPU: a
+    host-to-device copy that blocks) and every read of a tensor's value on the host (on a GPU: a sync). The old
+    to_input (mean and std built per call) and torch.tensor(B, device=device) per step fail it."""
+    BUILD = {torch.tensor, torch.as_tensor, torch.Tensor.new_tensor, torch.scalar_tensor}
+    READ = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.nonzero,
+            torch.nonzero, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
+
+    def __init__(self):
+        super().__init__()
+        self.reading, self.seen = False, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        caller = sys._getframe(1).f_code.co_filename
+        # the DataLoader's and samplers' own tensors (seeds, shuffled orders) live on the host whatever the device
+        if not self.reading and (func in self.BUILD or func in self.READ) and 'torch/utils/data' not in caller:
+            self.seen.append(f'{getattr(func, "__qualname__", func)} in {os.path.basename(caller)}')
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_builds_no_tensor_from_python_numbers_and_reads_nothing_back(shapes_data, monkeypatch):
+    """What a GPU step must not do (it would make the host wait for the device), counted on the CPU. The optimizer
+    and scaler are those of the fp16 GPU path: fused Adam (make_optimizer on CUDA) and an enabled grad scaler."""
+    import contextlib
+
+    import training
+    from checkpoint import build_model
+    from options import main_parser
+    from runtime import Runtime
+    from triplet_image_loader import ImageStore, load_dataset_info, load_triplets
+    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', '--batch-size', '4', '--dim_embed', '8',
+                                     '--log-interval', '3', '--amp', 'off'])
+    rt = Runtime(args, torch.device('cpu'), workers=0)
+    info = load_dataset_info(shapes_data)
+    trip, cond = load_triplets(info, 'train', [0, 1], 16, seed=1)
+    model = build_model(args, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler('cpu', enabled=True)
+    data = (trip, cond, ImageStore(info, 32), True)
+    mode = HostTraffic()
+
+    @contextlib.contextmanager
+    def host_read(device):
+        mode.reading = True
+        yield
+        mode.reading = False
+
+    monkeypatch.setattr(training, 'host_read', host_read)
+    training.train_epoch(model, model, optimizer, scaler, data, rt, 1)  # warm-up: constants built once per device
+    reads = []
+    monkeypatch.setattr(training, 'host_read', lambda device: (reads.append(1), host_read(device))[1])
+    with mode:
+        sums, finished = training.train_epoch(model, model, optimizer, scaler, data, rt, 2)
+    assert finished and sums['steps'] == 4 and sums['n'] == 16
+    assert mode.seen == [], f'per-step host traffic: {mode.seen}'
+    assert len(reads) == 2  # steps 3 and 4 (the last): the log-interval reads only
+
+
+def test_how_to_run_flags_never_come_back_from_a_checkpoint():
+    from checkpoint import HOW_TO_RUN, how_to_run_changes, merge_checkpoint_args
+    from options import main_parser
+    parser = main_parser()
+    stored = vars(parser.parse_args(['--device', 'cpu', '--no-cuda', '--amp', 'off', '--compile', '--workers', '3',
+                                     '--no-channels-last', '--no-keep-memory', '--no-cache', '--cache-dir', '/elsewhere',
+                                     '--dist-timeout', '5', '--three-forwards', '--hflip', 'off', '--lr', '0.01',
+                                     '--learned', '--conditions', 'shape']))
+    ckpt = {'args': stored, 'state_dict': {}}
+    argv = ['--resume', 'ck.pth.tar']
+    args = merge_checkpoint_args(parser.parse_args(argv), ckpt, {'resume'}, 'ck.pth.tar')
+    defaults = parser.parse_args([])
+    for k in HOW_TO_RUN:  # this machine's defaults, not the checkpoint's
+        assert getattr(args, k) == getattr(defaults, k), k
+    # what changes what is learned comes back
+    assert args.three_forwards and args.hflip == 'off' and args.lr == 0.01 and args.learned and args.conditions == ['shape']
+    changed = how_to_run_changes(args, ckpt, {'resume'})
+    assert '--device cpu -> auto' in changed and '--amp off -> auto' in changed and not any('workers' in c for c in changed)
+    # given on this command line: kept, and not reported as a change
+    argv = ['--resume', 'ck.pth.tar', '--amp', 'bf16']
+    args = merge_checkpoint_args(parser.parse_args(argv), ckpt, {'resume', 'amp'}, 'ck.pth.tar')
+    assert args.amp == 'bf16' and not any(c.startswith('--amp') for c in how_to_run_changes(args, ckpt, {'resume', 'amp'}))
+
+
+def test_under_torchrun_nccl_collectives_fail_as_exceptions_and_gloo_is_left_alone():
+    from runtime import collective_error_env
+    assert collective_error_env('nccl') == {'TORCH_NCCL_BLOCKING_WAIT': '1', 'TORCH_NCCL_ASYNC_ERROR_HANDLING': '0'}
+    assert collective_error_env('gloo') == {}
+
+
+def test_setup_distributed_sets_the_nccl_environment_before_joining(monkeypatch):
+    import runtime
+    seen = {}
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.delenv('TORCH_NCCL_BLOCKING_WAIT', raising=False)
+    monkeypatch.setenv('TORCH_NCCL_ASYNC_ERROR_HANDLING', '3')  # what a user set stays
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda i: None)
+    monkeypatch.setattr(runtime.dist, 'init_process_group', lambda backend, **k: seen.update(
+        backend=backend, wait=os.environ.get('TORCH_NCCL_BLOCKING_WAIT'), handling=os.environ['TORCH_NCCL_ASYNC_ERROR_HANDLING']))
+    args = argparse.Namespace(device='auto', no_cuda=False, dist_timeout=60, batch_size=4)
+    runtime.setup_distributed(args)
+    assert seen == {'backend': 'nccl', 'wait': '1', 'handling': '3'}
+    monkeypatch.delenv('TORCH_NCCL_BLOCKING_WAIT')
+    runtime.setup_distributed(argparse.Namespace(**{**vars(args), 'device': 'cpu'}))
+    assert seen['backend'] == 'gloo' and seen['wait'] is None
+
+
+@pytest.mark.slow
+def test_a_log_off_a_terminal_has_one_plain_line_per_log_interval_and_no_bar(shapes_data, tmp_path):
+    # run_main captures stdout and stderr: not a terminal, as a cluster job's log or nohup
+    p = run_main('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'log', '--epochs', 2, *FAST)
+    out = p.stdout + p.stderr
+    assert '\r' not in out and '\x1b' not in out and 'it/s' not in out
+    steps = 240 // 32 + 1  # 8 steps of batch 32; lines at steps 2, 4, 6 and 8 (--log-interval 2)
+    for epoch in (1, 2):
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith(f'epoch {epoch} step ')]
+        assert [ln.split()[3] for ln in lines] == [f'{s}/{steps}' for s in (2, 4, 6, 8)], p.stdout
+        assert all(' loss ' in ln and ' acc ' in ln and ln.endswith('triplets/s') for ln in lines)
+    assert len([ln for ln in p.stdout.splitlines() if ln.startswith('epoch   ')]) == 2  # the epoch summaries
