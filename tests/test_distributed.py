@@ -77,6 +77,48 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
+BUFFERS = r"""
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import evaluate, main, training
+out, rank = {out!r}, os.environ['RANK']
+
+def sums(model):
+    return [float(b.double().sum()) for b in model.buffers()]
+
+real_train, real_embed = training.train_epoch, evaluate.embed_images
+def train_epoch(model, *a, **k):
+    r = real_train(model, *a, **k)
+    json.dump(sums(model), open(os.path.join(out, f'trained_{{rank}}.json'), 'w'))
+    return r
+def embed_images(model, *a, **k):
+    path = os.path.join(out, f'evaluated_{{rank}}.json')
+    if not os.path.exists(path):
+        json.dump(sums(model), open(path, 'w'))
+    return real_embed(model, *a, **k)
+main.train_epoch, evaluate.embed_images = train_epoch, embed_images
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_every_process_evaluates_with_rank_0s_batchnorm_statistics(shapes_data, tmp_path):
+    """Each process updates BatchNorm's running statistics from its own share of a batch; the validation accuracy that
+    picks model_best must be that of rank 0's model, which is the one saved."""
+    script = tmp_path / 'buffers.py'
+    script.write_text(BUFFERS.format(repo=REPO, out=str(tmp_path)))
+    args = ['--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'bn', '--epochs', 1, *FAST]
+    p = subprocess.run([*TORCHRUN, str(script), *map(str, args)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stderr[-3000:]
+    trained = [json.load(open(tmp_path / f'trained_{r}.json')) for r in (0, 1)]
+    evaluated = [json.load(open(tmp_path / f'evaluated_{r}.json')) for r in (0, 1)]
+    assert trained[0] != trained[1]  # the processes' own statistics differ after training
+    assert evaluated[0] == evaluated[1] == trained[0]
+    saved = torch.load(tmp_path / 'runs' / 'bn' / 'checkpoint.pth.tar', weights_only=True)['state_dict']
+    model_buffers = [k for k in saved if 'running_' in k or 'num_batches_tracked' in k]
+    assert len(model_buffers) == len(trained[0])
+
+
 def test_a_rank_that_hangs_takes_the_job_down_with_a_clear_message(shapes_data, tmp_path):
     script = tmp_path / 'hang.py'
     script.write_text(HANG.format(repo=REPO))
