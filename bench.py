@@ -537,22 +537,79 @@ def peak_speed(device, n=4096, repeats=5):
     return 0
 
 
-def search_speed(n=100_000, dim=64, queries=50, k=10):
-    """Median seconds of one retrieve.py query (mask the dataset for a notion, then the k nearest) over n images."""
-    from evaluate import subspace
-    from retrieval import nearest
+def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1000, min_s=3.0, build_budget_s=300):
+    """Queries per second and recall@k against exact search of retrieval.Index over random dim-d embeddings under a
+    learned (non-binary) mask: exact (faiss, and numpy as without faiss), ivf and hnsw (two search settings each).
+    A size whose arrays would not fit in the available memory is skipped, and so are approximate indexes whose build
+    would take longer than build_budget_s (estimated from the previous size's)."""
+    from retrieval import Index, faiss_or_none
+
+    def available_bytes():
+        with open('/proc/meminfo') as f:
+            return int(next(line for line in f if line.startswith('MemAvailable')).split()[1]) * 1024
+
+    def timed(search, q):  # queries/s over batches of 100 (at least min_s seconds or all queries), ms of a single query
+        t0, done, out = time.perf_counter(), 0, []
+        while done < len(q) and (done == 0 or time.perf_counter() - t0 < min_s):
+            out.append(search(q[done:done + 100]))
+            done += len(out[-1])
+        qps = done / (time.perf_counter() - t0)
+        single = []
+        for i in range(min(10, len(q))):
+            t1 = time.perf_counter()
+            search(q[i:i + 1])
+            single.append(time.perf_counter() - t1)
+        return np.concatenate(out), qps, statistics.median(single) * 1e3
+
+    faiss = faiss_or_none()
+    if faiss is None:
+        print('faiss is not installed (pip install faiss-cpu): only the numpy search is timed')
     rng = np.random.default_rng(0)
-    emb = rng.standard_normal((n, dim)).astype(np.float32)               # (N, D)
-    masks = np.abs(rng.standard_normal((4, dim))).astype(np.float32)     # (C, D)
-    times = []
-    for q in range(queries):
-        t0 = time.perf_counter()
-        nearest(subspace(emb, masks, q % 4), emb[q] * masks[q % 4], k, exclude=q)
-        times.append(time.perf_counter() - t0)
-    fig = {'impl': 'repo', 'mode': 'search', 'images': n, 'dim': dim, 'k': k,
-           'median_ms': round(statistics.median(times) * 1e3, 2), 'cpu': cpu_name()}
-    print(f'search of {n:,} x {dim}-d embeddings, k={k}: median {fig["median_ms"]} ms per query')
-    print(json.dumps(fig))
+    mask = np.abs(rng.standard_normal(dim)).astype(np.float32)  # (D,) a learned mask: weights, not 0/1
+    kinds = [('numpy', 'exact', {'use_faiss': False}, None, [None])]  # name, kind, options, search setting, values
+    if faiss is not None:
+        kinds = [('exact', 'exact', {}, None, [None]), *kinds, ('ivf', 'ivf', {}, 'nprobe', [16, 64]),
+                 ('hnsw', 'hnsw', {}, 'ef_search', [64, 256])]
+    rows, build_s = [], {}
+    print(f'{"images":>10} {"index":<6} {"setting":<14} {"build s":>8} {"queries/s":>10} {"ms/query":>9} '
+          f'{"recall@" + str(k):>9}')
+    for n in sizes:
+        need = 3 * n * dim * 4  # the masked embeddings, faiss's copy, the approximate index's copy
+        if need > 0.8 * available_bytes():
+            print(f'{n:>10,} skipped: needs about {need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available')
+            continue
+        space = rng.standard_normal((n, dim), dtype=np.float32)  # (N, D) raw embeddings
+        space *= mask  # (N, D) the notion's subspace f(x) * m_c
+        q = rng.standard_normal((queries, dim), dtype=np.float32) * mask  # (Q, D) new images' masked embeddings
+        truth = None
+        for name, kind, opts, param, values in kinds:
+            est = build_s.get(name, 0) * n / max(build_s.get(name + '_n', n), 1)
+            if kind != 'exact' and est > build_budget_s:
+                print(f'{n:>10,} {name:<6} skipped: building it would take about {est:.0f} s (over {build_budget_s} s)')
+                continue
+            t0 = time.perf_counter()
+            index = Index(space, kind, **opts)
+            build = time.perf_counter() - t0
+            build_s[name], build_s[name + '_n'] = build, n
+            for v in values:
+                if param:
+                    setattr(index, param, v)
+                found, qps, ms = timed(lambda x: index.search(x, k)[0], q)
+                if truth is None:
+                    truth = found
+                m = min(len(found), len(truth))
+                recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found[:m], truth[:m])])
+                fig = {'impl': 'repo', 'mode': 'search', 'images': n, 'dim': dim, 'k': k, 'index': name,
+                       'setting': f'{param}={v}' if param else '', 'build_s': round(build, 2), 'queries_per_s': round(qps, 1),
+                       'ms_per_query': round(ms, 3), f'recall_at_{k}': round(float(recall), 4), 'queries': int(len(found)),
+                       'peak_rss_mb': round(peak_rss_mb()), 'cpu': cpu_name()}
+                rows.append(fig)
+                print(f'{n:>10,} {name:<6} {fig["setting"]:<14} {build:>8.1f} {qps:>10,.0f} {ms:>9.2f} {recall:>9.3f}',
+                      flush=True)
+            index = None  # free it before the next one is built
+        space = None
+    for fig in rows:
+        print(json.dumps(fig))
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 from atomic import atomic_open
 from checkpoint import describe
 from evaluate import embed_dataset, subspace
+from options import UserError
 from triplet_image_loader import load_triplets, make_store, parse_conditions
 
 STAMP = 'embeddings.json'
@@ -27,15 +28,94 @@ STAMP = 'embeddings.json'
 
 # ----------------------------------------------------------------------------------------------- search and mAP
 
-def nearest(space, query, k, exclude=None):
-    """The k rows of space (N, D) nearest to query (D,) by Euclidean distance, nearest first: (indices, distances)."""
-    d = np.einsum('nd,nd->n', space, space) - 2 * (space @ query) + query @ query  # (N,) squared distances
-    if exclude is not None:
-        d[exclude] = np.inf
-    k = min(k, len(d) - (0 if exclude is None else np.size(exclude)))
-    top = np.argpartition(d, k - 1)[:k] if 0 < k < len(d) else np.arange(max(k, 0))
-    top = top[np.lexsort((top, d[top]))]  # by distance, ties by index
-    return top, np.sqrt(np.maximum(d[top], 0))
+def faiss_or_none():
+    """The faiss module when it is installed (pip install faiss-cpu), else None."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+class Index:
+    """k-nearest-neighbour search over the rows of space (N, D) by Euclidean distance. kind 'exact': faiss's
+    IndexFlatL2 when faiss is installed, else numpy (the same neighbours); 'ivf' (inverted lists over nlist k-means
+    cells, nprobe of them searched) and 'hnsw' (a graph with m links per node, ef_search candidates kept) are faiss's
+    approximate indexes for large galleries. For a notion, space and queries are the masked embeddings f(x) * m_c,
+    so learned (non-binary) masks weigh the dimensions as the model's distance does."""
+
+    def __init__(self, space, kind='exact', use_faiss=None, nlist=None, nprobe=16, m=16, ef_search=128):
+        if kind not in ('exact', 'ivf', 'hnsw'):
+            raise UserError(f'unknown index {kind!r}: use exact, ivf or hnsw')
+        faiss = faiss_or_none() if use_faiss is not False else None
+        if use_faiss and faiss is None or kind != 'exact' and faiss is None:
+            raise UserError(f'index {kind!r} needs faiss: pip install faiss-cpu')
+        self.space = np.ascontiguousarray(space, dtype=np.float32)  # (N, D)
+        self.kind, self.faiss, self.nprobe, self.ef_search = kind, faiss, nprobe, ef_search
+        n, d = self.space.shape
+        if faiss is None:
+            self.sq = np.einsum('nd,nd->n', self.space, self.space)  # (N,) squared norms
+            return
+        if kind == 'exact':
+            self.index = faiss.IndexFlatL2(d)
+        elif kind == 'hnsw':
+            self.index = faiss.IndexHNSWFlat(d, m)
+        else:
+            nlist = nlist or max(1, min(int(n ** 0.5), n // 64))  # sqrt(N) cells, each trained on >= 64 points
+            self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+            sample = np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)
+            self.index.train(self.space[np.sort(sample)])
+        self.index.add(self.space)
+
+    def __len__(self):
+        return len(self.space)
+
+    def search(self, queries, k, exclude=None):
+        """The k nearest rows of each query (Q, D), nearest first (ties by index): (indices (Q, k) int64, distances
+        (Q, k) float32). exclude: one row index per query (Q,) to leave out (the query itself), or None. k is
+        capped at the rows there are; an approximate index may find fewer (index -1, distance inf)."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)  # (Q, D)
+        ex = None if exclude is None else np.broadcast_to(np.asarray(exclude, dtype=np.int64).reshape(-1), (len(q),))
+        k = min(k, len(self) - (ex is not None))
+        if k <= 0:
+            return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
+        kk = k + (ex is not None)  # one more, to drop the excluded row
+        if self.faiss is not None:
+            if self.kind == 'ivf':
+                self.index.nprobe = self.nprobe
+            elif self.kind == 'hnsw':
+                self.index.hnsw.efSearch = self.ef_search
+            idx = self.index.search(q, kk)[1]  # (Q, kk)
+        else:
+            idx = self._numpy_search(q, kk)[1]
+        # the candidates' distances again, directly: |a|^2 - 2ab + |b|^2 loses digits for close pairs
+        d2 = ((self.space[idx] - q[:, None]) ** 2).sum(2, dtype=np.float64)  # (Q, kk)
+        d2[idx < 0] = np.inf  # fewer found (approximate indexes)
+        order = np.lexsort((idx, d2), axis=1)  # by distance, ties by index
+        idx, d2 = np.take_along_axis(idx, order, 1), np.take_along_axis(d2, order, 1)
+        if ex is not None:  # the first k rows that are not excluded
+            keep = np.argsort(idx == ex[:, None], axis=1, kind='stable')[:, :k]
+            idx, d2 = np.take_along_axis(idx, keep, 1), np.take_along_axis(d2, keep, 1)
+        return idx.astype(np.int64), np.sqrt(np.maximum(d2, 0)).astype(np.float32)
+
+    def _numpy_search(self, q, k, chunk=1 << 25):
+        """Exact search in numpy, queries in chunks of about `chunk` distances: ((Q, k) squared distances, indices)."""
+        out_d, out_i = [], []
+        step = max(1, chunk // max(len(self), 1))
+        for s in range(0, len(q), step):
+            qq = q[s:s + step]
+            d = self.sq[None] - 2 * (qq @ self.space.T) + np.einsum('qd,qd->q', qq, qq)[:, None]  # (q, N)
+            top = np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else np.tile(np.arange(d.shape[1]), (len(qq), 1))
+            out_i.append(top)
+            out_d.append(np.take_along_axis(d, top, 1))
+        return np.concatenate(out_d), np.concatenate(out_i)
+
+
+def nearest(space, query, k, exclude=None, kind='exact'):
+    """The k rows of space (N, D) nearest to query (D,) by Euclidean distance, nearest first: (indices, distances).
+    faiss when installed (see Index)."""
+    idx, dist = Index(space, kind).search(query[None], k, exclude)
+    return idx[0], dist[0]
 
 
 def average_precisions(space, labels, chunk=256):
