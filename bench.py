@@ -31,7 +31,7 @@ from checkpoint import build_model
 from dataset_writer import sample_triplets, write_triplets
 from evaluate import evaluate
 from options import UserError, add_device_flag, int_range, main_parser, nonneg_int, positive_int
-from training import train_epoch
+from training import make_optimizer, train_epoch
 from triplet_image_loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -204,27 +204,31 @@ def original_loss(tnet, criterion, batch, args, device):
     return loss, dista, distb
 
 
-def original_train(tnet, optimizer, loader, args, device):
+def original_train(tnet, optimizer, loader, args, device, on_step=None):
     criterion = nn.MarginRankingLoss(margin=args.margin)
     tnet.train()
-    for batch in loader:
+    for step, batch in enumerate(loader, 1):
         loss, _, _ = original_loss(tnet, criterion, batch, args, device)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if on_step is not None:
+            on_step(step)
 
 
-def original_eval(tnet, loader, args, device, n_notions):
+def original_eval(tnet, loader, args, device, n_notions, on_step=None):
     """The release's test(): every triplet's three images decoded and embedded; like the release, without no_grad."""
     criterion = nn.MarginRankingLoss(margin=args.margin)
     tnet.eval()
-    for data1, data2, data3, c in loader:
+    for step, (data1, data2, data3, c) in enumerate(loader, 1):
         data1, data2, data3, c = data1.to(device), data2.to(device), data3.to(device), c.to(device)
         dista, distb, _, _, _ = tnet(data1, data2, data3, c)
         criterion(dista, distb, torch.ones_like(dista)).item()
         right = (dista - distb > 0).cpu()
         for k in range(n_notions):  # its per-notion accuracies
             (right & (c.cpu() == k)).sum().item()
+        if on_step is not None:
+            on_step(step)
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -268,17 +272,26 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+NVML_HINT = 'the GPU busy share needs nvidia-ml-py (pip install nvidia-ml-py; requirements-dev.txt has it)'
+
+
 class GpuBusy:
-    """Mean NVML utilisation (share of time a kernel ran) sampled every 50 ms while timing; None when unavailable."""
+    """Mean NVML utilisation (share of time a kernel ran) sampled every 50 ms while timing; None when unavailable,
+    and then `error` says why (most often: nvidia-ml-py is not installed)."""
 
     def __init__(self, device):
-        self.device, self.samples, self._stop = device, [], threading.Event()
+        self.device, self.samples, self._stop, self.error = device, [], threading.Event(), None
 
-    def __enter__(self):
+    def start(self):
         if self.device.type == 'cuda':
             try:
+                import pynvml  # noqa: F401  (nvidia-ml-py, which torch.cuda.utilization needs)
                 torch.cuda.utilization(self.device)
-            except Exception:
+            except ImportError:
+                self.error = NVML_HINT
+                return self
+            except Exception as e:
+                self.error = f'NVML cannot read the GPU\'s utilisation ({type(e).__name__}: {str(e)[:200]})'
                 return self
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -288,8 +301,13 @@ class GpuBusy:
         while not self._stop.wait(0.05):
             self.samples.append(torch.cuda.utilization(self.device))
 
-    def __exit__(self, *exc):
+    def stop(self):
         self._stop.set()
+
+    __enter__ = start
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def mean(self):
         return round(float(np.mean(self.samples)), 1) if self.samples else None
@@ -333,9 +351,11 @@ def measure(opts, impl, mode):
         dataset = lambda sl: OriginalTriplets(info, trip[sl], cond[sl], original_transform(args.image_size, mode == 'train'))
         if mode == 'train':
             optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
-            run = lambda sl: original_train(tnet, optimizer, original_loader(dataset(sl), B, device), args, device)
+            run = lambda sl, on_step=None: original_train(tnet, optimizer, original_loader(dataset(sl), B, device), args,
+                                                          device, on_step)
         else:
-            run = lambda sl: original_eval(tnet, original_loader(dataset(sl), B, device), args, device, len(info.notions))
+            run = lambda sl, on_step=None: original_eval(tnet, original_loader(dataset(sl), B, device), args, device,
+                                                         len(info.notions), on_step)
     else:
         malloc = runtime.keep_freed_memory(args, device)
         settings.update(amp=str(amp_dtype).replace('torch.', '') if amp_dtype else 'off', grad_scaler=use_scaler,
@@ -348,25 +368,41 @@ def measure(opts, impl, mode):
         store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
         hflip = choose_hflip(args, info)[0]  # as main.py mirrors this dataset's training images
         if mode == 'train':
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+            optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, device)
             scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
             train_model = torch.compile(model) if args.compile else model
-            run = lambda sl: train_epoch(model, train_model, optimizer, scaler, (trip[sl], cond[sl], store, hflip), rt, 1)
+            run = lambda sl, on_step=None: train_epoch(model, train_model, optimizer, scaler,
+                                                       (trip[sl], cond[sl], store, hflip), rt, 1, on_step=on_step)
         else:
-            run = lambda sl: evaluate(model, trip[sl], cond[sl], store, rt, info.notions)
+            run = lambda sl, on_step=None: evaluate(model, trip[sl], cond[sl], store, rt, info.notions)
             timed = slice(0, len(trip))  # embed-once evaluation: its speed depends on the triplets per image
-    run(warm)
-    sync(device)
-    with gpu:
-        t0, c0 = time.perf_counter(), cpu_seconds()
+    clock = {}
+
+    def start_clock(step):
+        if step == W:
+            sync(device)
+            gpu.start()
+            clock.update(t0=time.perf_counter(), c0=cpu_seconds())
+
+    if impl == 'repo' and mode == 'eval' or impl == 'baseline' and mode == 'eval':
+        # the whole evaluation, as main.py runs it after every epoch (starting its DataLoader workers included)
+        run(warm)
+        start_clock(W)
         run(timed)
-        sync(device)
-        seconds, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+    else:
+        # warm-up and timed steps in one pass over one DataLoader: the clock starts after step W, so starting the
+        # DataLoader's workers and the first steps (cuDNN's search with cudnn.benchmark) are not timed
+        if W == 0:
+            start_clock(0)
+        run(slice(0, (W + N) * B), start_clock)
+    sync(device)
+    seconds, cpu_s = time.perf_counter() - clock['t0'], cpu_seconds() - clock['c0']
+    gpu.stop()
     n = len(trip[timed])
     if mode == 'eval':
         settings.update(eval_triplets=n, eval_images=int(len(np.unique(trip[timed]))))
     out = {'seconds': seconds, 'cpu_seconds': cpu_s, 'triplets': n, 'peak_rss_mb': round(peak_rss_mb(), 1), 'base_rss_mb': round(base_rss, 1),
-           'gpu_busy_pct': gpu.mean(),
+           'gpu_busy_pct': gpu.mean(), **({'gpu_busy_error': gpu.error} if gpu.error else {}),
            'device': device.type, 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
            'settings': settings}
     if device.type == 'cuda':
@@ -399,6 +435,7 @@ def summarise(impl, mode, runs, opts):
             'triplets_per_cpu_s': round(statistics.median(per_cpu_s), 2),
             'peak_rss_mb': max(r['peak_rss_mb'] for r in runs), 'base_rss_mb': last['base_rss_mb'],
             'gpu_busy_pct': last['gpu_busy_pct'], **({'peak_gpu_mb': last['peak_gpu_mb']} if 'peak_gpu_mb' in last else {}),
+            **({'gpu_busy_error': last['gpu_busy_error']} if 'gpu_busy_error' in last else {}),
             'device': last['device'], 'device_name': last['device_name'],
             'load_avg_1min': [round(r['load_avg_1min'], 2) for r in runs],
             'settings': {**last['settings'], 'steps': opts.steps, 'warmup': opts.warmup, 'repeats': opts.repeats,
@@ -432,6 +469,9 @@ def build_parser():
     a('--peak', action='store_true', help='only time a 4096 x 4096 matrix product in bf16 and fp32 (the device\'s '
                                           'practical peak, to compare the training GFLOP/s with)')
     a('--search', action='store_true', help='only time retrieve.py\'s search: queries over 100,000 64-d embeddings')
+    a('--gpu-check', action='store_true', help='the first command on a GPU machine: a short training on synthetic data '
+                                               'with CUDA sync checks, AMP, DDP over NCCL (several GPUs), a resume, '
+                                               'and the bench figures; exit 2 without CUDA')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
     return p
 
@@ -487,6 +527,10 @@ def run_bench(opts):
               + (f'; a training step costs {gflop:.2f} GFLOP per triplet (GFLOP/s below = that x triplets/s; '
                  f'python bench.py --peak gives the device\'s matrix-product peak)' if gflop else ''))
     print_table(figs, header)
+    for f in figs:
+        if f['device'] == 'cuda':
+            print(f'GPU busy share, {f["impl"]} {f["mode"]}: ' + (f'{f["gpu_busy_pct"]} %' if f['gpu_busy_pct'] is not None
+                                                                   else f'unknown: {f.get("gpu_busy_error", "no samples")}'))
     by = {(f['impl'], f['mode']): f['triplets_per_s'] for f in figs}
     ratios = {(m, other): round(by[('repo', m)] / by[(other, m)], 2) for other in ('original', 'baseline')
               for m in opts.modes if ('repo', m) in by and (other, m) in by}
@@ -613,9 +657,113 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- --gpu-check
+
+def gpu_check(opts):
+    """--gpu-check: what no CPU test can show, on this machine's GPU(s). Each check prints ok or FAIL; exit 1 if any
+    failed. Without CUDA: exit 2 (UserError)."""
+    if not torch.cuda.is_available():
+        raise UserError(f'--gpu-check needs a CUDA GPU, and torch {torch.__version__} sees none ('
+                        + (f'built for CUDA {torch.version.cuda}: check the driver, nvidia-smi and CUDA_VISIBLE_DEVICES'
+                           if torch.version.cuda else 'a CPU-only build of torch: install a CUDA build') + ')')
+    import tempfile
+    import traceback
+    n_gpu, results = torch.cuda.device_count(), []
+
+    def check(name, fn):
+        try:
+            detail = fn()
+            results.append(True)
+            print(f'ok    {name}: {detail}', flush=True)
+        except Exception as e:
+            results.append(False)
+            print(f'FAIL  {name}: {type(e).__name__}: {str(e).strip()[-1500:]}\n'
+                  + ''.join(traceback.format_exception(e)[-6:]), flush=True)
+
+    with tempfile.TemporaryDirectory(prefix='csn-gpu-check-') as work:
+        data = opts.data or os.path.join(work, 'data')
+        if not opts.data:
+            make_zappos_like(data, 400, opts.seed, log=lambda *a: None)
+        args = main_parser().parse_args(['--data', data, '--no-pretrained', '--image-size', '64', '--batch-size', '32',
+                                         '--device', 'cuda', '--log-interval', '1000', '--seed', str(opts.seed)])
+        rt = runtime.start(args)
+        check('device', lambda: gpu_summary(rt, n_gpu))
+        check('training steps with torch.cuda.set_sync_debug_mode("error")', lambda: sync_checked_steps(rt))
+        check(f'main.py: train, resume, test{f" under torchrun, {n_gpu} processes (NCCL)" if n_gpu > 1 else ""}',
+              lambda: main_py_run(data, os.path.join(work, 'runs'), n_gpu))
+        bench = build_parser().parse_args(['--data', data, '--device', 'cuda', '--repeats', '1', '--impls', 'original',
+                                           'repo', '--seed', str(opts.seed)])
+        check('bench figures', lambda: run_bench(bench) == 0 and 'printed above')
+    print(f'--gpu-check: {sum(results)} of {len(results)} checks passed')
+    return 0 if all(results) else 1
+
+
+def gpu_summary(rt, n_gpu):
+    d = rt.device
+    amp = str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off'
+    try:
+        import pynvml  # noqa: F401
+        nvml = 'nvidia-ml-py present (GPU busy share measured)'
+    except ImportError:
+        nvml = NVML_HINT
+    return (f'{n_gpu} x {torch.cuda.get_device_name(d)}, compute capability {torch.cuda.get_device_capability(d)}, '
+            f'torch {torch.__version__} (CUDA {torch.version.cuda}); --amp auto -> {amp}'
+            f'{" + grad scaler" if rt.use_scaler else ""}; {nvml}')
+
+
+def sync_checked_steps(rt, warmup=3, steps=10):
+    """Training steps after a warm-up under sync debug mode 'error': any host-device synchronisation other than the
+    log-interval read (training.host_read) raises, naming where."""
+    args, device = rt.args, rt.device
+    info = load_dataset_info(args.data)
+    trip, cond = load_triplets(info, 'train', list(range(len(info.notions))), 10 ** 9, args.seed, log=lambda *a: None)
+    B = args.batch_size
+    if len(trip) < (warmup + steps) * B:
+        raise UserError(f'{args.data}: {len(trip)} training triplets, fewer than {(warmup + steps) * B}')
+    model = build_model(args, len(info.notions)).to(device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, device)
+    scaler = torch.amp.GradScaler('cuda', enabled=rt.use_scaler)
+    store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, log=lambda *a: None))
+    part = lambda a, b: (trip[a * B:b * B], cond[a * B:b * B], store, True)
+    train_epoch(model, model, optimizer, scaler, part(0, warmup), rt, 1)
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        sums, _ = train_epoch(model, model, optimizer, scaler, part(warmup, warmup + steps), rt, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return (f'{steps} steps of batch {B} with {rt.workers} workers, loss {sums["loss"] / sums["n"]:.4f}: no sync '
+            f'outside the log-interval read')
+
+
+def main_py_run(data, runs, n_gpu):
+    """main.py as a user runs it (torchrun over every GPU when there are several): 1 epoch, --resume to 2, --test."""
+    launch = [sys.executable, os.path.abspath(os.path.join(os.path.dirname(__file__), 'main.py'))]
+    if n_gpu > 1:
+        launch[1:1] = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(n_gpu)]
+    common = ['--image-size', '64', '--num_valtriplets', '256', '--num_testtriplets', '256', '--device', 'cuda']
+    ckpt, best = os.path.join(runs, 'gpu', 'checkpoint.pth.tar'), os.path.join(runs, 'gpu', 'model_best.pth.tar')
+    start_lines = []
+    for argv in (['--data', data, '--runs', runs, '--name', 'gpu', '--no-pretrained', '--epochs', '1',
+                  '--batch-size', str(32 * n_gpu), '--num_traintriplets', '1024', *common],
+                 ['--resume', ckpt, '--epochs', '2'], ['--test', '--resume', best, '--no-pictures']):
+        p = subprocess.run(launch + argv, capture_output=True, text=True, timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(f'{" ".join(argv)} exited {p.returncode}:\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}')
+        start_lines += [ln for ln in p.stdout.splitlines() if ln.startswith('device ')][:1]
+    with open(os.path.join(runs, 'gpu', 'metrics.jsonl')) as f:
+        epochs = [json.loads(line)['epoch'] for line in f]
+    if epochs != [1, 2]:
+        raise RuntimeError(f'metrics.jsonl has epochs {epochs} after the resume, not [1, 2]')
+    res = json.load(open(os.path.join(runs, 'gpu', 'test_results.json')))
+    return f'epochs {epochs}, test accuracy {res["accuracy"] * 100:.1f} % ({start_lines[0][:160] if start_lines else ""})'
+
+
 def main_cli(argv=None):
     opts = build_parser().parse_args(argv)
     try:
+        if opts.gpu_check:
+            return gpu_check(opts)
         if opts.search:
             return search_speed()
         if opts.peak:

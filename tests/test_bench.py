@@ -169,3 +169,27 @@ def test_bad_baseline_flags_are_named_before_anything_runs(zappos):
     p = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--data', zappos, '--baseline-flags=--no-such-flag'],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--baseline-flags '--no-such-flag'" in p.stderr and 'round' not in p.stdout
+
+
+def test_gpu_busy_share_says_nvidia_ml_py_is_missing_instead_of_staying_empty(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'pynvml', None)  # import pynvml -> ImportError, as where nothing installed it
+    busy = bench.GpuBusy(torch.device('cuda', 0)).start()
+    busy.stop()
+    assert busy.mean() is None and busy.error == bench.NVML_HINT and 'nvidia-ml-py' in busy.error
+    with open(os.path.join(REPO, 'requirements-dev.txt')) as f:
+        assert 'nvidia-ml-py' in f.read().split()
+
+
+def test_gpu_busy_share_reports_an_nvml_failure(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'pynvml', object())
+    monkeypatch.setattr(torch.cuda, 'utilization', lambda device=None: (_ for _ in ()).throw(RuntimeError('NVML: no')))
+    busy = bench.GpuBusy(torch.device('cuda', 0)).start()
+    assert busy.mean() is None and 'NVML: no' in busy.error
+    assert bench.GpuBusy(CPU).start().error is None  # the CPU has no busy share to report
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert bench.main_cli(['--gpu-check']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: --gpu-check needs a CUDA GPU') and torch.__version__ in err[0]
