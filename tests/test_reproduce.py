@@ -101,7 +101,8 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
     p = reproduce('--data', shapes_data, '--runs', runs, '--budgets', 64, 32, '--seeds', 1, '--seen', 128, *TINY,
                   '--models', 'csn_fixed')
     cmds = launched(p.stdout)
-    assert len(cmds) == 4 and '--resume' in cmds[0] and 'repro_csn_fixed_n32_s1/checkpoint.pth.tar' in cmds[0]
+    assert len(cmds) == 4 and all('--resume' in c for c in cmds[::2])
+    assert 'repro_csn_fixed_n64_s1/checkpoint.pth.tar' in cmds[0] and 'repro_csn_fixed_n32_s1/checkpoint.pth.tar' in cmds[2]
     with open(runs / 'repro_csn_fixed_n32_s1' / 'metrics.jsonl') as f:
         assert [json.loads(line)['epoch'] for line in f] == [1, 2, 3, 4]
 
