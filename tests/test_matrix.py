@@ -1,0 +1,157 @@
+"""Every feature on every kind of dataset: the paper's release format (no dataset.json, no labels.csv) and a labelled
+dataset; each --model and mask type, a --conditions subset, --tensorboard, --test with pictures and
+--export-embeddings, and retrieve.py. Each combination works or stops with one clear message (exit 2, no traceback).
+
+main.py and retrieve.py run in this process through their main(argv) (the same code as the command line, without
+starting Python and torch again for each of the ~40 calls); one trained run per (dataset, model) is shared by the tests.
+--visdom with a server up is covered in test_loggers.py (test_main_with_visdom_plots_every_epoch_...), not here.
+"""
+import contextlib
+import io
+import json
+import os
+import signal
+import traceback
+
+import pytest
+
+import main
+import retrieve
+from bench import make_zappos_like
+from conftest import make_dataset
+
+pytestmark = pytest.mark.slow
+
+TINY = ['--no-pretrained', '--image-size', '32', '--batch-size', '16', '--num_traintriplets', '32',
+        '--num_valtriplets', '16', '--num_testtriplets', '24', '--dim_embed', '16', '--epochs', '1', '--log-interval', '1']
+VARIANTS = {'csn': [], 'learned': ['--learned'], 'prein': ['--prein'], 'triplet': ['--model', 'triplet'],
+            'task': ['--model', 'task']}
+NOTIONS = {'release': ['class', 'closure', 'gender', 'heel'], 'labelled': ['colour', 'shape']}
+
+
+def call(entry, argv):
+    """entry(argv) as the command line runs it: (exit status, stdout, stderr); an exception that escapes is a failure
+    (a user would see a traceback)."""
+    out, err = io.StringIO(), io.StringIO()
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # main.py installs its Ctrl-C flag
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = entry([str(a) for a in argv])
+    except BaseException:
+        pytest.fail(f'{entry.__module__} {argv} raised:\n{traceback.format_exc()}\n{err.getvalue()[-2000:]}')
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(entry, argv):
+    code, out, err = call(entry, argv)
+    assert code == 0, f'{argv} exited {code}\n{out[-2000:]}\n{err[-2000:]}'
+    return out
+
+
+def refused(entry, argv, *words):
+    """Stops with exit 2 and one line 'error: ...' naming each of words."""
+    code, out, err = call(entry, argv)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), (code, out[-1000:], err[-2000:])
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp('matrix')
+    release, labelled = root / 'release', root / 'labelled'
+    make_zappos_like(str(release), n_images=64, seed=0, log=lambda *a: None)  # Zappos layout, no dataset.json, no labels
+    make_dataset(str(labelled), per_kind=6, triplets=(32, 16, 24))
+    assert not (release / 'dataset.json').exists() and not (release / 'labels.csv').exists()
+    return {'release': str(release), 'labelled': str(labelled), 'runs': str(root / 'runs')}
+
+
+@pytest.fixture(scope='module')
+def trained(datasets):
+    """(dataset, variant) -> the run's folder, trained once with --tensorboard on first use."""
+    done = {}
+
+    def get(dataset, variant, extra=()):
+        key = (dataset, variant, tuple(extra))
+        if key not in done:
+            name = f'{dataset}_{variant}' + ''.join(f'_{e}' for e in extra if not e.startswith('-'))
+            ok(main.main, ['--data', datasets[dataset], '--runs', datasets['runs'], '--name', name, *TINY,
+                           *VARIANTS[variant], '--tensorboard', *extra])
+            done[key] = os.path.join(datasets['runs'], name)
+        return done[key]
+    return get
+
+
+CASES = [(d, v) for d in NOTIONS for v in VARIANTS]
+
+
+@pytest.mark.parametrize('dataset, variant', CASES)
+def test_trains_with_tensorboard_including_the_projector(trained, dataset, variant):
+    run = trained(dataset, variant)
+    assert os.path.exists(os.path.join(run, 'model_best.pth.tar'))
+    tb = os.path.join(run, 'tensorboard')
+    assert any(f.startswith('events.out') for f in os.listdir(tb))
+    proj = os.path.join(tb, '00000', 'val_embedding')
+    assert os.path.exists(os.path.join(proj, 'tensors.tsv'))
+    meta = open(os.path.join(proj, 'metadata.tsv')).read().splitlines()
+    assert meta[0] == ('colour\tshape' if dataset == 'labelled' else meta[0])
+    if dataset == 'release':  # no labels: the file names name the points
+        assert meta[0].endswith('.jpg')
+
+
+@pytest.mark.parametrize('dataset, variant', CASES)
+def test_test_with_pictures_and_exported_embeddings(trained, datasets, dataset, variant):
+    run = trained(dataset, variant)
+    out = ok(main.main, ['--test', '--resume', os.path.join(run, 'model_best.pth.tar'), '--export-embeddings'])
+    res = json.load(open(os.path.join(run, 'test_results.json')))
+    assert set(res['per_notion']) == set(NOTIONS[dataset])
+    assert ('mAP' in res) == (dataset == 'labelled')
+    if dataset == 'release':
+        assert 'no retrieval mAP' in out
+    files = os.listdir(run)
+    assert ('masks.png' in files) == (variant in ('csn', 'learned', 'prein'))
+    assert {f'retrieval_{n}.png' for n in NOTIONS[dataset]} <= set(files)
+    assert {'embeddings.npy', 'masks.npy', 'images.txt'} <= set(files)
+
+
+@pytest.mark.parametrize('dataset, variant', CASES)
+def test_retrieve_finds_neighbours_under_each_trained_notion(trained, dataset, variant):
+    run = trained(dataset, variant)
+    notion = NOTIONS[dataset][-1]
+    png = os.path.join(run, 'neighbours.png')
+    out = ok(retrieve.main, ['--resume', os.path.join(run, 'model_best.pth.tar'), '--query', 0, '--notion', notion,
+                             '--k', 3, '--out', png])
+    assert os.path.exists(png) and '3 nearest' in out
+
+
+@pytest.mark.parametrize('dataset', list(NOTIONS))
+def test_a_conditions_subset_is_tested_on_its_own_notions_only(trained, dataset):
+    trained_notion, other = NOTIONS[dataset][-1], NOTIONS[dataset][0]
+    run = trained(dataset, 'csn', ['--conditions', trained_notion])
+    ckpt = os.path.join(run, 'model_best.pth.tar')
+    out = ok(main.main, ['--test', '--resume', ckpt, '--no-pictures'])
+    res = json.load(open(os.path.join(run, 'test_results.json')))
+    assert set(res['per_notion']) == {trained_notion} and 'trained on' in out
+    # asking for every notion: the trained one is evaluated, and the others are named as left out
+    out = ok(main.main, ['--test', '--resume', ckpt, '--no-pictures', '--conditions', *NOTIONS[dataset]])
+    res = json.load(open(os.path.join(run, 'test_results.json')))
+    assert set(res['per_notion']) == {trained_notion} and other in out and 'not [' in out
+    if dataset == 'labelled':
+        assert set(k for k, v in res['mAP_per_notion'].items() if v is not None) == {trained_notion}
+    # only an untrained notion: refused
+    refused(main.main, ['--test', '--resume', ckpt, '--no-pictures', '--conditions', other], other, 'untrained')
+
+
+@pytest.mark.parametrize('dataset', list(NOTIONS))
+def test_what_cannot_be_done_stops_with_one_clear_message(datasets, dataset):
+    data, runs = datasets[dataset], datasets['runs']
+    base = ['--data', data, '--runs', runs, '--name', f'{dataset}_refused', *TINY]
+    refused(main.main, [*base, '--model', 'triplet', '--learned'], '--learned')
+    refused(main.main, [*base, '--learned', '--prein'], '--learned', '--prein')
+    refused(main.main, [*base, '--conditions', 'no_such_notion'], 'no_such_notion')
+    refused(main.main, ['--data', data, '--test'], '--test', '--resume')
+    assert not os.path.exists(os.path.join(runs, f'{dataset}_refused'))
