@@ -20,6 +20,8 @@ HOW_TO_RUN = ('device', 'no_cuda', 'amp', 'compile', 'workers', 'channels_last',
               'dist_timeout')
 # flags of this call, never taken from the checkpoint's run
 THIS_CALL = ('resume', 'test', 'export_embeddings', 'pictures', 'check_data') + HOW_TO_RUN
+# not flags: what a run recorded about its model in its args (--add-notion's mask rows learned on fixed masks)
+RECORDED = ('learned_rows',)
 
 
 def save_checkpoint(state, path):
@@ -53,7 +55,8 @@ def merge_checkpoint_args(args, ckpt, explicit, path):
             raise UserError(f'--resume {path}: the checkpoint is a {describe(stored)} model, but the command line asks '
                             f'for --{k.replace("_", "-")} {getattr(args, k)}; drop the flag or use a matching checkpoint')
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items()
-                                                  if k not in explicit and k in vars(args) and k not in THIS_CALL}})
+                                                  if k not in explicit and (k in vars(args) or k in RECORDED)
+                                                  and k not in THIS_CALL}})
 
 
 def how_to_run_changes(args, ckpt, explicit):
@@ -107,7 +110,7 @@ def build_model(args, n_notions, pretrained=None):
         mask_type = 'prein' if args.prein else 'learned' if args.learned else 'fixed'
         if args.dim_embed < n_notions:
             raise UserError(f'--dim_embed {args.dim_embed} is smaller than the number of notions ({n_notions})')
-        net = ConditionalSimNet(backbone(), n_notions, args.dim_embed, mask_type)
+        net = ConditionalSimNet(backbone(), n_notions, args.dim_embed, mask_type, getattr(args, 'learned_rows', None) or ())
     elif args.model == 'triplet':
         net = TripletEmbedNet(backbone())
     else:

@@ -6,16 +6,18 @@ import torch.nn.functional as F
 
 class ConditionalSimNet(nn.Module):
     """f(x) * m_c. Masks: fixed disjoint 0/1 blocks ('fixed'), learned from N(0.9, 0.7) ('learned'), or learned from
-    the disjoint blocks with 0.1 elsewhere ('prein'). Learned masks go through ReLU."""
+    the disjoint blocks with 0.1 elsewhere ('prein'). Learned masks go through ReLU. learned_rows: rows learned on top
+    of fixed masks (main.py --add-notion); then every row goes through ReLU, which leaves the fixed 0/1 rows as they are."""
 
     per_notion_backbone = False
 
-    def __init__(self, embeddingnet, n_notions, dim_embed, mask_type='fixed'):
+    def __init__(self, embeddingnet, n_notions, dim_embed, mask_type='fixed', learned_rows=()):
         super().__init__()
         if mask_type not in ('fixed', 'learned', 'prein'):
             raise ValueError(f'unknown mask type {mask_type!r}')
         self.embeddingnet = embeddingnet
         self.mask_type = mask_type
+        self.learned_rows = sorted(learned_rows)
         self.masks = nn.Embedding(n_notions, dim_embed)  # (n_notions, D)
         block = dim_embed // n_notions
         with torch.no_grad():
@@ -26,14 +28,14 @@ class ConditionalSimNet(nn.Module):
                 self.masks.weight.fill_(fill)
                 for i in range(n_notions):
                     self.masks.weight[i, i * block:(i + 1) * block] = 1.0
-        self.masks.weight.requires_grad_(mask_type != 'fixed')
+        self.masks.weight.requires_grad_(mask_type != 'fixed' or bool(self.learned_rows))
 
     def embed(self, x, c=None):
         return self.embeddingnet(x)  # (B, D)
 
     def mask_weights(self):
         w = self.masks.weight
-        return F.relu(w) if self.mask_type != 'fixed' else w  # (n_notions, D)
+        return F.relu(w) if self.mask_type != 'fixed' or self.learned_rows else w  # (n_notions, D)
 
     def apply_mask(self, emb, c):
         """Masked embedding and the per-sample L1 norm of the masks used: (B, D), (B,)."""

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import add_notion
 import options
 import runtime
 from atomic import atomic_open
@@ -88,6 +89,8 @@ def run(args, explicit):
         raise UserError('--learned and --prein are two different mask starts: pass one of them')
     if (args.learned or args.prein) and args.model != 'csn':
         raise UserError(f'--learned/--prein are CSN mask options; --model {args.model} has no masks')
+    if args.test and 'add_notion' in explicit:
+        raise UserError('--add-notion trains and --test evaluates: teach the notion first, then --test the new run')
     ckpt, resume = None, args.resume
     if args.resume == 'auto':
         found = os.path.join(run_dir_for(args), 'model_best.pth.tar' if args.test else 'checkpoint.pth.tar')
@@ -111,6 +114,10 @@ def run(args, explicit):
     malloc = runtime.keep_freed_memory(args, rt.device)
 
     info = load_dataset_info(args.data)
+    new, fresh = None, False  # --add-notion: the notion taught, and whether the run starts (else it goes on)
+    if args.add_notion and not args.test:
+        args, ckpt, info, new, fresh = add_notion.prepare(args, ckpt, info, explicit, resume)
+        rt = dataclasses.replace(rt, args=args)
     conditions = parse_conditions(args.conditions, info.notions)
     if ckpt is not None and ckpt.get('notions') and ckpt['notions'] != info.notions:
         raise UserError(f'--resume {resume}: the checkpoint was trained on notions {ckpt["notions"]}, but '
@@ -140,11 +147,13 @@ def run(args, explicit):
     model.to(rt.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if new is not None:
+        add_notion.freeze(model, new)
 
     if args.test:
         out_dir = run_dir_for(args) if 'name' in explicit else os.path.dirname(os.path.abspath(resume))
         return test(model, ckpt, info, conditions, rt, out_dir)
-    return train(model, ckpt, info, conditions, rt, hflip[0])
+    return train(model, None if fresh else ckpt, info, conditions, rt, hflip[0], new)
 
 
 def trained_conditions(ckpt, conditions, notions, resume, log):
@@ -247,8 +256,9 @@ def retrieval_and_pictures(res, model, info, trip, store, rt, out_dir, embedded=
         export_embeddings(model, info, rt, os.path.dirname(os.path.abspath(rt.resume)), store, log)
 
 
-def train(model, ckpt, info, conditions, rt, hflip):
-    """Train from scratch or from a checkpoint; each epoch: train, validate, log, save. Returns the exit status."""
+def train(model, ckpt, info, conditions, rt, hflip, new=None):
+    """Train from scratch or from a checkpoint; each epoch: train, validate, log, save. Returns the exit status.
+    new: --add-notion's notion, the only one trained and validated (on --num_traintriplets of its triplets)."""
     args, device, log = rt.args, rt.device, rt.log
     run_dir = run_dir_for(args)
     ckpt_path, best_path = os.path.join(run_dir, 'checkpoint.pth.tar'), os.path.join(run_dir, 'model_best.pth.tar')
@@ -259,8 +269,9 @@ def train(model, ckpt, info, conditions, rt, hflip):
         for f in os.listdir(run_dir):  # temporary files of checkpoint writes that a kill interrupted
             if '.pth.tar.tmp' in f:
                 os.remove(os.path.join(run_dir, f))
-    train_t, train_c = load_triplets(info, 'train', conditions, args.num_traintriplets, args.seed, args.skip_bad_triplets, log)
-    val_t, val_c = load_triplets(info, 'val', conditions, args.num_valtriplets, args.seed, args.skip_bad_triplets, log)
+    learn, n_train = (conditions, args.num_traintriplets) if new is None else ([new], args.num_traintriplets * len(info.notions))
+    train_t, train_c = load_triplets(info, 'train', learn, n_train, args.seed, args.skip_bad_triplets, log)
+    val_t, val_c = load_triplets(info, 'val', learn, args.num_valtriplets, args.seed, args.skip_bad_triplets, log)
     store = make_store(info, rt)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args.lr, device)
@@ -294,7 +305,7 @@ def train(model, ckpt, info, conditions, rt, hflip):
         logger = make_logger(args, info.notions, run_dir)
         if logger.loggers and ckpt is None:
             logger.log_triplets(store.get(val_t[:8][:, [0, 2, 1]].reshape(-1)).reshape(-1, 3, args.image_size, args.image_size, 3))
-    log(f'{describe(args)} on {info.name}: notions {[info.notions[c] for c in conditions]}, {len(train_t)} train and '
+    log(f'{describe(args)} on {info.name}: notions {[info.notions[c] for c in learn]}, {len(train_t)} train and '
         f'{len(val_t)} val triplets, batch {args.batch_size}, epochs {next_epoch}..{args.epochs}')
     rt.stop.install()
 

@@ -91,6 +91,13 @@ def main_parser():
     a('--visdom', action='store_true', default=False, help='plot to a visdom server (python -m visdom.server)')
     a('--conditions', nargs='*', default=None, metavar='NOTION',
       help='notions to use, by index or name (e.g. 0 1 or class heel); default: all of the dataset\'s')
+    a('--add-notion', '--add_notion', default=None, metavar='NAME',
+      help='teach the --resume checkpoint the notion NAME from the --data folder\'s NAME triplet lists, everything it '
+           'learned frozen: a CSN learns one new mask row (its old notions\' distances stay bit for bit), task-specific '
+           'networks one new network; the standard triplet network is refused. NAME: a new notion, or one of the '
+           'checkpoint\'s it was not trained on. --num_traintriplets counts NAME\'s triplets; --lr defaults to 1e-2 for '
+           'a CSN\'s mask row (the checkpoint\'s for a network), --epochs to the checkpoint\'s; the run goes to '
+           'RUNS/NAME_OF_RUN+NAME unless --name is given. None: train as usual')
     g = p.add_argument_group('data and model')
     a = g.add_argument
     a('--data', default='data', metavar='DIR', help='dataset folder (filenames.json, images, tripletlists/)')

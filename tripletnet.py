@@ -12,6 +12,14 @@ class TripletNet(nn.Module):
         self.embednet = embednet  # a ConditionalSimNet, TripletEmbedNet or TaskSpecificNets
         self.three_forwards = three_forwards  # the original's three backbone calls (BatchNorm statistics per role)
 
+    def train(self, mode=True):
+        """BatchNorm layers whose weights are frozen (main.py --add-notion) stay in eval mode: their statistics too."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+                m.eval()
+        return self
+
     def forward(self, x, c):  # images (3B, 3, H, W): anchors, fars, closes; c (B,)
         B = c.shape[0]
         if self.three_forwards:
