@@ -581,11 +581,11 @@ def peak_speed(device, n=4096, repeats=5):
     return 0
 
 
-def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1000, min_s=3.0, build_budget_s=300):
+def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1000, min_s=3.0, build_budget_s=400):
     """Queries per second and recall@k against exact search of retrieval.Index over random dim-d embeddings under a
     learned (non-binary) mask: exact (faiss, and numpy as without faiss), ivf and hnsw (two search settings each).
     A size whose arrays would not fit in the available memory is skipped, and so are approximate indexes whose build
-    would take longer than build_budget_s (estimated from the previous size's)."""
+    would take longer than build_budget_s (estimated from the previous size's as N^1.5: IVF's sqrt(N) cells)."""
     from retrieval import Index, faiss_or_none
 
     def available_bytes():
@@ -627,7 +627,7 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
         q = rng.standard_normal((queries, dim), dtype=np.float32) * mask  # (Q, D) new images' masked embeddings
         truth = None
         for name, kind, opts, param, values in kinds:
-            est = build_s.get(name, 0) * n / max(build_s.get(name + '_n', n), 1)
+            est = build_s.get(name, 0) * (n / max(build_s.get(name + '_n', n), 1)) ** 1.5
             if kind != 'exact' and est > build_budget_s:
                 print(f'{n:>10,} {name:<6} skipped: building it would take about {est:.0f} s (over {build_budget_s} s)')
                 continue

@@ -14,16 +14,17 @@ import re
 import sys
 import time
 
-import torch
 from PIL import Image
 
-from checkpoint import describe, load_model
+from checkpoint import describe
 from evaluate import subspace
+from onnx_export import export_onnx
 from options import UserError, add_device_flag, positive_int
 from pictures import plot_retrieval, short
 from retrieval import export_embeddings, load_cached_embeddings, nearest
 from runtime import keep_freed_memory
-from triplet_image_loader import DataError, load_dataset_info, load_image, parse_conditions, read_labels, to_input
+from trained import load_trained
+from triplet_image_loader import DataError, load_dataset_info, load_image, parse_conditions, read_labels
 
 
 def build_parser():
@@ -44,6 +45,8 @@ def build_parser():
     a('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default=None,
       help='mixed precision for embedding (default: the checkpoint\'s setting)')
     a('--batch-size', '--batch_size', type=positive_int, default=256, help='images per batch when embedding the dataset')
+    a('--export-onnx', default=None, metavar='FILE', help='only write the model as ONNX to FILE (images (B, 3, S, S) and '
+                                                          'notion indices (B,) -> masked embeddings (B, D)); no dataset needed')
     return p
 
 
@@ -95,8 +98,13 @@ def trained_notions(ckpt, notions):
 
 def run(a):
     t_start = time.time()
-    model, ckpt, rt = load_model(a.resume, a.data, a.device, a.amp, a.batch_size)
-    args, device, amp_dtype = rt.args, rt.device, rt.amp_dtype
+    trained, ckpt, rt = load_trained(a.resume, device=a.device, amp=a.amp, data=a.data, batch_size=a.batch_size)
+    model, args, device = trained.model, rt.args, rt.device
+    if a.export_onnx:
+        export_onnx(trained, a.export_onnx)
+        print(f'wrote {a.export_onnx}: {describe(args)}, images (B, 3, {args.image_size}, {args.image_size}), notions '
+              f'{", ".join(f"{i}={n}" for i, n in enumerate(trained.notions))}')
+        return 0
     info = load_dataset_info(args.data)
     if ckpt.get('notions') and ckpt['notions'] != info.notions:
         raise DataError(f'--resume {a.resume} was trained on notions {ckpt["notions"]}, but {args.data} has {info.notions}')
@@ -119,10 +127,7 @@ def run(a):
     name = info.notions[c]
     space = subspace(emb, masks, c)  # (N, D)
     if q_index is None:  # an image from outside the dataset: embed it now
-        u8 = torch.from_numpy(load_image(q_path, args.image_size)[None].copy())  # (1, S, S, 3)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            raw = model.embednet.embed(to_input(u8, device, args.channels_last), c).float()  # (1, D)
-        q = raw[0].cpu().numpy() * masks[c]
+        q = trained.embed(trained.transform(q_path), c)[0].cpu().numpy()  # (D,) masked
     else:
         q = space[q_index]
     t0 = time.perf_counter()
