@@ -468,7 +468,8 @@ def build_parser():
     a('--modes', nargs='+', choices=['train', 'eval'], default=['train', 'eval'], help='what to measure')
     a('--peak', action='store_true', help='only time a 4096 x 4096 matrix product in bf16 and fp32 (the device\'s '
                                           'practical peak, to compare the training GFLOP/s with)')
-    a('--search', action='store_true', help='only time retrieve.py\'s search: queries over 100,000 64-d embeddings')
+    a('--search', action='store_true', help='only time the search: queries/s and recall@10 of the exact, ivf and hnsw indexes over 100k, 1M and '
+                                            '10M random 64-d embeddings (faiss-cpu; numpy for exact without it)')
     a('--gpu-check', action='store_true', help='the first command on a GPU machine: a short training on synthetic data '
                                                'with CUDA sync checks, AMP, DDP over NCCL (several GPUs), a resume, '
                                                'and the bench figures; exit 2 without CUDA')

@@ -38,6 +38,10 @@ def build_parser():
                                     'image file')
     a('--notion', default=None, help='the notion of similarity, by name or index (e.g. character, font, 0)')
     a('--k', type=positive_int, default=10, help='number of neighbours')
+    a('--index', choices=['exact', 'ivf', 'hnsw'], default='exact',
+      help='search: exact (faiss IndexFlatL2 when faiss-cpu is installed, else numpy: the same neighbours), or faiss\'s '
+           'approximate ivf or hnsw index for galleries of millions (building one costs more than an exact search of '
+           'one query; see the README\'s table)')
     a('--out', default=None, metavar='PNG', help='picture of the query and its neighbours (default: '
                                                  'retrieval/<notion>_<query>.png in the checkpoint\'s folder)')
     a('--recompute', action='store_true', default=False, help='embed the dataset again even when the cache is valid')
@@ -131,7 +135,7 @@ def run(a):
     else:
         q = space[q_index]
     t0 = time.perf_counter()
-    idx, dist = nearest(space, q, a.k, exclude=q_index)
+    idx, dist = nearest(space, q, a.k, exclude=q_index, kind=a.index)
     search_ms = (time.perf_counter() - t0) * 1e3
     labels = read_labels(info) or {}
     lab = labels.get(name)

@@ -242,6 +242,17 @@ def test_retrieval_by_colour_finds_the_same_colour_and_caches_the_embeddings(tra
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('index', ['ivf', 'hnsw'])
+def test_an_approximate_index_finds_the_exact_neighbours_of_a_small_gallery(trained, index):
+    pytest.importorskip('faiss')  # the approximate indexes are faiss's (requirements-dev.txt installs faiss-cpu)
+    data, run, _, _ = trained
+    ask = ['--resume', run / 'model_best.pth.tar', '--data', data, '--query', 3, '--notion', 'colour', '--k', 5]
+    exact = neighbours(retrieve(*ask).stdout)
+    approx = neighbours(retrieve(*ask, '--index', index).stdout)
+    assert [r[0] for r in approx] == [r[0] for r in exact]  # 40 images: every cell / node is searched
+
+
+@pytest.mark.slow
 def test_bad_query_and_notion_say_what_to_do(trained):
     data, run, _, _ = trained
     p = retrieve('--resume', run / 'model_best.pth.tar', '--data', data, '--query', 'nope.png', '--notion', 'colour',
