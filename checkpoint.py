@@ -9,6 +9,7 @@ from csn import ConditionalSimNet, TaskSpecificNets, TripletEmbedNet
 from options import UserError, explicit_flags, main_parser
 from Resnet_18 import EmbeddingNet
 from runtime import Runtime, choose_amp, choose_device
+from triplet_image_loader import parse_conditions
 from tripletnet import TripletNet
 
 # flags that fix the model's shape: taken from a checkpoint, and must match it when given on the command line
@@ -133,3 +134,11 @@ def load_model(ckpt_path, data=None, device='auto', amp=None, batch_size=256):
     model.load_state_dict(ckpt['state_dict'])
     model.to(device).eval()
     return model, ckpt, rt
+
+
+def trained_conditions(ckpt, notions):
+    """Indices of the notions a checkpoint was trained on (a checkpoint of older code: the notions its run's
+    --conditions selected, all of them by default)."""
+    if ckpt.get('conditions') is not None:
+        return [int(c) for c in ckpt['conditions']]
+    return parse_conditions((ckpt.get('args') or {}).get('conditions'), notions)

@@ -27,6 +27,7 @@ from checkpoint import (
     load_checkpoint,
     merge_checkpoint_args,
     save_checkpoint,
+    trained_conditions,
 )
 from evaluate import embed_dataset, embed_images, evaluate
 from loggers import Logger, make_logger
@@ -123,7 +124,7 @@ def run(args, explicit):
         raise UserError(f'--resume {resume}: the checkpoint was trained on notions {ckpt["notions"]}, but '
                         f'{args.data} has {info.notions}')
     if args.test and ckpt is not None:
-        conditions = trained_conditions(ckpt, conditions, info.notions, resume, rt.log)
+        conditions = notions_to_test(ckpt, conditions, info.notions, resume, rt.log)
         args = argparse.Namespace(**{**vars(args), 'conditions': [info.notions[c] for c in conditions]})
         rt = dataclasses.replace(rt, args=args)
     if args.check_data:
@@ -156,12 +157,10 @@ def run(args, explicit):
     return train(model, None if fresh else ckpt, info, conditions, rt, hflip[0], new)
 
 
-def trained_conditions(ckpt, conditions, notions, resume, log):
+def notions_to_test(ckpt, conditions, notions, resume, log):
     """The notions --test evaluates: those asked for that the checkpoint trained (a mask or network that was never
     trained answers with noise). Says which were left out; refuses when none is left."""
-    trained = ckpt.get('conditions')
-    if trained is None:  # a checkpoint of older code: the notions its run's --conditions selected
-        trained = parse_conditions((ckpt.get('args') or {}).get('conditions'), notions)
+    trained = trained_conditions(ckpt, notions)
     kept = [c for c in conditions if c in trained]
     dropped = [notions[c] for c in conditions if c not in trained]
     if not kept:

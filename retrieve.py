@@ -16,7 +16,7 @@ import time
 
 from PIL import Image
 
-from checkpoint import describe
+from checkpoint import describe, trained_conditions
 from evaluate import subspace
 from onnx_export import export_onnx
 from options import UserError, add_device_flag, positive_int
@@ -24,7 +24,7 @@ from pictures import plot_retrieval, short
 from retrieval import export_embeddings, load_cached_embeddings, nearest
 from runtime import keep_freed_memory
 from trained import load_trained
-from triplet_image_loader import DataError, load_dataset_info, load_image, parse_conditions, read_labels
+from triplet_image_loader import DataError, load_dataset_info, load_image, read_labels
 
 
 def build_parser():
@@ -93,13 +93,6 @@ def resolve_notion(notion, notions, trained):
     return c
 
 
-def trained_notions(ckpt, notions):
-    """Indices of the notions the checkpoint trained (all of them for a checkpoint of older code that did not say)."""
-    if ckpt.get('conditions') is not None:
-        return list(ckpt['conditions'])
-    return parse_conditions((ckpt.get('args') or {}).get('conditions'), notions)
-
-
 def run(a):
     t_start = time.time()
     trained, ckpt, rt = load_trained(a.resume, device=a.device, amp=a.amp, data=a.data, batch_size=a.batch_size)
@@ -115,7 +108,7 @@ def run(a):
     # the notion and the query are checked before anything is embedded (embedding a dataset takes minutes)
     if a.query is not None and a.notion is None:
         raise DataError(f'--query needs --notion, one of {", ".join(info.notions)}')
-    c = resolve_notion(a.notion, info.notions, trained_notions(ckpt, info.notions)) if a.notion is not None else None
+    c = resolve_notion(a.notion, info.notions, trained_conditions(ckpt, info.notions)) if a.notion is not None else None
     q_index, q_path = resolve_query(a.query, info) if a.query is not None else (None, None)
     cache_dir = os.path.dirname(os.path.abspath(a.resume))
     cached = None if a.recompute else load_cached_embeddings(cache_dir, a.resume, info, args)

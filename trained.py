@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import load_model
+from checkpoint import load_model, trained_conditions
 from retrieval import Index
-from triplet_image_loader import load_image, parse_conditions, to_input
+from triplet_image_loader import load_image, to_input
 
 
 class Transform:
@@ -147,6 +147,4 @@ def load_trained(checkpoint, device='cpu', amp='off', data=None, batch_size=256)
     n = (len(net.nets) if net.per_notion_backbone else
          net.masks.num_embeddings if net.mask_weights() is not None else len(ckpt.get('notions') or []))
     notions = ckpt.get('notions') or [str(i) for i in range(n)]
-    conditions = ckpt.get('conditions')  # checkpoints of older code: their --conditions
-    conditions = parse_conditions((ckpt.get('args') or {}).get('conditions'), notions) if conditions is None else conditions
-    return TrainedCSN(tnet, notions, conditions, rt.args.image_size, rt.amp_dtype), ckpt, rt
+    return TrainedCSN(tnet, notions, trained_conditions(ckpt, notions), rt.args.image_size, rt.amp_dtype), ckpt, rt
