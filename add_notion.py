@@ -10,9 +10,8 @@ import os
 
 import torch
 
-from checkpoint import build_model
+from checkpoint import build_model, trained_conditions
 from options import UserError
-from triplet_image_loader import parse_conditions
 
 MASK_LR = 1e-2  # --lr of a new mask row unless given: one row of D weights learns in a few hundred steps
 
@@ -32,9 +31,7 @@ def prepare(args, ckpt, info, explicit, resume):
     if not notions:
         raise UserError(f'--add-notion: {resume} does not name its notions (a checkpoint of older code); '
                         f'test or train it once more with this code, or train a new model')
-    trained = ckpt.get('conditions')
-    if trained is None:
-        trained = parse_conditions((ckpt.get('args') or {}).get('conditions'), notions)
+    trained = trained_conditions(ckpt, notions)
     fresh = (ckpt.get('args') or {}).get('add_notion') != name
     info = dataclasses.replace(info, notions=list(notions) + ([] if name in notions else [name]))
     k = info.notions.index(name)
