@@ -517,8 +517,8 @@ def run_bench(opts):
     gflop = train_gflop_per_triplet(opts) if 'train' in opts.modes else None
     for f in figs:
         if f['mode'] == 'train':
-            f['gflop_per_triplet'] = round(gflop, 3)
-            f['gflop_per_s'] = round(gflop * f['triplets_per_s'], 1)
+            f['gflop_per_triplet'] = float(f'{gflop:.4g}')
+            f['gflop_per_s'] = float(f'{gflop * f["triplets_per_s"]:.4g}')  # 4 significant digits, however slow
     f0 = figs[0]
     header = (f'\n{opts.data}: {len(info.filenames)} images, batch {opts.batch_size}, {opts.image_size} px, '
               f'{f0["device"]} ({f0["device_name"]}, {f0["settings"]["cores"]} cores, {f0["settings"]["threads"]} threads), '
