@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import bench
+import runtime
 from checkpoint import build_model
 from conftest import REPO
 from options import main_parser
@@ -105,7 +106,11 @@ def test_peak_times_a_matrix_product_in_both_precisions():
     p = run_bench('--peak', '--device', 'cpu')
     fig = json.loads(p.stdout.splitlines()[-1])
     assert fig['mode'] == 'peak' and fig['device'] == 'cpu' and fig['matmul_n'] == 4096
-    assert set(fig['gflop_per_s']) == {'bfloat16', 'float32'} and all(v > 0 for v in fig['gflop_per_s'].values())
+    assert set(fig['gflop_per_s']) == {'bfloat16', 'float32'} and fig['gflop_per_s']['float32'] > 0
+    if runtime.cpu_has_bf16():
+        assert fig['gflop_per_s']['bfloat16'] > 0
+    else:  # emulated bf16 is not timed (under 1 GFLOP/s: minutes at n = 4096), and the line says why
+        assert fig['gflop_per_s']['bfloat16'] is None and 'bfloat16 not timed (no bf16 units' in p.stdout
 
 
 @pytest.mark.slow
