@@ -172,7 +172,7 @@ def test_baseline_flags_measure_a_second_setting_of_this_repo_in_the_same_run(za
 @pytest.mark.slow
 def test_bad_baseline_flags_are_named_before_anything_runs(zappos):
     p = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--data', zappos, '--baseline-flags=--no-such-flag'],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "--baseline-flags '--no-such-flag'" in p.stderr and 'round' not in p.stdout
 
 

@@ -160,7 +160,7 @@ def test_check_data_reports_every_problem_with_file_and_line(tmp_path):
     with open(root / 'images' / 'shapes' / 'red_square_2.png', 'w') as f:
         f.write('not a png')
     p = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), '--data', root, '--check-data'],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     out = p.stdout
     assert p.returncode == 1, out + p.stderr
     assert 'colour_tripletlist_val.txt:61: malformed line' in out

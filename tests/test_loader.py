@@ -150,7 +150,7 @@ def test_two_processes_building_the_cache_at_once_agree(shapes_data):
     code = ('import sys; sys.path.insert(0, %r); from triplet_image_loader import *; '
             'print(build_image_cache(load_dataset_info(%r), 28, workers=1, log=lambda *a: None))') % (REPO, shapes_data)
     procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    outs = [p.communicate(timeout=600)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
     info = load_dataset_info(shapes_data)
     assert np.array_equal(ImageStore(info, 28, outs[0]).get(np.arange(40)), ImageStore(info, 28).get(np.arange(40)))

@@ -251,7 +251,7 @@ def test_keep_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
     out = {}
     for mode in ('on', 'off'):
         p = subprocess.run([sys.executable, '-c', FAULTS_AFTER_FREE, mode, REPO], capture_output=True, text=True,
-                           timeout=120)
+                           timeout=600)
         assert p.returncode == 0, p.stderr
         what, faults = p.stdout.split('\n')[:2]
         out[mode] = (what, int(faults))

@@ -154,7 +154,7 @@ def test_the_real_command_line_stops_the_same_way_and_writes_nothing(script, tmp
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for action, value in cases]
     for (action, value), p in zip(cases, procs):
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=600)
         assert p.returncode == 2, err
         assert out == ''
         check_stderr(err, script, action, value)
