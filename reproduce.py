@@ -430,6 +430,11 @@ def write_mask_figure(rows, budget, notions, path):
     return True
 
 
+def pm(mean, std, n):
+    """'mean ± sd' in %, or the mean alone from a single seed (no spread to give)."""
+    return f'{mean * 100:.2f}' if n < 2 else f'{mean * 100:.2f} ± {std * 100:.2f}'
+
+
 def markdown(rep):
     budgets = rep['budgets']
     top = str(budgets[-1])
@@ -438,17 +443,19 @@ def markdown(rep):
     s = rep['settings']
     L = [f'# The CSN paper\'s claims on {rep["data"]}', '',
          f'Triplet prediction accuracy (%) on the test triplets, from each run\'s best checkpoint (by validation '
-         f'accuracy): mean ± standard deviation over seeds {", ".join(map(str, rep["seeds"]))}. '
+         f'accuracy): mean ± standard deviation over the seeds of the last column (asked for: '
+         f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
          f'{int(top):,} training triplets. The paper\'s error is on Zappos50k (64-d, 200k triplets), for the ordering only.',
-         '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | paper error (Zappos50k) |',
-         '|---|' + '---:|' * (len(notions) + 4)]
+         '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | paper error (Zappos50k) | seeds |',
+         '|---|' + '---:|' * (len(notions) + 5)]
     for m in models:
         d = rep['models'][m][top]
-        mp = f'{d["mAP_mean"] * 100:.2f} ± {d["mAP_std"] * 100:.2f}' if d.get('mAP_mean') is not None else ''
-        L.append(f'| {TITLE[m]} | ' + ' | '.join(f'{d["per_notion_mean"][n] * 100:.2f} ± {d["per_notion_std"][n] * 100:.2f}'
-                                                 for n in notions)
-                 + f' | **{d["accuracy_mean"] * 100:.2f} ± {d["accuracy_std"] * 100:.2f}** | '
-                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {dict((x[0], x[3]) for x in MODELS)[m]:.2f} |')
+        k = len(d['seeds'])
+        mp = pm(d['mAP_mean'], d['mAP_std'], k) if d.get('mAP_mean') is not None else ''
+        L.append(f'| {TITLE[m]} | ' + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
+                 + f' | **{pm(d["accuracy_mean"], d["accuracy_std"], k)}** | '
+                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {dict((x[0], x[3]) for x in MODELS)[m]:.2f} | '
+                   f'{", ".join(map(str, d["seeds"]))} |')
     L += ['', 'Test error (%) against training triplets (mean ± sd over seeds; the number of seeds in brackets):', '',
           '| model | ' + ' | '.join(f'{b:,} ({rep["epochs"][str(b)]} ep.)' for b in budgets) + ' |',
           '|---|' + '---:|' * len(budgets)]
@@ -458,7 +465,7 @@ def markdown(rep):
         cells = []
         for b in budgets:
             d = rep['models'][m].get(str(b))
-            cells.append(f'{(1 - d["accuracy_mean"]) * 100:.2f} ± {d["accuracy_std"] * 100:.2f} ({len(d["seeds"])})'
+            cells.append(f'{pm(1 - d["accuracy_mean"], d["accuracy_std"], len(d["seeds"]))} ({len(d["seeds"])})'
                          if d else '')
         L.append(f'| {title} | ' + ' | '.join(cells) + ' |')
     L += ['', '![error against training triplets](curve.png)', '', '## The claims', '',

@@ -84,7 +84,7 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
         assert os.path.getsize(runs / 'reproduce' / f) > 500
     text = (runs / 'reproduce' / 'report.md').read_text()
     for s in ('standard triplet network', 'CSN, learned masks', '| colour | shape | overall |', '(a) the standard',
-              '(e) the CSN', 'Runs finished: 16 of 16'):
+              '(e) the CSN', 'Runs finished: 16 of 16', '| 1, 2 |', ' ± '):
         assert s in text, text
 
     name = 'repro_task_n32_s2'
