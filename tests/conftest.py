@@ -68,11 +68,46 @@ def shapes_data(tmp_path):
     return str(root)
 
 
-def run_main(*args, cwd=None, check=True, timeout=600, env=None):
-    """python main.py ARGS as a user runs it; returns the CompletedProcess."""
-    cmd = [sys.executable, os.path.join(REPO, 'main.py'), *map(str, args)]
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
+def in_process(entry, argv):
+    """entry(argv), a script's main(), as its command line runs it but in this process: (exit status, stdout, stderr).
+    What escapes is what a process would show: SystemExit's status, or a traceback on stderr and status 1."""
+    import contextlib
+    import io
+    import signal
+    import traceback
+    out, err = io.StringIO(), io.StringIO()
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # main.py installs its Ctrl-C flag
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = entry([str(a) for a in argv])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return (code or 0), out.getvalue(), err.getvalue()
+
+
+def run_main(*args, cwd=None, check=True, timeout=600, env=None, real=False):
+    """python main.py ARGS as a user runs it; returns a CompletedProcess. It runs main.main(ARGS) in this process (the
+    command line's own code, without starting Python and importing torch again: seconds a call), or, with real=True
+    or a cwd or env of its own, main.py in a new Python, for what only a process shows (a terminal, signals, the
+    environment it starts with)."""
+    argv = [str(a) for a in args]
+    if real or cwd is not None or env is not None:
+        cmd = [sys.executable, os.path.join(REPO, 'main.py'), *argv]
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
+    else:
+        import main
+        cmd = ['main.py', *argv]
+        p = subprocess.CompletedProcess(cmd, *in_process(main.main, argv))
     if check and p.returncode != 0:
         raise AssertionError(f'{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}')
     return p

@@ -1,4 +1,5 @@
-"""main.py through its command line, as a user runs it: train, resume, test, every model, and every bad input."""
+"""main.py through its command line, as a user runs it: train, resume, test, every model, and every bad input (in this
+process through main.main(argv), and through a new Python where only a process shows it: see conftest.run_main)."""
 import argparse
 import json
 import os
@@ -20,7 +21,7 @@ def metrics(run_dir):
 @pytest.mark.slow
 def test_train_learns_then_resume_continues_and_test_writes_results(shapes_data, tmp_path):
     runs = tmp_path / 'runs'
-    run_main('--data', shapes_data, '--runs', runs, '--name', 'csn', '--epochs', 4, *FAST)
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'csn', '--epochs', 4, *FAST, real=True)
     run = runs / 'csn'
     m = metrics(run)
     assert [x['epoch'] for x in m] == [1, 2, 3, 4]
@@ -41,7 +42,7 @@ def test_train_learns_then_resume_continues_and_test_writes_results(shapes_data,
     assert ck['epoch'] == 5 and ck['best_acc'] == pytest.approx(max(x['val_acc'] for x in metrics(run)))
     assert ck['notions'] == ['colour', 'shape'] and 'optimizer' in ck and 'rng' in ck
 
-    p = run_main('--test', '--resume', run / 'model_best.pth.tar')
+    p = run_main('--test', '--resume', run / 'model_best.pth.tar', real=True)
     res = json.load(open(run / 'test_results.json'))
     assert set(res) >= {'accuracy', 'per_notion', 'triplets', 'checkpoint'}
     assert 0 <= res['accuracy'] <= 1 and set(res['per_notion']) == {'colour', 'shape'} and res['triplets'] == 120
@@ -466,7 +467,7 @@ def test_setup_distributed_sets_the_nccl_environment_before_joining(monkeypatch)
 @pytest.mark.slow
 def test_a_log_off_a_terminal_has_one_plain_line_per_log_interval_and_no_bar(shapes_data, tmp_path):
     # run_main captures stdout and stderr: not a terminal, as a cluster job's log or nohup
-    p = run_main('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'log', '--epochs', 2, *FAST)
+    p = run_main('--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'log', '--epochs', 2, *FAST, real=True)
     out = p.stdout + p.stderr
     assert '\r' not in out and '\x1b' not in out and 'it/s' not in out
     steps = 240 // 32 + 1  # 8 steps of batch 32; lines at steps 2, 4, 6 and 8 (--log-interval 2)

@@ -1,6 +1,7 @@
 """reproduce.py: what a run needs from the files it finds, and the four models end to end on the coloured shapes."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -9,16 +10,34 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, in_process
 
 # main.py flags for a tiny budget: 64 training triplets (2 steps of 32), 40 val and 40 test triplets, 32 px images
 TINY = ['--no-pretrained', '--image-size', '32', '--batch-size', '32', '--num_valtriplets', '40',
         '--num_testtriplets', '40', '--lr', '1e-3', '--log-interval', '1']
 
 
-def reproduce(*args):
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'reproduce.py'), *map(str, args)], capture_output=True,
-                       text=True, timeout=900, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+def reproduce(*args, monkeypatch=None):
+    """reproduce.py ARGS through a new Python and its main.py children, or, given monkeypatch, in this process with each
+    main.py run in this process too (the same code, without starting Python and torch again for each of its runs)."""
+    if monkeypatch is None:
+        p = subprocess.run([sys.executable, os.path.join(REPO, 'reproduce.py'), *map(str, args)], capture_output=True,
+                           text=True, timeout=900, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    else:
+        import main
+        import reproduce as rp
+
+        def run_main_here(argv, log_path):  # reproduce.run_main without the child process: same line, log, status
+            print(f'\n$ {shlex.join(["main.py", *argv])}', flush=True)
+            t0 = time.time()
+            code, out, err = in_process(main.main, argv)
+            sys.stdout.write(out)
+            sys.stderr.write(err)
+            with open(log_path, 'a') as log:
+                log.write(out)
+            return code, time.time() - t0
+        monkeypatch.setattr(rp, 'run_main', run_main_here)
+        p = subprocess.CompletedProcess(['reproduce.py', *args], *in_process(rp.main, args))
     if p.returncode != 0:
         raise AssertionError(f'reproduce.py {args} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-3000:]}')
     return p
@@ -49,10 +68,10 @@ def test_plan_reads_the_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(shapes_data, tmp_path):
+def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(shapes_data, tmp_path, monkeypatch):
     runs = tmp_path / 'runs'
     common = ['--data', shapes_data, '--runs', runs, '--budgets', 64, 32, '--seeds', 1, 2, '--seen', 64, *TINY]
-    p = reproduce(*common)
+    p = reproduce(*common, monkeypatch=monkeypatch)
     cmds = launched(p.stdout)
     assert len(cmds) == 32 and sum('--test' in c for c in cmds) == 16
     train = [c for c in cmds if '--test' not in c]
@@ -89,22 +108,38 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
 
     name = 'repro_task_n32_s2'
     stamps = {d: os.stat(runs / d / 'test_results.json').st_mtime_ns for d in os.listdir(runs) if d.startswith('repro_')}
-    p = reproduce(*common)
+    p = reproduce(*common, monkeypatch=monkeypatch)
     assert launched(p.stdout) == [] and p.stdout.count('finished, reused') == 16
     os.remove(runs / name / 'test_results.json')
-    p = reproduce(*common)
+    p = reproduce(*common, monkeypatch=monkeypatch)
     cmds = launched(p.stdout)
     assert len(cmds) == 1 and '--test' in cmds[0] and f'{name}/model_best.pth.tar' in cmds[0]
     assert all(os.stat(runs / d / 'test_results.json').st_mtime_ns == t for d, t in stamps.items() if d != name)
 
     # more compute for the same budgets: every run continues from its checkpoint, only the new epochs are trained
     p = reproduce('--data', shapes_data, '--runs', runs, '--budgets', 64, 32, '--seeds', 1, '--seen', 128, *TINY,
-                  '--models', 'csn_fixed')
+                  '--models', 'csn_fixed', monkeypatch=monkeypatch)
     cmds = launched(p.stdout)
     assert len(cmds) == 4 and all('--resume' in c for c in cmds[::2])
     assert 'repro_csn_fixed_n64_s1/checkpoint.pth.tar' in cmds[0] and 'repro_csn_fixed_n32_s1/checkpoint.pth.tar' in cmds[2]
     with open(runs / 'repro_csn_fixed_n32_s1' / 'metrics.jsonl') as f:
         assert [json.loads(line)['epoch'] for line in f] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_the_real_command_line_trains_and_tests_in_child_processes(shapes_data, tmp_path):
+    """The path the study above replaces: reproduce.py in a new Python, main.py in child processes, output kept."""
+    runs = tmp_path / 'runs'
+    p = reproduce('--data', shapes_data, '--runs', runs, '--budgets', 32, '--seeds', 1, '--epochs', 1, '--models',
+                  'csn_fixed', '--no-probe', *TINY)
+    cmds = launched(p.stdout)
+    assert len(cmds) == 2 and all(c.startswith(os.path.join(REPO, 'main.py') + ' ') for c in cmds), cmds
+    run = runs / 'repro_csn_fixed_n32_s1'
+    res = json.load(open(run / 'test_results.json'))
+    assert set(res['per_notion']) == {'colour', 'shape'}
+    log = (run / 'reproduce.log').read_text()
+    assert 'epoch   1' in log and 'test results of' in log  # the children's output, shown and kept
+    assert 'Runs finished: 1 of 1' in (runs / 'reproduce' / 'report.md').read_text()
 
 
 def test_a_run_trained_with_other_settings_is_not_reused(shapes_data, tmp_path):
