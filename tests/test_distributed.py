@@ -35,10 +35,10 @@ def test_torchrun_trains_writes_one_run_and_tests_like_one_process(shapes_data, 
 
     # the DDP checkpoint in one process, and under torchrun: the same accuracy
     best = runs / 'ddp' / 'model_best.pth.tar'
-    run_main('--test', '--resume', best)
+    run_main('--test', '--resume', best, '--no-pictures')
     single = json.load(open(runs / 'ddp' / 'test_results.json'))
     os.remove(runs / 'ddp' / 'test_results.json')
-    torchrun('--test', '--resume', best)
+    torchrun('--test', '--resume', best, '--no-pictures')
     multi = json.load(open(runs / 'ddp' / 'test_results.json'))
     assert multi['accuracy'] == single['accuracy'] and multi['per_notion'] == single['per_notion']
 

@@ -56,7 +56,7 @@ def test_train_learns_then_resume_continues_and_test_writes_results(shapes_data,
 def test_every_model_and_mask_variant_trains_and_tests(shapes_data, tmp_path, variant):
     runs = tmp_path / 'runs'
     run_main('--data', shapes_data, '--runs', runs, '--name', 'v', '--epochs', 1, *FAST, *variant)
-    run_main('--test', '--resume', runs / 'v' / 'model_best.pth.tar')
+    run_main('--test', '--resume', runs / 'v' / 'model_best.pth.tar', '--no-pictures')  # pictures: test_matrix.py
     res = json.load(open(runs / 'v' / 'test_results.json'))
     expected = {'--conditions': {'shape'} if 'shape' in variant else {'colour'}}.get(variant[0], {'colour', 'shape'})
     assert set(res['per_notion']) == expected
@@ -209,7 +209,7 @@ def test_resume_auto_starts_continues_and_tests_a_run_with_one_command_line(shap
     assert [x['epoch'] for x in metrics(runs / 'r')] == [1, 2]
     p = run_main(*same, '--epochs', 2)  # finished: nothing more to train
     assert 'done' in p.stdout and [x['epoch'] for x in metrics(runs / 'r')] == [1, 2]
-    run_main('--test', *same)
+    run_main('--test', *same, '--no-pictures')
     res = json.load(open(runs / 'r' / 'test_results.json'))
     assert res['checkpoint'].endswith('model_best.pth.tar') and res['triplets'] == 120
 
