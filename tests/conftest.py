@@ -68,30 +68,42 @@ def shapes_data(tmp_path):
     return str(root)
 
 
-def in_process(entry, argv):
+def in_process(entry, argv, escape_fails=False):
     """entry(argv), a script's main(), as its command line runs it but in this process: (exit status, stdout, stderr).
-    What escapes is what a process would show: SystemExit's status, or a traceback on stderr and status 1."""
+    What escapes is what a process would show: SystemExit's status, or a traceback on stderr and status 1; with
+    escape_fails, anything that escapes fails the test instead (a user would have seen a traceback)."""
     import contextlib
     import io
     import signal
     import traceback
+    argv = [str(a) for a in argv]
     out, err = io.StringIO(), io.StringIO()
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # main.py installs its Ctrl-C flag
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = entry([str(a) for a in argv])
+                code = entry(argv)
             except SystemExit as e:
+                if escape_fails:
+                    raise
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 if not isinstance(e.code, (int, type(None))):
                     print(e.code, file=sys.stderr)
             except Exception:
+                if escape_fails:
+                    raise
                 traceback.print_exc()
                 code = 1
+    except BaseException:
+        if not escape_fails:
+            raise
+        pytest.fail(f'{entry.__module__} {argv} raised:\n{traceback.format_exc()}\n{err.getvalue()[-2000:]}')
     finally:
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
-    return (code or 0), out.getvalue(), err.getvalue()
+    if code is None and not escape_fails:
+        code = 0  # what the script's sys.exit(main()) makes of None
+    return code, out.getvalue(), err.getvalue()
 
 
 def run_main(*args, cwd=None, check=True, timeout=600, env=None, real=False):

@@ -6,19 +6,15 @@ main.py and retrieve.py run in this process through their main(argv) (the same c
 starting Python and torch again for each of the ~40 calls); one trained run per (dataset, model) is shared by the tests.
 --visdom with a server up is covered in test_loggers.py (test_main_with_visdom_plots_every_epoch_...), not here.
 """
-import contextlib
-import io
 import json
 import os
-import signal
-import traceback
 
 import pytest
 
 import main
 import retrieve
 from bench import make_zappos_like
-from conftest import make_dataset
+from conftest import in_process, make_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -29,31 +25,15 @@ VARIANTS = {'csn': [], 'learned': ['--learned'], 'prein': ['--prein'], 'triplet'
 NOTIONS = {'release': ['class', 'closure', 'gender', 'heel'], 'labelled': ['colour', 'shape']}
 
 
-def call(entry, argv):
-    """entry(argv) as the command line runs it: (exit status, stdout, stderr); an exception that escapes is a failure
-    (a user would see a traceback)."""
-    out, err = io.StringIO(), io.StringIO()
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # main.py installs its Ctrl-C flag
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = entry([str(a) for a in argv])
-    except BaseException:
-        pytest.fail(f'{entry.__module__} {argv} raised:\n{traceback.format_exc()}\n{err.getvalue()[-2000:]}')
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
-    return code, out.getvalue(), err.getvalue()
-
-
 def ok(entry, argv):
-    code, out, err = call(entry, argv)
+    code, out, err = in_process(entry, argv, escape_fails=True)
     assert code == 0, f'{argv} exited {code}\n{out[-2000:]}\n{err[-2000:]}'
     return out
 
 
 def refused(entry, argv, *words):
     """Stops with exit 2 and one line 'error: ...' naming each of words."""
-    code, out, err = call(entry, argv)
+    code, out, err = in_process(entry, argv, escape_fails=True)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), (code, out[-1000:], err[-2000:])
     assert all(w in lines[0] for w in words), lines[0]
