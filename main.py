@@ -134,6 +134,7 @@ def run(args, explicit):
     flip_note = '' if args.test else f', hflip {"on" if hflip[0] else "off"} ({hflip[1]})'
     amp = rt.amp_dtype and str(rt.amp_dtype).replace('torch.', '') or 'off'
     rt.log(f'device {rt.device}{f" x{rt.world} processes" if rt.world > 1 else ""}, amp {amp}'
+           f'{runtime.amp_note(rt.amp_dtype, rt.device)}'
            f'{" + grad scaler" if rt.use_scaler else ""}, channels_last {args.channels_last}, compile {args.compile}, '
            f'image cache {"on" if args.cache else "off"}, workers {rt.workers}'
            f'{f" ({rt.workers_note})" if rt.workers_note else ""}'

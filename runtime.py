@@ -190,6 +190,20 @@ def choose_amp(args, device):
     return torch.bfloat16, False
 
 
+def amp_note(amp_dtype, device):
+    """What the start line adds after the AMP dtype when the device has no bf16 units and emulates it ('' otherwise)."""
+    if amp_dtype != torch.bfloat16:
+        return ''
+    if device.type == 'cpu' and not cpu_has_bf16():
+        return (' (emulated: this CPU has no avx512_bf16 or amx_bf16 units; bf16 trains several times slower than'
+                ' fp32 here, and --amp off or auto is faster)')
+    if device.type == 'cuda' and not cuda_has_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f' (emulated: this GPU, compute capability {major}.{minor}, has no bf16 units; --amp auto picks fp16'
+                ' with a grad scaler, which is faster)')
+    return ''
+
+
 def keep_freed_memory(args, device):
     """Tell glibc's malloc to keep freed memory: no mmap per large block, no trimming of the heap. Without it every
     activation over 32 MB is mmapped fresh and unmapped after use, so each training step page-faults all of them back

@@ -351,6 +351,32 @@ def test_amp_auto_on_cuda_follows_the_compute_capability_not_emulated_bf16(monke
     assert runtime.choose_amp(args, torch.device('cuda', 0)) == expected
 
 
+@pytest.mark.parametrize('device, units, amp, emulated', [('cpu', False, torch.bfloat16, True),
+                                                          ('cpu', True, torch.bfloat16, False),
+                                                          ('cpu', False, None, False),
+                                                          ('cuda', False, torch.bfloat16, True),   # --amp bf16 on a T4
+                                                          ('cuda', True, torch.bfloat16, False),
+                                                          ('cuda', False, torch.float16, False)])
+def test_the_start_line_says_when_bf16_is_emulated(monkeypatch, device, units, amp, emulated):
+    import runtime
+    monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: units)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0) if units else (7, 5))
+    note = runtime.amp_note(amp, torch.device(device, 0) if device == 'cuda' else torch.device(device))
+    assert ('emulated' in note) == emulated
+    if emulated:
+        assert ('--amp off' in note) == (device == 'cpu') and ('7.5' in note) == (device == 'cuda')
+
+
+def test_a_run_asking_for_bf16_on_a_cpu_without_bf16_units_is_told_so(shapes_data, tmp_path, monkeypatch, capsys):
+    import main
+    import runtime
+    monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: False)
+    argv = ['--data', shapes_data, '--runs', str(tmp_path / 'runs'), '--name', 'b', '--epochs', '1', *FAST]
+    assert main.main(argv + ['--amp', 'bf16', '--num_traintriplets', '64']) == 0
+    start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('device cpu'))
+    assert start.startswith('device cpu, amp bfloat16 (emulated: this CPU has no avx512_bf16') and '--amp off' in start
+
+
 def test_the_per_step_sums_are_float32_on_mps_which_has_no_float64():
     from training import stats_dtype
     assert stats_dtype(torch.device('mps')) == torch.float32
