@@ -3,7 +3,7 @@
 The probe reads the pooled ResNet features (256-d, before the embedding layer) of the test images and learns a label
 that no training triplet covered: on Fonts, which of the unseen test families a glyph comes from (fitted on half of the
 characters, scored on the other half); on Zappos50k, the brand (fitted on half of each brand's images, scored on the
-rest). A randomly initialised backbone gives the floor.
+rest). A randomly initialised backbone gives an untrained reference.
 """
 import csv
 import os

@@ -353,10 +353,18 @@ def claim_e(probe):
     if t is None or not csns:
         return 'inconclusive', 'the standard triplet network or both CSNs are missing'
     results = [(m, *compare(probe[m], t)) for m in csns]
-    floor = probe.get('random')
-    text = ('; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}): {w}' for m, w, why in results)
-            + (f'; random-init backbone (the floor) {pct(floor)} %' if floor else ''))
-    return combine([w for _, w, _ in results]), text
+    text = '; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}): {w}' for m, w, why in results)
+    return combine([w for _, w, _ in results]), text + untrained(probe.get('random'), [probe[m] for m in ['triplet', *csns]])
+
+
+def untrained(random, trained):
+    """Where the randomly initialised backbone's probe lies against the trained ones' (by the mean)."""
+    if not random:
+        return ''
+    above = sum(random['mean'] > t['mean'] for t in trained)
+    where = ('below every trained backbone' if above == 0 else 'above every trained backbone: triplet training made '
+             'these features worse' if above == len(trained) else 'between the trained backbones')
+    return f'; randomly initialised backbone (untrained) {pct(random)} %, {where}'
 
 
 # ----------------------------------------------------------------------------------------------------------- report

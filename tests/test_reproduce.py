@@ -195,7 +195,12 @@ def test_claims_follow_the_one_standard_deviation_rule():
     assert claim_c(catch_up, [1])[0] == 'inconclusive'
     probe = {'triplet': p([0.3, 0.31, 0.29]), 'csn_fixed': p([0.5, 0.52, 0.51]), 'csn_learned': p([0.45, 0.5, 0.48]),
              'random': p([0.1, 0.1, 0.1])}
-    assert claim_e(probe)[0] == 'holds' and 'floor' in claim_e(probe)[1]
+    assert claim_e(probe)[0] == 'holds' and 'untrained) 10.00 ± 0.00 %, below every trained' in claim_e(probe)[1]
+    probe['random'] = p([0.6, 0.6, 0.6])                                 # as on Fonts at a small budget
+    assert 'above every trained backbone' in claim_e(probe)[1]
+    probe['random'] = p([0.4, 0.4, 0.4])
+    assert 'between the trained backbones' in claim_e(probe)[1]
+    assert 'untrained' not in claim_e({k: v for k, v in probe.items() if k != 'random'})[1]
     assert claim_e(None)[0] == 'inconclusive'
 
 
