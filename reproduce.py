@@ -354,7 +354,7 @@ def claim_e(probe):
         return 'inconclusive', 'the standard triplet network or both CSNs are missing'
     results = [(m, *compare(probe[m], t)) for m in csns]
     text = '; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}): {w}' for m, w, why in results)
-    return combine([w for _, w, _ in results]), text + untrained(probe.get('random'), [probe[m] for m in ['triplet', *csns]])
+    return combine([w for _, w, _ in results]), text + untrained(probe.get('random'), [t, *(probe[m] for m in csns)])
 
 
 def untrained(random, trained):
@@ -362,8 +362,12 @@ def untrained(random, trained):
     if not random:
         return ''
     above = sum(random['mean'] > t['mean'] for t in trained)
-    where = ('below every trained backbone' if above == 0 else 'above every trained backbone: triplet training made '
-             'these features worse' if above == len(trained) else 'between the trained backbones')
+    if above == 0:
+        where = 'below every trained backbone'
+    elif above == len(trained):
+        where = 'above every trained backbone: triplet training made these features worse'
+    else:
+        where = 'between the trained backbones'
     return f'; randomly initialised backbone (untrained) {pct(random)} %, {where}'
 
 
