@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-import runtime
-from checkpoint import build_model
-from dataset_writer import sample_triplets, write_triplets
-from evaluate import evaluate
-from options import UserError, add_device_flag, int_range, main_parser, nonneg_int, positive_int
-from training import make_optimizer, train_epoch
+from csnlib import runtime
+from csnlib.checkpoint import build_model
+from csnlib.dataset_writer import sample_triplets, write_triplets
+from csnlib.evaluate import evaluate
+from csnlib.options import UserError, add_device_flag, int_range, main_parser, nonneg_int, positive_int
+from csnlib.train_loop import make_optimizer, train_epoch
 from triplet_image_loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -590,7 +590,7 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
     learned (non-binary) mask: exact (faiss, and numpy as without faiss), ivf and hnsw (two search settings each).
     A size whose arrays would not fit in the available memory is skipped, and so are approximate indexes whose build
     would take longer than build_budget_s (estimated from the previous size's as N^1.5: IVF's sqrt(N) cells)."""
-    from retrieval import Index, faiss_or_none
+    from csnlib.search import Index, faiss_or_none
 
     def available_bytes():
         with open('/proc/meminfo') as f:

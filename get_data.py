@@ -19,8 +19,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-import zappos
-from dataset_writer import (
+from csnlib import zappos
+from csnlib.dataset_writer import (
     GetDataError,
     Staging,
     balanced_split,
@@ -30,7 +30,7 @@ from dataset_writer import (
     write_all_triplets,
     write_layout,
 )
-from options import nonneg_int, positive_int
+from csnlib.options import nonneg_int, positive_int
 from triplet_image_loader import SPLITS
 
 
@@ -44,7 +44,7 @@ def refuse_foreign(out, force):
 # ---------------------------------------------------------------------------------------------------- fonts
 
 def font_stamp(font_dirs):
-    from fonts import find_font_files
+    from csnlib.fonts import find_font_files
     return [[p, os.path.getsize(p), int(os.path.getmtime(p))] for p in find_font_files(font_dirs)]
 
 
@@ -71,7 +71,7 @@ def contact_sheet(path, root, filenames, labels, notions, n_values=8, n_per_valu
 
 
 def build_fonts(args, log=print):
-    import fonts
+    from csnlib import fonts
     system = [] if args.no_system_fonts else [d for d in fonts.SYSTEM_FONT_DIRS if os.path.isdir(d)]
     font_dirs = system + list(args.font_dir or [])
     if not font_dirs:

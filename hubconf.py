@@ -10,7 +10,7 @@ dependencies = ['torch', 'torchvision', 'numpy', 'PIL']
 def csn(checkpoint=None, device='cpu'):
     """A checkpoint of main.py (any --model: CSN, triplet network, task-specific networks) as a trained.TrainedCSN in
     eval mode: notions, image_size, transform, embed, distance, nearest, index."""
-    from trained import TrainedCSN
+    from csnlib.trained_csn import TrainedCSN
     if checkpoint is None:
         raise ValueError('csn() needs checkpoint=PATH, a checkpoint of main.py (e.g. runs/NAME/model_best.pth.tar)')
     return TrainedCSN.load(checkpoint, device)

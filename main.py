@@ -16,11 +16,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import add_notion
-import options
-import runtime
-from atomic import atomic_open
-from checkpoint import (
+from csnlib import add_notion, options, runtime
+from csnlib.atomic import atomic_open
+from csnlib.checkpoint import (
     build_model,
     describe,
     how_to_run_changes,
@@ -29,12 +27,12 @@ from checkpoint import (
     save_checkpoint,
     trained_conditions,
 )
-from evaluate import embed_dataset, embed_images, evaluate
-from loggers import Logger, make_logger
-from options import UserError, explicit_flags
-from pictures import write_pictures
-from retrieval import export_embeddings, retrieval_map
-from training import NonFiniteLoss, make_optimizer, train_epoch
+from csnlib.evaluate import embed_dataset, embed_images, evaluate
+from csnlib.loggers import Logger, make_logger
+from csnlib.options import UserError, explicit_flags
+from csnlib.pictures import write_pictures
+from csnlib.search import export_embeddings, retrieval_map
+from csnlib.train_loop import NonFiniteLoss, make_optimizer, train_epoch
 from triplet_image_loader import (
     DataError,
     check_triplet_file,

@@ -38,7 +38,7 @@ SET_HERE = ('--model', '--learned', '--prein', '--name', '--resume', '--test', '
 
 
 def build_parser():
-    from options import nonneg_int, positive_int
+    from csnlib.options import nonneg_int, positive_int
     p = argparse.ArgumentParser(
         description='Train and test the CSN paper\'s four models over training budgets and seeds and check the paper\'s '
                     'claims; other flags are passed on to main.py (e.g. --no-pretrained --image-size 64).',
@@ -120,7 +120,7 @@ def run_main(argv, log_path):
 def main_settings(args, passthrough):
     """The main.py settings every run shares, as main.py parses them (the passed-through flags included)."""
     sys.path.insert(0, REPO)
-    import options
+    from csnlib import options
     for flag in SET_HERE:
         if any(t == flag or t.startswith(flag + '=') for t in passthrough):
             raise SystemExit(f'reproduce.py: {flag} is set by reproduce.py itself; leave it out')
@@ -375,7 +375,7 @@ def untrained(random, trained):
 
 def run_probe(args, rows, budget):
     """Claim (e): the linear probe on each run's frozen backbone at `budget`, and on a random backbone per seed."""
-    import probe
+    from csnlib import probe
     from triplet_image_loader import load_dataset_info
     info = load_dataset_info(args.data)
     task = probe.probe_task(info)
@@ -556,7 +556,7 @@ def reproduce(args, passthrough):
 
 
 def main(argv=None):
-    from options import main_parser
+    from csnlib.options import main_parser
     parser = build_parser()
     args, passthrough = parser.parse_known_args(argv)
     if len(set(args.budgets)) != len(args.budgets) or len(set(args.seeds)) != len(args.seeds):

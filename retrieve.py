@@ -16,14 +16,14 @@ import time
 
 from PIL import Image
 
-from checkpoint import describe, trained_conditions
-from evaluate import subspace
-from onnx_export import export_onnx
-from options import UserError, add_device_flag, positive_int
-from pictures import plot_retrieval, short
-from retrieval import export_embeddings, load_cached_embeddings, nearest
-from runtime import keep_freed_memory
-from trained import load_trained
+from csnlib.checkpoint import describe, trained_conditions
+from csnlib.evaluate import subspace
+from csnlib.onnx_export import export_onnx
+from csnlib.options import UserError, add_device_flag, positive_int
+from csnlib.pictures import plot_retrieval, short
+from csnlib.runtime import keep_freed_memory
+from csnlib.search import export_embeddings, load_cached_embeddings, nearest
+from csnlib.trained_csn import load_trained
 from triplet_image_loader import DataError, load_dataset_info, load_image, read_labels
 
 

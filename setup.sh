@@ -108,7 +108,7 @@ PIP_CONSTRAINT="$PWD/constraints.txt" "$py" -m pip install -q --no-deps --use-pe
 req=requirements-dev.txt; [ "$dev" = 1 ] || req=requirements.txt
 "$py" -m pip install -q -r "$req"
 echo "setup.sh: installing visdom's browser files (python -m visdom.server then starts offline)"
-"$py" visdom_static.py
+"$py" tools/visdom_static.py
 "$py" -c "import torch, torchvision; print('setup.sh: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 case "$kind" in
   virtualenv|linked|venv) act="source .venv/bin/activate" ;;

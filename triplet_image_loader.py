@@ -20,7 +20,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from atomic import atomic_path
+from csnlib.atomic import atomic_path
 
 ZAPPOS_NOTIONS = ['class', 'closure', 'gender', 'heel']
 ZAPPOS_IMAGES = 'ut-zap50k-images'

@@ -11,13 +11,13 @@ from conftest import FAST, run_main
 
 
 def parse(*argv):
-    from options import main_parser
+    from csnlib.options import main_parser
     return main_parser().parse_args(['--no-pretrained', '--image-size', '32', *argv])
 
 
 def checkpoint_of(args, notions, conditions):
     """An untrained model of args saved as main.py saves one (the parts prepare reads)."""
-    from checkpoint import build_model
+    from csnlib.checkpoint import build_model
     torch.manual_seed(0)
     return {'args': dict(vars(args)), 'state_dict': build_model(args, len(notions)).state_dict(), 'notions': list(notions),
             'conditions': list(conditions)}
@@ -25,8 +25,8 @@ def checkpoint_of(args, notions, conditions):
 
 def prepared(data, name, variant=(), notions=('colour', 'shape'), conditions=(1,), explicit=()):
     """add_notion.prepare on a checkpoint of variant trained on `conditions`, then the model main.py builds from it."""
-    from add_notion import prepare
-    from checkpoint import build_model
+    from csnlib.add_notion import prepare
+    from csnlib.checkpoint import build_model
     from triplet_image_loader import load_dataset_info
     args = parse('--data', data, *variant)
     ckpt = checkpoint_of(args, notions, conditions)
@@ -68,7 +68,7 @@ def distances(model, c, seed=1, B=6):
 
 @pytest.mark.parametrize('variant', [(), ('--learned',)])
 def test_a_csn_learns_only_the_new_mask_row_and_old_distances_stay_bit_identical(shapes_data, variant):
-    from add_notion import freeze
+    from csnlib.add_notion import freeze
     model, _, _, args, info, k, fresh = prepared(shapes_data, 'colour', variant)
     assert fresh and k == 0 and info.notions == ['colour', 'shape'] and args.conditions == ['colour', 'shape']
     assert args.learned_rows == (None if variant else [0])  # learned masks: every row goes through ReLU already
@@ -104,7 +104,7 @@ def test_a_new_name_appends_a_row_and_keeps_the_old_ones(shapes_data):
 
 
 def test_task_specific_networks_train_one_new_network_and_leave_the_others(shapes_data):
-    from add_notion import freeze
+    from csnlib.add_notion import freeze
     model, old, new_ckpt, args, info, k, _ = prepared(shapes_data, 'colour', ['--model', 'task'])
     assert k == 0 and args.lr == 5e-5  # a whole network: the checkpoint's lr
     freeze(model, k)
@@ -118,8 +118,8 @@ def test_task_specific_networks_train_one_new_network_and_leave_the_others(shape
 
 
 def test_refusals_say_what_is_wrong(shapes_data):
-    from add_notion import prepare
-    from options import UserError
+    from csnlib.add_notion import prepare
+    from csnlib.options import UserError
     from triplet_image_loader import load_dataset_info
     with pytest.raises(UserError, match='standard triplet network'):
         prepared(shapes_data, 'colour', ['--model', 'triplet'])
@@ -138,7 +138,7 @@ def test_refusals_say_what_is_wrong(shapes_data):
 
 
 def test_a_checkpoint_without_learned_rows_loads_as_before(shapes_data):
-    from checkpoint import build_model, merge_checkpoint_args
+    from csnlib.checkpoint import build_model, merge_checkpoint_args
     old = checkpoint_of(parse('--data', shapes_data), ('colour', 'shape'), (0, 1))
     args = merge_checkpoint_args(parse(), old, set(), 'ck')
     net = build_model(args, 2).embednet
@@ -153,8 +153,8 @@ def test_add_notion_through_the_command_line(shapes_data, tmp_path):
     """Train a CSN on shape only, teach it colour (visible in any features; shape is not in a colour-only embedding of
     these few images), resume the teaching run, test both: the old notion's distances are bit-identical, the new one is
     well above chance."""
-    from checkpoint import load_model
-    from evaluate import embed_images
+    from csnlib.checkpoint import load_model
+    from csnlib.evaluate import embed_images
     from triplet_image_loader import load_dataset_info, load_triplets, make_store
     from tripletnet import masked_distances
     runs = tmp_path / 'runs'

@@ -12,10 +12,10 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import bench
-import runtime
-from checkpoint import build_model
 from conftest import REPO
-from options import main_parser
+from csnlib import runtime
+from csnlib.checkpoint import build_model
+from csnlib.options import main_parser
 from triplet_image_loader import (
     ImageStore,
     TripletBatches,

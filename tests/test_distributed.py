@@ -63,9 +63,12 @@ def test_batch_size_must_split_over_the_processes(shapes_data, tmp_path):
 
 
 HANG = r"""
-import os, sys, time
+import os
+import sys
+import time
 sys.path.insert(0, {repo!r})
-import main, training
+import main
+from csnlib import train_loop as training
 real_loss, calls = training.csn_loss, [0]
 def loss(*a, **k):
     calls[0] += 1
@@ -78,9 +81,13 @@ sys.exit(main.main(sys.argv[1:]))
 
 
 BUFFERS = r"""
-import json, os, sys
+import json
+import os
+import sys
 sys.path.insert(0, {repo!r})
-import evaluate, main, training
+from csnlib import evaluate
+import main
+from csnlib import train_loop as training
 out, rank = {out!r}, os.environ['RANK']
 
 def sums(model):

@@ -16,9 +16,16 @@ pytestmark = pytest.mark.slow  # every test here runs main.py in child processes
 # Runs main.main(argv) after patching: FAULT is 'kill_step N', 'sigint_step N [N ...]' (one SIGINT per N), 'nan_step N',
 # 'kill_in_save N' (SIGKILL half-way through the Nth checkpoint write), 'save_error N ERRNO', 'kill_image PATH'.
 WRAPPER = r"""
-import errno, io, os, signal, sys
+import errno
+import io
+import os
+import signal
+import sys
 sys.path.insert(0, {repo!r})
-import main, torch, training, triplet_image_loader
+import main
+import torch
+from csnlib import train_loop as training
+import triplet_image_loader
 fault = os.environ.get('FAULT', '').split()
 calls = {{'loss': 0, 'save': 0}}
 real_loss, real_save, real_load = training.csn_loss, torch.save, triplet_image_loader.load_image

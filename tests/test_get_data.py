@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset_writer
 import get_data
+from csnlib import dataset_writer
 from triplet_image_loader import check_triplet_file, load_dataset_info, read_labels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -195,7 +195,7 @@ MB = 2 ** 20
 ])
 def test_workers_are_sized_by_the_cores_the_processes_of_a_machine_share_and_by_shared_memory(
         cache, device, cores, local_world, shm_mb, expected):
-    from runtime import PREFETCH, default_workers
+    from csnlib.runtime import PREFETCH, default_workers
     batch = 3 * 256 * 112 * 112 * 3  # batch 256 at 112 px: 28.9 MB
     workers, note = default_workers(cache, device, cores, local_world, batch, None if shm_mb is None else shm_mb * MB)
     assert workers == expected

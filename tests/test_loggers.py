@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import requests
 
-import loggers
-import visdom_static
 from conftest import FAST, REPO, make_dataset
+from csnlib import loggers
+from tools import visdom_static
 
 NOTIONS = ['character', 'font', 'bold', 'italic']
 LINE_WINDOWS = {'loss': ['train', 'val'], 'acc': ['train', 'val'], 'acc_per_notion': NOTIONS, 'lr': ['lr'],
@@ -203,11 +203,11 @@ def test_visdom_static_files_are_exactly_those_visdoms_build_py_downloads(tmp_pa
 @pytest.fixture(scope='module')
 def visdom_files():
     """The installed visdom's folder, with the browser files in place (installed with npm if they are missing)."""
-    cmd = [sys.executable, os.path.join(REPO, 'visdom_static.py')]
+    cmd = [sys.executable, os.path.join(REPO, 'tools', 'visdom_static.py')]
     if subprocess.run(cmd + ['--check'], capture_output=True).returncode != 0:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if p.returncode != 0:
-            pytest.fail("visdom's browser files are missing and `python visdom_static.py` could not fetch them "
+            pytest.fail("visdom's browser files are missing and `python tools/visdom_static.py` could not fetch them "
                         f"(setup.sh runs it; offline, use --from DIR):\n{p.stdout}{p.stderr}")
     return visdom_static.visdom_dir()
 

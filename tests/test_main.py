@@ -79,10 +79,10 @@ def test_same_seed_same_run_and_resume_is_exact(shapes_data, tmp_path):
 
 
 def test_evaluation_embeds_each_image_once_and_matches_per_triplet_scoring(shapes_data):
-    from checkpoint import build_model
-    from evaluate import evaluate
-    from options import main_parser
-    from runtime import Runtime
+    from csnlib.checkpoint import build_model
+    from csnlib.evaluate import evaluate
+    from csnlib.options import main_parser
+    from csnlib.runtime import Runtime
     from triplet_image_loader import ImageStore, load_dataset_info, load_triplets, to_input
     torch.manual_seed(0)
     args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', '--learned'])
@@ -232,7 +232,10 @@ def test_a_pickle_checkpoint_is_refused_not_executed(tmp_path):
 
 
 FAULTS_AFTER_FREE = """
-import argparse, resource, sys, torch
+import argparse
+import resource
+import sys
+import torch
 sys.path.insert(0, sys.argv[2])
 import main, runtime  # a training process: everything main.py loads is loaded (in a bare interpreter glibc's free
 # chunk does not fit torch's next aligned 64 MiB request, the heap grows instead and every block is faulted in anew)
@@ -287,7 +290,7 @@ def mark_left_right(root):
 def test_a_dataset_that_says_hflip_false_never_sees_a_mirrored_image(shapes_data, tmp_path, monkeypatch, capsys,
                                                                      hflip, mirrored):
     import main
-    import training
+    from csnlib import train_loop as training
     mark_left_right(shapes_data)
     meta_path = os.path.join(shapes_data, 'dataset.json')
     meta = json.load(open(meta_path))
@@ -322,13 +325,13 @@ def test_a_dataset_without_hflip_is_mirrored_as_the_original_did(shapes_data, tm
     assert p.returncode == 2 and '"hflip" must be true or false' in p.stderr and 'Traceback' not in p.stderr
 
 
-@pytest.mark.parametrize('module, argv', [('options', ['--marg', '0.3']), ('retrieve', ['--resume', 'x', '--quer', '1']),
+@pytest.mark.parametrize('module, argv', [('csnlib.options', ['--marg', '0.3']), ('retrieve', ['--resume', 'x', '--quer', '1']),
                                           ('get_data', ['--datas', 'fonts']), ('bench', ['--dat', 'd'])])
 def test_an_abbreviated_flag_is_refused_not_guessed(module, argv, capsys):
     """--marg 0.3 on a resumed run would otherwise be read as --margin without explicit_flags knowing it was given."""
     import importlib
     mod = importlib.import_module(module)
-    parser = mod.main_parser() if module == 'options' else mod.build_parser()
+    parser = mod.main_parser() if module == 'csnlib.options' else mod.build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
     assert 'unrecognized arguments' in capsys.readouterr().err
@@ -344,7 +347,7 @@ def test_an_abbreviated_flag_is_refused_not_guessed(module, argv, capsys):
                                                        ((7, 5), 'bf16', (torch.bfloat16, False)),
                                                        ((8, 6), 'off', (None, False))])
 def test_amp_auto_on_cuda_follows_the_compute_capability_not_emulated_bf16(monkeypatch, capability, amp, expected):
-    import runtime
+    from csnlib import runtime
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)  # recent torch: True on a T4 too
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     args = argparse.Namespace(amp=amp)
@@ -358,7 +361,7 @@ def test_amp_auto_on_cuda_follows_the_compute_capability_not_emulated_bf16(monke
                                                           ('cuda', True, torch.bfloat16, False),
                                                           ('cuda', False, torch.float16, False)])
 def test_the_start_line_says_when_bf16_is_emulated(monkeypatch, device, units, amp, emulated):
-    import runtime
+    from csnlib import runtime
     monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: units)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (9, 0) if units else (7, 5))
     note = runtime.amp_note(amp, torch.device(device, 0) if device == 'cuda' else torch.device(device))
@@ -369,7 +372,7 @@ def test_the_start_line_says_when_bf16_is_emulated(monkeypatch, device, units, a
 
 def test_a_run_asking_for_bf16_on_a_cpu_without_bf16_units_is_told_so(shapes_data, tmp_path, monkeypatch, capsys):
     import main
-    import runtime
+    from csnlib import runtime
     monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: False)
     argv = ['--data', shapes_data, '--runs', str(tmp_path / 'runs'), '--name', 'b', '--epochs', '1', *FAST]
     assert main.main(argv + ['--amp', 'bf16', '--num_traintriplets', '64']) == 0
@@ -378,7 +381,7 @@ def test_a_run_asking_for_bf16_on_a_cpu_without_bf16_units_is_told_so(shapes_dat
 
 
 def test_the_per_step_sums_are_float32_on_mps_which_has_no_float64():
-    from training import stats_dtype
+    from csnlib.train_loop import stats_dtype
     assert stats_dtype(torch.device('mps')) == torch.float32
     assert stats_dtype('mps') == torch.float32
     assert stats_dtype(torch.device('cpu')) == torch.float64 and stats_dtype(torch.device('cuda', 1)) == torch.float64
@@ -409,10 +412,10 @@ def test_a_training_step_builds_no_tensor_from_python_numbers_and_reads_nothing_
     and scaler are those of the fp16 GPU path: fused Adam (make_optimizer on CUDA) and an enabled grad scaler."""
     import contextlib
 
-    import training
-    from checkpoint import build_model
-    from options import main_parser
-    from runtime import Runtime
+    from csnlib import train_loop as training
+    from csnlib.checkpoint import build_model
+    from csnlib.options import main_parser
+    from csnlib.runtime import Runtime
     from triplet_image_loader import ImageStore, load_dataset_info, load_triplets
     args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', '--batch-size', '4', '--dim_embed', '8',
                                      '--log-interval', '3', '--amp', 'off'])
@@ -443,8 +446,8 @@ def test_a_training_step_builds_no_tensor_from_python_numbers_and_reads_nothing_
 
 
 def test_how_to_run_flags_never_come_back_from_a_checkpoint():
-    from checkpoint import HOW_TO_RUN, how_to_run_changes, merge_checkpoint_args
-    from options import main_parser
+    from csnlib.checkpoint import HOW_TO_RUN, how_to_run_changes, merge_checkpoint_args
+    from csnlib.options import main_parser
     parser = main_parser()
     stored = vars(parser.parse_args(['--device', 'cpu', '--no-cuda', '--amp', 'off', '--compile', '--workers', '3',
                                      '--no-channels-last', '--no-keep-memory', '--no-cache', '--cache-dir', '/elsewhere',
@@ -467,13 +470,13 @@ def test_how_to_run_flags_never_come_back_from_a_checkpoint():
 
 
 def test_under_torchrun_nccl_collectives_fail_as_exceptions_and_gloo_is_left_alone():
-    from runtime import collective_error_env
+    from csnlib.runtime import collective_error_env
     assert collective_error_env('nccl') == {'TORCH_NCCL_BLOCKING_WAIT': '1', 'TORCH_NCCL_ASYNC_ERROR_HANDLING': '0'}
     assert collective_error_env('gloo') == {}
 
 
 def test_setup_distributed_sets_the_nccl_environment_before_joining(monkeypatch):
-    import runtime
+    from csnlib import runtime
     seen = {}
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.delenv('TORCH_NCCL_BLOCKING_WAIT', raising=False)

@@ -17,7 +17,7 @@ ort = pytest.importorskip('onnxruntime')
 
 
 def export(tmp_path, variant, conditions=(0, 1)):
-    from onnx_export import export_onnx
+    from csnlib.onnx_export import export_onnx
     model = hub_load(save_checkpoint(tmp_path / 'm.pth', variant, conditions=conditions))
     path = str(tmp_path / 'm.onnx')
     export_onnx(model, path)

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-import options
 from conftest import REPO
-from options import Bounded
+from csnlib import options
+from csnlib.options import Bounded
 
 SCRIPTS = ['main.py', 'retrieve.py', 'reproduce.py', 'get_data.py', 'bench.py']
 REQUIRED = {'retrieve.py': ['--resume', 'x.pth.tar'], 'reproduce.py': ['--data', 'd']}  # to parse a valid value

@@ -219,8 +219,8 @@ def test_mask_stats_tell_disjoint_from_shared_masks():
 
 
 def test_probe_reads_features_of_the_trained_backbone_and_learns_a_visible_label(shapes_data):
-    import probe
     from csn import ConditionalSimNet
+    from csnlib import probe
     from Resnet_18 import EmbeddingNet
     from triplet_image_loader import load_dataset_info
     from tripletnet import TripletNet

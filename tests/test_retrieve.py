@@ -71,7 +71,7 @@ def neighbours(stdout):
 # ------------------------------------------------------------------------------------------------------- metrics
 
 def test_average_precision_matches_slow_loop():
-    from retrieval import average_precisions, mean_average_precision
+    from csnlib.search import average_precisions, mean_average_precision
     rng = np.random.default_rng(0)
     x = rng.standard_normal((60, 5))
     labels = list(rng.choice(['a', 'b', 'c'], 60))
@@ -91,7 +91,7 @@ def test_average_precision_matches_slow_loop():
 
 
 def test_notion_map_leaves_unknown_labels_out_and_masks_per_notion():
-    from retrieval import notion_map
+    from csnlib.search import notion_map
     rng = np.random.default_rng(1)
     emb, masks = rng.standard_normal((30, 8)), np.abs(rng.standard_normal((2, 8)))
     images = np.arange(5, 30, 2)  # rows of a bigger dataset
@@ -108,9 +108,9 @@ def test_notion_map_leaves_unknown_labels_out_and_masks_per_notion():
 
 def small_model(tmp_path, variant):
     """The coloured shapes and an untrained 32-px model of main.py's flags + variant: (info, runtime, model, store)."""
-    from checkpoint import build_model
-    from options import main_parser
-    from runtime import Runtime
+    from csnlib.checkpoint import build_model
+    from csnlib.options import main_parser
+    from csnlib.runtime import Runtime
     from triplet_image_loader import ImageStore, load_dataset_info
     make_dataset(str(tmp_path / 'd'))
     info = load_dataset_info(str(tmp_path / 'd'))
@@ -122,7 +122,7 @@ def small_model(tmp_path, variant):
 
 @pytest.mark.parametrize('variant', [['--learned'], ['--model', 'task']])
 def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, variant):
-    from retrieval import retrieval_map
+    from csnlib.search import retrieval_map
     from triplet_image_loader import read_labels, to_input
     info, rt, model, store = small_model(tmp_path, variant)
     labels = read_labels(info)
@@ -143,8 +143,8 @@ def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, v
 def test_test_reuses_the_evaluations_embeddings_and_embeds_only_the_rest(tmp_path, variant, monkeypatch):
     """--test's mAP and pictures need every test image under every notion; evaluate has embedded some of them (all,
     for one-embedding models; each notion's own, for task-specific networks). The merge equals embedding them all."""
-    import evaluate
-    from evaluate import embed_dataset
+    from csnlib import evaluate
+    from csnlib.evaluate import embed_dataset
     info, rt, model, store = small_model(tmp_path, variant)
     rng = np.random.default_rng(0)
     trip = rng.choice(30, size=(30, 3))                       # (M, 3) image indices
@@ -167,8 +167,8 @@ def test_test_reuses_the_evaluations_embeddings_and_embeds_only_the_rest(tmp_pat
 
 
 def test_nearest_matches_a_full_sort_over_100k_images():
-    from evaluate import subspace
-    from retrieval import nearest
+    from csnlib.evaluate import subspace
+    from csnlib.search import nearest
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((100_000, 64)).astype(np.float32)
     masks = np.abs(rng.standard_normal((4, 64))).astype(np.float32)
@@ -213,8 +213,8 @@ def test_retrieval_by_colour_finds_the_same_colour_and_caches_the_embeddings(tra
     assert meta['checkpoint'] == 'model_best.pth.tar' and meta['embeddings_shape'] == [40, 64]
 
     # the cache holds the model's embeddings of every image
-    from checkpoint import load_model
-    from evaluate import embed_images
+    from csnlib.checkpoint import load_model
+    from csnlib.evaluate import embed_images
     from triplet_image_loader import ImageStore, load_dataset_info
     model, _, rt = load_model(str(ckpt), data, 'cpu')
     want = embed_images(model, np.arange(40), ImageStore(load_dataset_info(data), 32), rt)
@@ -264,8 +264,8 @@ def test_bad_query_and_notion_say_what_to_do(trained):
 
 @pytest.mark.slow
 def test_export_embeddings_is_reused_by_retrieve(trained, tmp_path):
-    from checkpoint import load_model
-    from retrieval import export_embeddings
+    from csnlib.checkpoint import load_model
+    from csnlib.search import export_embeddings
     from triplet_image_loader import load_dataset_info
     data, run, _, _ = trained
     ckpt = str(run / 'checkpoint.pth.tar')
@@ -278,10 +278,10 @@ def test_export_embeddings_is_reused_by_retrieve(trained, tmp_path):
 
 @pytest.mark.slow
 def test_pictures_and_map_of_the_trained_model(trained, tmp_path):
-    from checkpoint import load_model
-    from evaluate import embed_dataset
-    from pictures import write_pictures
-    from retrieval import retrieval_map, test_images
+    from csnlib.checkpoint import load_model
+    from csnlib.evaluate import embed_dataset
+    from csnlib.pictures import write_pictures
+    from csnlib.search import retrieval_map, test_images
     from triplet_image_loader import ImageStore, load_dataset_info, read_labels
     data, run, _, _ = trained
     model, _, rt = load_model(str(run / 'model_best.pth.tar'), data, 'cpu')
@@ -308,8 +308,8 @@ def test_pictures_and_map_of_the_trained_model(trained, tmp_path):
 def untrained_checkpoint(tmp_path):
     """A CSN checkpoint of the shapes as main.py writes one, untrained, alone in its folder: (data, checkpoint path).
     Its run trained only notion 1 (shape), as `--conditions shape` does."""
-    from checkpoint import build_model
-    from options import main_parser
+    from csnlib.checkpoint import build_model
+    from csnlib.options import main_parser
     data = str(tmp_path / 'shapes')
     make_dataset(data)
     args = main_parser().parse_args(['--data', data, *FAST, '--conditions', 'shape'])
@@ -325,8 +325,8 @@ def untrained_checkpoint(tmp_path):
 @pytest.fixture
 def no_embedding(monkeypatch):
     """Any embedding of an image fails the test."""
-    import evaluate
     import retrieve as r
+    from csnlib import evaluate
 
     def embedded(*a, **k):
         raise AssertionError('an image was embedded before the command line was checked')

@@ -3,7 +3,7 @@ learned (non-binary) masks, the approximate indexes, and bench.py --search on a 
 import numpy as np
 import pytest
 
-faiss_missing = pytest.mark.skipif(not __import__('retrieval').faiss_or_none(), reason='faiss is not installed '
+faiss_missing = pytest.mark.skipif(not __import__('csnlib.search', fromlist=['search']).faiss_or_none(), reason='faiss is not installed '
                                    '(pip install faiss-cpu)')
 
 
@@ -24,7 +24,7 @@ def slow_nearest(emb, mask, query, k, exclude=None):
 
 @pytest.mark.parametrize('use_faiss', [False, pytest.param(None, marks=faiss_missing)])
 def test_masked_search_matches_a_loop_over_the_models_distance(use_faiss):
-    from retrieval import Index
+    from csnlib.search import Index
     emb, mask = gallery(400, 16)
     assert (mask == 0).any() and ((mask > 0) & (mask != 1)).any()
     index = Index(emb * mask, use_faiss=use_faiss)
@@ -38,7 +38,7 @@ def test_masked_search_matches_a_loop_over_the_models_distance(use_faiss):
 
 
 def test_numpy_search_edge_cases():
-    from retrieval import Index, nearest
+    from csnlib.search import Index, nearest
     space = np.array([[0.0], [1.0], [1.0], [3.0]], np.float32)
     idx, dist = Index(space, use_faiss=False).search([[1.0]], 10)  # k over N: all rows; a tie goes by index
     assert idx.tolist() == [[1, 2, 0, 3]] and dist.tolist() == [[0, 0, 1, 2]]
@@ -55,7 +55,7 @@ def test_numpy_search_edge_cases():
 
 @faiss_missing
 def test_exact_faiss_returns_numpys_neighbours():
-    from retrieval import Index
+    from csnlib.search import Index
     emb, mask = gallery(20_000, 64, seed=1)
     space = emb * mask
     queries = np.random.default_rng(2).standard_normal((40, 64)).astype(np.float32) * mask
@@ -70,7 +70,7 @@ def test_exact_faiss_returns_numpys_neighbours():
 @faiss_missing
 @pytest.mark.parametrize('kind', ['ivf', 'hnsw'])
 def test_approximate_indexes_find_most_true_neighbours(kind):
-    from retrieval import Index
+    from csnlib.search import Index
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((50, 32)).astype(np.float32) * 4
     space = centres[rng.integers(0, 50, 5000)] + rng.standard_normal((5000, 32)).astype(np.float32)  # clustered
@@ -82,8 +82,8 @@ def test_approximate_indexes_find_most_true_neighbours(kind):
 
 
 def test_without_faiss_exact_search_is_numpy_and_approximate_is_refused(monkeypatch):
-    import retrieval
-    from options import UserError
+    from csnlib import search as retrieval
+    from csnlib.options import UserError
     monkeypatch.setattr(retrieval, 'faiss_or_none', lambda: None)
     space = np.eye(4, dtype=np.float32)
     index = retrieval.Index(space)
@@ -99,7 +99,7 @@ def test_bench_search_prints_each_index_with_its_recall(capsys):
     import json
 
     import bench
-    from retrieval import faiss_or_none
+    from csnlib.search import faiss_or_none
     assert bench.search_speed(sizes=(2000,), dim=16, queries=120, min_s=0.01) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
     kinds = ['exact', 'numpy', 'ivf', 'ivf', 'hnsw', 'hnsw'] if faiss_or_none() else ['numpy']

@@ -12,8 +12,8 @@ from conftest import FAST, REPO, draw, make_dataset, run_main
 
 def save_checkpoint(path, variant, notions=('colour', 'shape'), conditions=(0, 1)):
     """An untrained 32-px model of main.py's flags + variant, saved as main.py saves a checkpoint's model parts."""
-    from checkpoint import build_model
-    from options import main_parser
+    from csnlib.checkpoint import build_model
+    from csnlib.options import main_parser
     torch.manual_seed(0)
     args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
     model = build_model(args, len(notions))

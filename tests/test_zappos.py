@@ -18,10 +18,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
-import dataset_writer
 import get_data
-import zappos
 from conftest import REPO
+from csnlib import dataset_writer, zappos
 from triplet_image_loader import check_triplet_file, load_dataset_info, load_triplets, missing_images, read_labels
 
 NOTIONS = ['class', 'closure', 'gender', 'heel']

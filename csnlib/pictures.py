@@ -4,9 +4,9 @@ import time
 
 import numpy as np
 
-from checkpoint import describe
-from evaluate import embed_dataset, subspace
-from retrieval import nearest, test_images
+from csnlib.checkpoint import describe
+from csnlib.evaluate import embed_dataset, subspace
+from csnlib.search import nearest, test_images
 from triplet_image_loader import parse_conditions
 
 

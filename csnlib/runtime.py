@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from options import UserError
+from csnlib.options import UserError
 
 
 class StopFlag:

@@ -17,10 +17,10 @@ import time
 import numpy as np
 import torch
 
-from atomic import atomic_open
-from checkpoint import describe
-from evaluate import embed_dataset, subspace
-from options import UserError
+from csnlib.atomic import atomic_open
+from csnlib.checkpoint import describe
+from csnlib.evaluate import embed_dataset, subspace
+from csnlib.options import UserError
 from triplet_image_loader import load_triplets, make_store, parse_conditions
 
 STAMP = 'embeddings.json'

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 
-from atomic import replace_tree
+from csnlib.atomic import replace_tree
 from triplet_image_loader import SPLITS
 
 

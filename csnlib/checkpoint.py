@@ -4,11 +4,11 @@ import os
 
 import torch
 
-from atomic import atomic_open
 from csn import ConditionalSimNet, TaskSpecificNets, TripletEmbedNet
-from options import UserError, explicit_flags, main_parser
+from csnlib.atomic import atomic_open
+from csnlib.options import UserError, explicit_flags, main_parser
+from csnlib.runtime import Runtime, choose_amp, choose_device
 from Resnet_18 import EmbeddingNet
-from runtime import Runtime, choose_amp, choose_device
 from triplet_image_loader import parse_conditions
 from tripletnet import TripletNet
 

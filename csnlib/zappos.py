@@ -24,9 +24,9 @@ from http.client import HTTPException
 import numpy as np
 from tqdm import tqdm
 
-from atomic import atomic_open, replace_tree
-from dataset_writer import GetDataError, parse_split, split_groups, write_all_triplets, write_layout
-from options import nonneg_float, nonneg_int, positive_float
+from csnlib.atomic import atomic_open, replace_tree
+from csnlib.dataset_writer import GetDataError, parse_split, split_groups, write_all_triplets, write_layout
+from csnlib.options import nonneg_float, nonneg_int, positive_float
 from triplet_image_loader import (
     SPLITS,
     ZAPPOS_IMAGES,

@@ -5,10 +5,10 @@ without internet it crashes (MathJax is fetched with `requests`). It skips the d
 holds visdom's version and every file exists. This script puts the same files there from the npm packages they come
 from, then writes `version.built`.
 
-    python visdom_static.py                    # npm pack the packages (needs npm and the npm registry), install
-    python visdom_static.py --download DIR     # only fetch the package tarballs into DIR, to carry to another machine
-    python visdom_static.py --from DIR         # install offline from tarballs in DIR (or a .tar/.tar.gz bundle of them)
-    python visdom_static.py --check            # exit 1 if anything is missing
+    python tools/visdom_static.py                    # npm pack the packages (needs npm and the npm registry), install
+    python tools/visdom_static.py --download DIR     # only fetch the package tarballs into DIR, to carry to another machine
+    python tools/visdom_static.py --from DIR         # install offline from tarballs in DIR (or a .tar/.tar.gz bundle of them)
+    python tools/visdom_static.py --check            # exit 1 if anything is missing
 """
 import argparse
 import hashlib
@@ -98,7 +98,7 @@ def npm_pack(dest_dir):
     """Fetch every package tarball into dest_dir with `npm pack` (which checks the registry's integrity hash)."""
     if shutil.which('npm') is None:
         sys.exit('visdom_static.py: npm is not installed. Install it (apt-get install npm), or fetch the tarballs on '
-                 'a machine that has it (python visdom_static.py --download DIR) and pass that folder with --from DIR')
+                 'a machine that has it (python tools/visdom_static.py --download DIR) and pass that folder with --from DIR')
     os.makedirs(dest_dir, exist_ok=True)
     cmd = ['npm', 'pack', '--silent', '--pack-destination', dest_dir, *PACKAGES]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -125,7 +125,7 @@ def find_tarballs(source, work_dir):
     lacking = [name for name in wanted.values() if name not in found]
     if lacking:
         sys.exit(f"visdom_static.py: --from {source} lacks {', '.join(lacking)}. Fetch them with "
-                 f"`python visdom_static.py --download DIR` (or `npm pack {' '.join(PACKAGES)}`)")
+                 f"`python tools/visdom_static.py --download DIR` (or `npm pack {' '.join(PACKAGES)}`)")
     return {spec: found[name] for spec, name in wanted.items()}
 
 
@@ -169,7 +169,7 @@ def main():
     if args.download:
         npm_pack(args.download)
         print(f'visdom_static.py: {len(PACKAGES)} package tarballs in {args.download}; on the offline machine run '
-              f'python visdom_static.py --from {args.download}')
+              f'python tools/visdom_static.py --from {args.download}')
         return
     if args.source and not os.path.exists(args.source):
         sys.exit(f'visdom_static.py: --from {args.source}: no such file or folder')

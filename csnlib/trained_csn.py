@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import load_model, trained_conditions
-from retrieval import Index
+from csnlib.checkpoint import load_model, trained_conditions
+from csnlib.search import Index
 from triplet_image_loader import load_image, to_input
 
 

@@ -8,7 +8,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from options import UserError
+from csnlib.options import UserError
 from triplet_image_loader import IMAGENET_MEAN, IMAGENET_STD
 
 
