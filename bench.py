@@ -27,9 +27,10 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
 from csnlib import runtime
-from csnlib.checkpoint import build_model
+from csnlib.builder import build_model
 from csnlib.dataset_writer import sample_triplets, write_triplets
 from csnlib.evaluate import evaluate
+from csnlib.image_cache import ImageStore, build_image_cache
 from csnlib.options import UserError, add_device_flag, int_range, main_parser, nonneg_int, positive_int
 from csnlib.train_loop import make_optimizer, train_epoch
 from triplet_image_loader import (
@@ -38,8 +39,6 @@ from triplet_image_loader import (
     ZAPPOS_IMAGES,
     ZAPPOS_NOTIONS,
     DataError,
-    ImageStore,
-    build_image_cache,
     choose_hflip,
     load_dataset_info,
     load_triplets,

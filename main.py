@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from csnlib import add_notion, options, runtime
 from csnlib.atomic import atomic_open
+from csnlib.builder import build_model
 from csnlib.checkpoint import (
-    build_model,
     describe,
     how_to_run_changes,
     load_checkpoint,
@@ -28,6 +28,7 @@ from csnlib.checkpoint import (
     trained_conditions,
 )
 from csnlib.evaluate import embed_dataset, embed_images, evaluate
+from csnlib.image_cache import make_store
 from csnlib.loggers import Logger, make_logger
 from csnlib.options import UserError, explicit_flags
 from csnlib.pictures import write_pictures
@@ -41,7 +42,6 @@ from triplet_image_loader import (
     load_dataset_info,
     load_image,
     load_triplets,
-    make_store,
     parse_conditions,
     read_labels,
 )

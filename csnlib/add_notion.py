@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from csnlib.checkpoint import build_model, trained_conditions
+from csnlib.builder import build_model
+from csnlib.checkpoint import trained_conditions
 from csnlib.options import UserError
 
 MASK_LR = 1e-2  # --lr of a new mask row unless given: one row of D weights learns in a few hundred steps

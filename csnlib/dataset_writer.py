@@ -9,12 +9,8 @@ import shutil
 import numpy as np
 
 from csnlib.atomic import replace_tree
+from csnlib.errors import GetDataError  # noqa: F401  (re-exported: the builders raise it)
 from triplet_image_loader import SPLITS
-
-
-class GetDataError(Exception):
-    """A problem the user can fix; the message names the file, flag or URL."""
-
 
 # ------------------------------------------------------------------------------------------------- triplets
 

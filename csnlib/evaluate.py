@@ -3,7 +3,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from triplet_image_loader import ImageBatches, make_loader, to_input
+from csnlib.loader import make_loader, to_input
+from triplet_image_loader import ImageBatches
 from tripletnet import masked_distances, ranking_loss, triplet_correct
 
 

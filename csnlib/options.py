@@ -1,12 +1,10 @@
-"""The command line of main.py, and what every script's command line shares: the user-facing error, the flags, and
+"""The command line of main.py, and what every script's command line shares: the flags, and
 the argparse types that check a number's range at parse time (positive_int, nonneg_int, positive_float, nonneg_float,
 int_range, port)."""
 import argparse
 import math
 
-
-class UserError(Exception):
-    """A problem with the command line, the files or the environment; printed as one clear message."""
+from csnlib.errors import UserError  # noqa: F401  (re-exported: the scripts' parsers raise it)
 
 
 class Bounded:

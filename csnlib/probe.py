@@ -11,8 +11,8 @@ import os
 import numpy as np
 import torch
 
+from csnlib.image_cache import ImageStore, build_image_cache
 from Resnet_18 import EmbeddingNet
-from triplet_image_loader import ImageStore, build_image_cache
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -20,8 +20,9 @@ import torch
 from csnlib.atomic import atomic_open
 from csnlib.checkpoint import describe
 from csnlib.evaluate import embed_dataset, subspace
+from csnlib.image_cache import make_store
 from csnlib.options import UserError
-from triplet_image_loader import load_triplets, make_store, parse_conditions
+from triplet_image_loader import load_triplets, parse_conditions
 
 STAMP = 'embeddings.json'
 

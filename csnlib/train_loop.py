@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DistributedSampler
 from tqdm import tqdm
 
-from triplet_image_loader import SkipSampler, TripletBatches, make_loader, to_input
+from csnlib.loader import SkipSampler, make_loader, to_input
+from triplet_image_loader import TripletBatches
 from tripletnet import csn_loss, triplet_correct
 
 

@@ -10,9 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from csnlib.checkpoint import load_model, trained_conditions
+from csnlib.builder import load_model
+from csnlib.checkpoint import trained_conditions
+from csnlib.loader import to_input
 from csnlib.search import Index
-from triplet_image_loader import load_image, to_input
+from triplet_image_loader import load_image
 
 
 class Transform:

@@ -17,7 +17,7 @@ def parse(*argv):
 
 def checkpoint_of(args, notions, conditions):
     """An untrained model of args saved as main.py saves one (the parts prepare reads)."""
-    from csnlib.checkpoint import build_model
+    from csnlib.builder import build_model
     torch.manual_seed(0)
     return {'args': dict(vars(args)), 'state_dict': build_model(args, len(notions)).state_dict(), 'notions': list(notions),
             'conditions': list(conditions)}
@@ -26,7 +26,7 @@ def checkpoint_of(args, notions, conditions):
 def prepared(data, name, variant=(), notions=('colour', 'shape'), conditions=(1,), explicit=()):
     """add_notion.prepare on a checkpoint of variant trained on `conditions`, then the model main.py builds from it."""
     from csnlib.add_notion import prepare
-    from csnlib.checkpoint import build_model
+    from csnlib.builder import build_model
     from triplet_image_loader import load_dataset_info
     args = parse('--data', data, *variant)
     ckpt = checkpoint_of(args, notions, conditions)
@@ -138,7 +138,8 @@ def test_refusals_say_what_is_wrong(shapes_data):
 
 
 def test_a_checkpoint_without_learned_rows_loads_as_before(shapes_data):
-    from csnlib.checkpoint import build_model, merge_checkpoint_args
+    from csnlib.builder import build_model
+    from csnlib.checkpoint import merge_checkpoint_args
     old = checkpoint_of(parse('--data', shapes_data), ('colour', 'shape'), (0, 1))
     args = merge_checkpoint_args(parse(), old, set(), 'ck')
     net = build_model(args, 2).embednet
@@ -153,9 +154,10 @@ def test_add_notion_through_the_command_line(shapes_data, tmp_path):
     """Train a CSN on shape only, teach it colour (visible in any features; shape is not in a colour-only embedding of
     these few images), resume the teaching run, test both: the old notion's distances are bit-identical, the new one is
     well above chance."""
-    from csnlib.checkpoint import load_model
+    from csnlib.builder import load_model
     from csnlib.evaluate import embed_images
-    from triplet_image_loader import load_dataset_info, load_triplets, make_store
+    from csnlib.image_cache import make_store
+    from triplet_image_loader import load_dataset_info, load_triplets
     from tripletnet import masked_distances
     runs = tmp_path / 'runs'
     run_main('--data', shapes_data, '--runs', runs, '--name', 'sh', '--conditions', 'shape', '--epochs', 2, *FAST)

@@ -14,16 +14,11 @@ from torch.utils.data import default_collate
 import bench
 from conftest import REPO
 from csnlib import runtime
-from csnlib.checkpoint import build_model
+from csnlib.builder import build_model
+from csnlib.image_cache import ImageStore, build_image_cache
+from csnlib.loader import to_input
 from csnlib.options import main_parser
-from triplet_image_loader import (
-    ImageStore,
-    TripletBatches,
-    build_image_cache,
-    load_dataset_info,
-    load_triplets,
-    to_input,
-)
+from triplet_image_loader import TripletBatches, load_dataset_info, load_triplets
 from tripletnet import csn_loss
 
 CPU = torch.device('cpu')

@@ -25,10 +25,10 @@ sys.path.insert(0, {repo!r})
 import main
 import torch
 from csnlib import train_loop as training
-import triplet_image_loader
+from csnlib import image_cache
 fault = os.environ.get('FAULT', '').split()
 calls = {{'loss': 0, 'save': 0}}
-real_loss, real_save, real_load = training.csn_loss, torch.save, triplet_image_loader.load_image
+real_loss, real_save, real_load = training.csn_loss, torch.save, image_cache.load_image
 def loss(*a, **k):
     calls['loss'] += 1
     n = calls['loss']
@@ -53,7 +53,7 @@ def load_image(path, size):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_load(path, size)
 if fault:
-    training.csn_loss, torch.save, triplet_image_loader.load_image = loss, save, load_image
+    training.csn_loss, torch.save, image_cache.load_image = loss, save, load_image
 sys.exit(main.main(sys.argv[1:]))
 """.format(repo=REPO)
 

@@ -8,11 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_dataset
+from csnlib.image_cache import ImageStore, build_image_cache
 from triplet_image_loader import (
     DataError,
-    ImageStore,
     TripletBatches,
-    build_image_cache,
     load_dataset_info,
     load_image,
     load_triplets,
@@ -217,7 +216,7 @@ def test_workers_are_sized_by_the_cores_the_processes_of_a_machine_share_and_by_
     ('cannot read image data/images/a.png: cannot identify image file', False),
 ])
 def test_a_shared_memory_failure_is_told_apart_from_a_bad_image(text, shm):
-    from triplet_image_loader import shared_memory_failure
+    from csnlib.loader import shared_memory_failure
     assert shared_memory_failure(text) == shm
 
 
@@ -229,7 +228,7 @@ class NoShm(TripletBatches):
 def test_a_worker_that_cannot_write_to_shared_memory_says_how_to_give_it_more(shapes_data):
     import torch
 
-    from triplet_image_loader import make_loader
+    from csnlib.loader import make_loader
     info = load_dataset_info(shapes_data)
     trip, cond = load_triplets(info, 'train', [0, 1], 8, seed=1)
     loader = make_loader(NoShm(trip, cond, ImageStore(info, 32)), [[0, 1]], 1, torch.device('cpu'))

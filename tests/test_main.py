@@ -79,11 +79,13 @@ def test_same_seed_same_run_and_resume_is_exact(shapes_data, tmp_path):
 
 
 def test_evaluation_embeds_each_image_once_and_matches_per_triplet_scoring(shapes_data):
-    from csnlib.checkpoint import build_model
+    from csnlib.builder import build_model
     from csnlib.evaluate import evaluate
+    from csnlib.image_cache import ImageStore
+    from csnlib.loader import to_input
     from csnlib.options import main_parser
     from csnlib.runtime import Runtime
-    from triplet_image_loader import ImageStore, load_dataset_info, load_triplets, to_input
+    from triplet_image_loader import load_dataset_info, load_triplets
     torch.manual_seed(0)
     args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', '--learned'])
     rt = Runtime(args, torch.device('cpu'), workers=0, eval_batch_size=16)
@@ -413,10 +415,11 @@ def test_a_training_step_builds_no_tensor_from_python_numbers_and_reads_nothing_
     import contextlib
 
     from csnlib import train_loop as training
-    from csnlib.checkpoint import build_model
+    from csnlib.builder import build_model
+    from csnlib.image_cache import ImageStore
     from csnlib.options import main_parser
     from csnlib.runtime import Runtime
-    from triplet_image_loader import ImageStore, load_dataset_info, load_triplets
+    from triplet_image_loader import load_dataset_info, load_triplets
     args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', '--batch-size', '4', '--dim_embed', '8',
                                      '--log-interval', '3', '--amp', 'off'])
     rt = Runtime(args, torch.device('cpu'), workers=0)

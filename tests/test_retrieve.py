@@ -108,10 +108,11 @@ def test_notion_map_leaves_unknown_labels_out_and_masks_per_notion():
 
 def small_model(tmp_path, variant):
     """The coloured shapes and an untrained 32-px model of main.py's flags + variant: (info, runtime, model, store)."""
-    from csnlib.checkpoint import build_model
+    from csnlib.builder import build_model
+    from csnlib.image_cache import ImageStore
     from csnlib.options import main_parser
     from csnlib.runtime import Runtime
-    from triplet_image_loader import ImageStore, load_dataset_info
+    from triplet_image_loader import load_dataset_info
     make_dataset(str(tmp_path / 'd'))
     info = load_dataset_info(str(tmp_path / 'd'))
     torch.manual_seed(0)
@@ -122,8 +123,9 @@ def small_model(tmp_path, variant):
 
 @pytest.mark.parametrize('variant', [['--learned'], ['--model', 'task']])
 def test_retrieval_map_of_a_model_matches_a_loop_over_its_embeddings(tmp_path, variant):
+    from csnlib.loader import to_input
     from csnlib.search import retrieval_map
-    from triplet_image_loader import read_labels, to_input
+    from triplet_image_loader import read_labels
     info, rt, model, store = small_model(tmp_path, variant)
     labels = read_labels(info)
     labels['colour'][3] = labels['colour'][7] = ''  # unknown: left out for colour only
@@ -213,9 +215,10 @@ def test_retrieval_by_colour_finds_the_same_colour_and_caches_the_embeddings(tra
     assert meta['checkpoint'] == 'model_best.pth.tar' and meta['embeddings_shape'] == [40, 64]
 
     # the cache holds the model's embeddings of every image
-    from csnlib.checkpoint import load_model
+    from csnlib.builder import load_model
     from csnlib.evaluate import embed_images
-    from triplet_image_loader import ImageStore, load_dataset_info
+    from csnlib.image_cache import ImageStore
+    from triplet_image_loader import load_dataset_info
     model, _, rt = load_model(str(ckpt), data, 'cpu')
     want = embed_images(model, np.arange(40), ImageStore(load_dataset_info(data), 32), rt)
     np.testing.assert_allclose(emb, want.numpy(), rtol=1e-3, atol=1e-3)
@@ -264,7 +267,7 @@ def test_bad_query_and_notion_say_what_to_do(trained):
 
 @pytest.mark.slow
 def test_export_embeddings_is_reused_by_retrieve(trained, tmp_path):
-    from csnlib.checkpoint import load_model
+    from csnlib.builder import load_model
     from csnlib.search import export_embeddings
     from triplet_image_loader import load_dataset_info
     data, run, _, _ = trained
@@ -278,11 +281,12 @@ def test_export_embeddings_is_reused_by_retrieve(trained, tmp_path):
 
 @pytest.mark.slow
 def test_pictures_and_map_of_the_trained_model(trained, tmp_path):
-    from csnlib.checkpoint import load_model
+    from csnlib.builder import load_model
     from csnlib.evaluate import embed_dataset
+    from csnlib.image_cache import ImageStore
     from csnlib.pictures import write_pictures
     from csnlib.search import retrieval_map, test_images
-    from triplet_image_loader import ImageStore, load_dataset_info, read_labels
+    from triplet_image_loader import load_dataset_info, read_labels
     data, run, _, _ = trained
     model, _, rt = load_model(str(run / 'model_best.pth.tar'), data, 'cpu')
     info = load_dataset_info(data)
@@ -308,7 +312,7 @@ def test_pictures_and_map_of_the_trained_model(trained, tmp_path):
 def untrained_checkpoint(tmp_path):
     """A CSN checkpoint of the shapes as main.py writes one, untrained, alone in its folder: (data, checkpoint path).
     Its run trained only notion 1 (shape), as `--conditions shape` does."""
-    from csnlib.checkpoint import build_model
+    from csnlib.builder import build_model
     from csnlib.options import main_parser
     data = str(tmp_path / 'shapes')
     make_dataset(data)

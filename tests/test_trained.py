@@ -12,7 +12,7 @@ from conftest import FAST, REPO, draw, make_dataset, run_main
 
 def save_checkpoint(path, variant, notions=('colour', 'shape'), conditions=(0, 1)):
     """An untrained 32-px model of main.py's flags + variant, saved as main.py saves a checkpoint's model parts."""
-    from csnlib.checkpoint import build_model
+    from csnlib.builder import build_model
     from csnlib.options import main_parser
     torch.manual_seed(0)
     args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
@@ -48,7 +48,8 @@ def test_torch_hub_load_gives_an_eval_model_on_the_cpu(tmp_path):
 
 
 def test_transform_prepares_images_as_the_test_path_does(tmp_path):
-    from triplet_image_loader import load_image, to_input
+    from csnlib.loader import to_input
+    from triplet_image_loader import load_image
     model = hub_load(save_checkpoint(tmp_path / 'csn.pth', []))
     im = images(1)[0].convert('L')  # grey and not square: converted to RGB, resized and centre-cropped
     im.save(tmp_path / 'a.png')
