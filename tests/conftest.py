@@ -69,20 +69,23 @@ def shapes_data(tmp_path):
 
 
 def in_process(entry, argv, escape_fails=False):
-    """entry(argv), a script's main(), as its command line runs it but in this process: (exit status, stdout, stderr).
+    """entry(argv), a script's main(), as its command line runs it (through csnlib.errors.run_script, as every
+    script's `sys.exit(run_script(main))` does) but in this process: (exit status, stdout, stderr).
     What escapes is what a process would show: SystemExit's status, or a traceback on stderr and status 1; with
     escape_fails, anything that escapes fails the test instead (a user would have seen a traceback)."""
     import contextlib
     import io
     import signal
     import traceback
+
+    from csnlib.errors import run_script
     argv = [str(a) for a in argv]
     out, err = io.StringIO(), io.StringIO()
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # main.py installs its Ctrl-C flag
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = entry(argv)
+                code = run_script(entry, argv)
             except SystemExit as e:
                 if escape_fails:
                     raise
@@ -104,6 +107,16 @@ def in_process(entry, argv, escape_fails=False):
     if code is None and not escape_fails:
         code = 0  # what the script's sys.exit(main()) makes of None
     return code, out.getvalue(), err.getvalue()
+
+
+def error_line(p):
+    """The one line a user error prints, from a CompletedProcess (or (status, stdout, stderr)) of a script that failed
+    as a user error must: exit status 2, `error: ...` alone on stderr, no traceback."""
+    code, _, err = (p.returncode, p.stdout, p.stderr) if hasattr(p, 'returncode') else p
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and 'Traceback' not in err, (code, err)
+    assert lines and lines[-1].startswith('error: '), err
+    return lines[-1]
 
 
 def run_main(*args, cwd=None, check=True, timeout=600, env=None, real=False):
