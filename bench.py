@@ -21,23 +21,24 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter
-from torch.utils.data import DataLoader, Dataset
 
 from csnlib import runtime
 from csnlib.builder import build_model
-from csnlib.dataset_writer import sample_triplets, write_triplets
+from csnlib.errors import UserError, run_script
 from csnlib.evaluate import evaluate
 from csnlib.image_cache import ImageStore, build_image_cache
-from csnlib.options import UserError, add_device_flag, int_range, main_parser, nonneg_int, positive_int
+from csnlib.options import add_device_flag, int_range, main_parser, nonneg_int, positive_int
+from csnlib.original_loop import (
+    OriginalTripletnet,
+    OriginalTriplets,
+    original_eval,
+    original_loader,
+    original_train,
+    original_transform,
+)
+from csnlib.synthetic import make_zappos_like
 from csnlib.train_loop import make_optimizer, train_epoch
 from triplet_image_loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ZAPPOS_IMAGES,
-    ZAPPOS_NOTIONS,
     DataError,
     choose_hflip,
     load_dataset_info,
@@ -52,182 +53,8 @@ RESULT_TAG = 'BENCH_RESULT '
 
 # ------------------------------------------------------------------------------------- a Zappos-format dataset
 
-ZAPPOS_LABELS = {  # notion -> its values; the class values are Zappos's categories (the first folder level)
-    'class': ['Shoes', 'Boots', 'Sandals', 'Slippers'],
-    'closure': ['Lace up', 'Buckle', 'Slip-On', 'Zipper'],
-    'gender': ['Men', 'Women', 'Boys', 'Girls'],
-    'heel': ['Flat', '1in - 1 3-4in', '2in - 2 3-4in', '3in and over'],
-}
-SUBCATEGORIES = {'Shoes': ['Oxfords', 'Loafers', 'Sneakers and Athletic Shoes'], 'Boots': ['Ankle', 'Knee High'],
-                 'Sandals': ['Flat', 'Heel'], 'Slippers': ['Slipper Flats', 'Slipper Heels']}
-BRANDS = ['Bostonian', 'Clarks', 'Polo Ralph Lauren', 'Sperry Top-Sider', 'Co. Inc.']  # a folder name may end with '.'
-
-
-def draw_shoe(labels, rng, size=(136, 102)):
-    """A shoe-like drawing on white whose class, closure, gender and heel can be seen; JPEG-like texture."""
-    cls, closure, gender, heel = labels
-    W, H = size
-    im = Image.new('RGB', size, (255, 255, 255))
-    d = ImageDraw.Draw(im)
-    colour = tuple(int(v) for v in rng.integers(20, 200, 3))
-    scale = (1.0, 0.85, 0.75, 0.65)[gender]
-    x0, x1 = W * (0.5 - 0.42 * scale), W * (0.5 + 0.42 * scale)
-    sole_y = H * 0.78
-    top = sole_y - H * (0.25, 0.62, 0.18, 0.15)[cls] * scale
-    heel_h = H * 0.06 * heel
-    d.polygon([(x0, sole_y - heel_h), (x0, top), (x0 + (x1 - x0) * 0.35, top), (x1, sole_y - H * 0.12), (x1, sole_y),
-               (x0 + (x1 - x0) * 0.25, sole_y), (x0, sole_y - heel_h)], fill=colour)
-    d.rectangle([x0, sole_y - heel_h, x0 + (x1 - x0) * 0.15, sole_y], fill=tuple(c // 2 for c in colour))
-    if cls == 2:  # sandals: open straps
-        for k in range(3):
-            y = top + (sole_y - top) * (0.2 + 0.25 * k)
-            d.rectangle([x0 + 8, y, x1 - 12, y + 4], fill=(255, 255, 255))
-    mid = (x0 + x1) / 2
-    if closure == 0:
-        for k in range(4):
-            d.line([mid - 10 + 6 * k, top + 4, mid - 4 + 6 * k, top + 14], fill=(250, 250, 250), width=2)
-    elif closure == 1:
-        d.rectangle([mid - 5, top + 4, mid + 5, top + 12], outline=(230, 200, 40), width=2)
-    elif closure == 3:
-        d.line([mid, top + 2, mid, sole_y - 6], fill=(180, 180, 180), width=2)
-    arr = np.asarray(im.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.int16)
-    shoe = arr.min(axis=2, keepdims=True) < 250
-    arr = arr + np.where(shoe, rng.normal(0, 12, arr.shape), 0).astype(np.int16)  # leather-like texture
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-
-
-def make_zappos_like(root, n_images=2000, seed=0, log=print):
-    """A dataset in the layout of UT-Zappos50K and the CSN triplets (no dataset.json: the Zappos defaults apply).
-
-    136x102 JPEGs under ut-zap50k-images/Category/SubCategory/Brand/ID.jpg, filenames.json, and
-    tripletlists/{class,closure,gender,heel}_tripletlist_{train,val,test}.txt. Images are split into disjoint pools
-    (test 1/4, val 1/8, train the rest); val and test hold three times as many triplets as images, as the paper's
-    test split has many more triplets than images, and train four times."""
-    if n_images < 32:
-        raise DataError(f'--images {n_images}: use at least 32 images')
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, size=(n_images, len(ZAPPOS_NOTIONS)))  # (N, 4): one value per notion
-    names = []
-    for i in range(n_images):
-        cat = ZAPPOS_LABELS['class'][labels[i, 0]]
-        folder = os.path.join(cat, SUBCATEGORIES[cat][i % len(SUBCATEGORIES[cat])], BRANDS[i % len(BRANDS)])
-        names.append(f'{folder}/{100000 + i}.{i % 97}.jpg')
-        os.makedirs(os.path.join(root, ZAPPOS_IMAGES, folder), exist_ok=True)
-        draw_shoe(labels[i], rng).save(os.path.join(root, ZAPPOS_IMAGES, names[-1]), quality=90)
-    with open(os.path.join(root, 'filenames.json'), 'w') as f:
-        f.write('\n'.join(names) + '\n')
-    order = rng.permutation(n_images)
-    n_test, n_val = n_images // 4, n_images // 8
-    pools = {'test': order[:n_test], 'val': order[n_test:n_test + n_val], 'train': order[n_test + n_val:]}
-    per_image = {'train': 4, 'val': 3, 'test': 3}
-    for k, notion in enumerate(ZAPPOS_NOTIONS):
-        for split, pool in pools.items():
-            codes = np.full(n_images, -1)
-            codes[pool] = labels[pool, k]                                # only this split's images take part
-            n = per_image[split] * len(pool) // len(ZAPPOS_NOTIONS)
-            write_triplets(root, notion, split, sample_triplets(codes, n, rng))
-    log(f'wrote {n_images} images ({len(pools["test"])} test, {len(pools["val"])} val, {len(pools["train"])} train) '
-        f'and triplet lists to {root}')
-
 
 # ------------------------------------------------------------------- the original release's loop, re-created
-
-def original_transform(size, train):
-    """The release's torchvision transforms (Resize, CenterCrop, RandomHorizontalFlip for training, ToTensor, Normalize)."""
-    from torchvision import transforms as T
-    flip = [T.RandomHorizontalFlip()] if train else []
-    return T.Compose([T.Resize(size), T.CenterCrop(size), *flip, T.ToTensor(),
-                      T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
-
-
-class OriginalTriplets(Dataset):
-    """The release's TripletImageLoader: per triplet, check the three files exist, decode each with PIL, transform."""
-
-    def __init__(self, info, triplets, conds, transform):
-        self.root, self.filenames, self.transform = info.images_dir, info.filenames, transform
-        self.triplets = [(str(a), str(b), str(c), int(k)) for (a, b, c), k in zip(triplets, conds)]  # as read from text
-
-    def __len__(self):
-        return len(self.triplets)
-
-    def __getitem__(self, index):
-        *ids, c = self.triplets[index]
-        paths = [os.path.join(self.root, self.filenames[int(i)]) for i in ids]
-        if not all(os.path.exists(p) for p in paths):
-            raise DataError(f'image of triplet {ids} not found')
-        img1, img2, img3 = (self.transform(Image.open(p).convert('RGB')) for p in paths)  # (3, S, S) each
-        return img1, img2, img3, c
-
-
-def original_loader(dataset, batch_size, device):
-    """The release's DataLoader: shuffled, and `num_workers: 4, pin_memory: True` only on CUDA (else no workers)."""
-    kwargs = {'num_workers': 4, 'pin_memory': True} if device.type == 'cuda' else {}
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, **kwargs)
-
-
-class OriginalTripletnet(nn.Module):
-    """The release's CS_Tripletnet around its ConditionalSimNet: the backbone runs once per image of the triplet.
-    Shares the backbone and masks of one of this repo's ConditionalSimNet."""
-
-    def __init__(self, csn):
-        super().__init__()
-        self.csn = csn
-
-    def embed(self, x, c):
-        """The release's ConditionalSimNet.forward: masked embedding, ||mask||_1, ||f(x)||_2, ||masked||_2."""
-        embedded_x = self.csn.embeddingnet(x)  # (B, D)
-        mask = self.csn.masks(c)  # (B, D)
-        if self.csn.mask_type != 'fixed':
-            mask = F.relu(mask)
-        masked = embedded_x * mask
-        return masked, mask.norm(1), embedded_x.norm(2), masked.norm(2)
-
-    def forward(self, x, y, z, c):
-        ex, mx, nx, tx = self.embed(x, c)
-        ey, my, ny, ty = self.embed(y, c)
-        ez, mz, nz, tz = self.embed(z, c)
-        mask_norm, embed_norm, mask_embed_norm = (mx + my + mz) / 3, (nx + ny + nz) / 3, (tx + ty + tz) / 3
-        return F.pairwise_distance(ex, ey, 2), F.pairwise_distance(ex, ez, 2), mask_norm, embed_norm, mask_embed_norm
-
-
-def original_loss(tnet, criterion, batch, args, device):
-    """The release's train() step up to the loss, with its per-step reads of the loss and accuracy. (loss, dista, distb)."""
-    data1, data2, data3, c = (t.to(device) for t in batch)
-    dista, distb, mask_norm, embed_norm, _ = tnet(data1, data2, data3, c)
-    target = torch.ones_like(dista)  # 1: dista should be larger than distb
-    loss_triplet = criterion(dista, distb, target)
-    loss_embedd = embed_norm / np.sqrt(data1.size(0))
-    loss_mask = mask_norm / data1.size(0)
-    loss = loss_triplet + args.embed_loss * loss_embedd + args.mask_loss * loss_mask
-    (dista - distb > 0).cpu().float().mean().item(), loss_triplet.item(), loss_embedd.item(), loss_mask.item()
-    return loss, dista, distb
-
-
-def original_train(tnet, optimizer, loader, args, device, on_step=None):
-    criterion = nn.MarginRankingLoss(margin=args.margin)
-    tnet.train()
-    for step, batch in enumerate(loader, 1):
-        loss, _, _ = original_loss(tnet, criterion, batch, args, device)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if on_step is not None:
-            on_step(step)
-
-
-def original_eval(tnet, loader, args, device, n_notions, on_step=None):
-    """The release's test(): every triplet's three images decoded and embedded; like the release, without no_grad."""
-    criterion = nn.MarginRankingLoss(margin=args.margin)
-    tnet.eval()
-    for step, (data1, data2, data3, c) in enumerate(loader, 1):
-        data1, data2, data3, c = data1.to(device), data2.to(device), data3.to(device), c.to(device)
-        dista, distb, _, _, _ = tnet(data1, data2, data3, c)
-        criterion(dista, distb, torch.ones_like(dista)).item()
-        right = (dista - distb > 0).cpu()
-        for k in range(n_notions):  # its per-notion accuracies
-            (right & (c.cpu() == k)).sum().item()
-        if on_step is not None:
-            on_step(step)
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -469,9 +296,8 @@ def build_parser():
                                           'practical peak, to compare the training GFLOP/s with)')
     a('--search', action='store_true', help='only time the search: queries/s and recall@10 of the exact, ivf and hnsw indexes over 100k, 1M and '
                                             '10M random 64-d embeddings (faiss-cpu; numpy for exact without it)')
-    a('--gpu-check', action='store_true', help='the first command on a GPU machine: a short training on synthetic data '
-                                               'with CUDA sync checks, AMP, DDP over NCCL (several GPUs), a resume, '
-                                               'and the bench figures; exit 2 without CUDA')
+    a('--gpu-check', action='store_true', help='the first command on a GPU machine: runs the GPU checks of '
+                                               'tests/test_gpu.py (pytest -m gpu; exit 2 without CUDA)')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
     return p
 
@@ -662,130 +488,36 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
 
 # ------------------------------------------------------------------------------------------------- --gpu-check
 
-def gpu_check(opts):
-    """--gpu-check: what no CPU test can show, on this machine's GPU(s). Each check prints ok or FAIL; exit 1 if any
-    failed. Without CUDA: exit 2 (UserError)."""
+def gpu_check():
+    """--gpu-check: the GPU checks of tests/test_gpu.py (pytest -m gpu), which measure nothing; their exit status."""
     if not torch.cuda.is_available():
         raise UserError(f'--gpu-check needs a CUDA GPU, and torch {torch.__version__} sees none ('
                         + (f'built for CUDA {torch.version.cuda}: check the driver, nvidia-smi and CUDA_VISIBLE_DEVICES'
                            if torch.version.cuda else 'a CPU-only build of torch: install a CUDA build') + ')')
-    import tempfile
-    import traceback
-    n_gpu, results = torch.cuda.device_count(), []
-
-    def check(name, fn):
-        try:
-            detail = fn()
-            results.append(True)
-            print(f'ok    {name}: {detail}', flush=True)
-        except Exception as e:
-            results.append(False)
-            print(f'FAIL  {name}: {type(e).__name__}: {str(e).strip()[-1500:]}\n'
-                  + ''.join(traceback.format_exception(e)[-6:]), flush=True)
-
-    with tempfile.TemporaryDirectory(prefix='csn-gpu-check-') as work:
-        data = opts.data or os.path.join(work, 'data')
-        if not opts.data:
-            make_zappos_like(data, 400, opts.seed, log=lambda *a: None)
-        args = main_parser().parse_args(['--data', data, '--no-pretrained', '--image-size', '64', '--batch-size', '32',
-                                         '--device', 'cuda', '--log-interval', '1000', '--seed', str(opts.seed)])
-        rt = runtime.start(args)
-        check('device', lambda: gpu_summary(rt, n_gpu))
-        check('training steps with torch.cuda.set_sync_debug_mode("error")', lambda: sync_checked_steps(rt))
-        check(f'main.py: train, resume, test{f" under torchrun, {n_gpu} processes (NCCL)" if n_gpu > 1 else ""}',
-              lambda: main_py_run(data, os.path.join(work, 'runs'), n_gpu))
-        bench = build_parser().parse_args(['--data', data, '--device', 'cuda', '--repeats', '1', '--impls', 'original',
-                                           'repo', '--seed', str(opts.seed)])
-        check('bench figures', lambda: run_bench(bench) == 0 and 'printed above')
-    print(f'--gpu-check: {sum(results)} of {len(results)} checks passed')
-    return 0 if all(results) else 1
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests', 'test_gpu.py')
+    return subprocess.run([sys.executable, '-m', 'pytest', '-m', 'gpu', '-v', '-s', tests]).returncode
 
 
-def gpu_summary(rt, n_gpu):
-    d = rt.device
-    amp = str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off'
-    try:
-        import pynvml  # noqa: F401
-        nvml = 'nvidia-ml-py present (GPU busy share measured)'
-    except ImportError:
-        nvml = NVML_HINT
-    return (f'{n_gpu} x {torch.cuda.get_device_name(d)}, compute capability {torch.cuda.get_device_capability(d)}, '
-            f'torch {torch.__version__} (CUDA {torch.version.cuda}); --amp auto -> {amp}'
-            f'{" + grad scaler" if rt.use_scaler else ""}; {nvml}')
-
-
-def sync_checked_steps(rt, warmup=3, steps=10):
-    """Training steps after a warm-up under sync debug mode 'error': any host-device synchronisation other than the
-    log-interval read (training.host_read) raises, naming where."""
-    args, device = rt.args, rt.device
-    info = load_dataset_info(args.data)
-    trip, cond = load_triplets(info, 'train', list(range(len(info.notions))), 10 ** 9, args.seed, log=lambda *a: None)
-    B = args.batch_size
-    if len(trip) < (warmup + steps) * B:
-        raise UserError(f'{args.data}: {len(trip)} training triplets, fewer than {(warmup + steps) * B}')
-    model = build_model(args, len(info.notions)).to(device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, device)
-    scaler = torch.amp.GradScaler('cuda', enabled=rt.use_scaler)
-    store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, log=lambda *a: None))
-    part = lambda a, b: (trip[a * B:b * B], cond[a * B:b * B], store, True)
-    train_epoch(model, model, optimizer, scaler, part(0, warmup), rt, 1)
-    torch.cuda.synchronize(device)
-    torch.cuda.set_sync_debug_mode('error')
-    try:
-        sums, _ = train_epoch(model, model, optimizer, scaler, part(warmup, warmup + steps), rt, 2)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    return (f'{steps} steps of batch {B} with {rt.workers} workers, loss {sums["loss"] / sums["n"]:.4f}: no sync '
-            f'outside the log-interval read')
-
-
-def main_py_run(data, runs, n_gpu):
-    """main.py as a user runs it (torchrun over every GPU when there are several): 1 epoch, --resume to 2, --test."""
-    launch = [sys.executable, os.path.abspath(os.path.join(os.path.dirname(__file__), 'main.py'))]
-    if n_gpu > 1:
-        launch[1:1] = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(n_gpu)]
-    common = ['--image-size', '64', '--num_valtriplets', '256', '--num_testtriplets', '256', '--device', 'cuda']
-    ckpt, best = os.path.join(runs, 'gpu', 'checkpoint.pth.tar'), os.path.join(runs, 'gpu', 'model_best.pth.tar')
-    start_lines = []
-    for argv in (['--data', data, '--runs', runs, '--name', 'gpu', '--no-pretrained', '--epochs', '1',
-                  '--batch-size', str(32 * n_gpu), '--num_traintriplets', '1024', *common],
-                 ['--resume', ckpt, '--epochs', '2'], ['--test', '--resume', best, '--no-pictures']):
-        p = subprocess.run(launch + argv, capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            raise RuntimeError(f'{" ".join(argv)} exited {p.returncode}:\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}')
-        start_lines += [ln for ln in p.stdout.splitlines() if ln.startswith('device ')][:1]
-    with open(os.path.join(runs, 'gpu', 'metrics.jsonl')) as f:
-        epochs = [json.loads(line)['epoch'] for line in f]
-    if epochs != [1, 2]:
-        raise RuntimeError(f'metrics.jsonl has epochs {epochs} after the resume, not [1, 2]')
-    res = json.load(open(os.path.join(runs, 'gpu', 'test_results.json')))
-    return f'epochs {epochs}, test accuracy {res["accuracy"] * 100:.1f} % ({start_lines[0][:160] if start_lines else ""})'
-
-
-def main_cli(argv=None):
+def main(argv=None):
     opts = build_parser().parse_args(argv)
-    try:
-        if opts.gpu_check:
-            return gpu_check(opts)
-        if opts.search:
-            return search_speed()
-        if opts.peak:
-            return peak_speed(runtime.choose_device(argparse.Namespace(no_cuda=False, device=opts.device)))
-        if opts.make_data:
-            make_zappos_like(opts.make_data, opts.images, opts.seed)
-            print(f'next: python bench.py --data {opts.make_data}')
-            return 0
-        if not opts.data:
-            raise UserError('--data DIR is required (or --make-data DIR to write a synthetic Zappos-format set)')
-        if opts.child:
-            impl, mode = opts.child.split(':')
-            print(RESULT_TAG + json.dumps(measure(opts, impl, mode)), flush=True)
-            return 0
-        return run_bench(opts)
-    except (UserError, DataError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    if opts.gpu_check:
+        return gpu_check()
+    if opts.search:
+        return search_speed()
+    if opts.peak:
+        return peak_speed(runtime.choose_device(argparse.Namespace(no_cuda=False, device=opts.device)))
+    if opts.make_data:
+        make_zappos_like(opts.make_data, opts.images, opts.seed)
+        print(f'next: python bench.py --data {opts.make_data}')
+        return 0
+    if not opts.data:
+        raise UserError('--data DIR is required (or --make-data DIR to write a synthetic Zappos-format set)')
+    if opts.child:
+        impl, mode = opts.child.split(':')
+        print(RESULT_TAG + json.dumps(measure(opts, impl, mode)), flush=True)
+        return 0
+    return run_bench(opts)
 
 
 if __name__ == '__main__':
-    sys.exit(main_cli())
+    sys.exit(run_script(main))

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import default_collate
 
 import bench
-from conftest import REPO
-from csnlib import runtime
+import get_data
+from conftest import REPO, error_line, in_process
+from csnlib import original_loop, runtime
 from csnlib.builder import build_model
 from csnlib.image_cache import ImageStore, build_image_cache
 from csnlib.loader import to_input
@@ -35,23 +35,16 @@ def run_bench(*args):
 @pytest.fixture(scope='module')
 def zappos(tmp_path_factory):
     root = tmp_path_factory.mktemp('bench') / 'zappos'
-    run_bench('--make-data', root, '--images', 48)
+    assert in_process(get_data.main, ['--dataset', 'synthetic', '--synthetic-images', 48, '--out', root])[0] == 0
     return str(root)
 
 
-def test_make_data_writes_the_zappos_layout_with_three_test_triplets_per_test_image(zappos):
-    info = load_dataset_info(zappos)  # no dataset.json: read with the Zappos defaults
-    assert info.notions == ['class', 'closure', 'gender', 'heel'] and len(info.filenames) == 48
-    with Image.open(info.image_path(0)) as im:
-        assert im.format == 'JPEG' and im.size == (136, 102)
-    test, _ = load_triplets(info, 'test', ALL, 10 ** 9, seed=0)
-    train, _ = load_triplets(info, 'train', ALL, 10 ** 9, seed=0)
-    assert len(test) == 3 * 48 // 4 and len(np.unique(test)) <= 48 // 4  # 3 triplets per test image
-    assert not set(np.unique(test).tolist()) & set(np.unique(train).tolist())  # images split between train and test
-    category = lambda i: info.filenames[i].split('/')[0]  # the class notion is Zappos's first folder level
-    classes, _ = load_triplets(info, 'train', [0], 10 ** 9, seed=0)
-    for a, far, close in classes:
-        assert category(a) == category(close) != category(far)
+def test_make_data_still_writes_the_synthetic_dataset(zappos, tmp_path):
+    """bench.py --make-data DIR, the older spelling of get_data.py --dataset synthetic: the same images and lists."""
+    code, out, _ = in_process(bench.main, ['--make-data', tmp_path / 'z', '--images', 48])
+    assert code == 0 and 'next: python bench.py --data' in out
+    for name in ('filenames.json', 'tripletlists/heel_tripletlist_test.txt'):
+        assert (tmp_path / 'z' / name).read_bytes() == open(os.path.join(zappos, name), 'rb').read()
 
 
 @pytest.mark.slow
@@ -123,9 +116,9 @@ def test_original_loop_computes_the_same_loss_and_gradients_as_tripletnet(zappos
     if masks == ['--learned']:
         assert (model.embednet.masks.weight < 0).any()  # the ReLU of learned masks matters here
 
-    dataset = bench.OriginalTriplets(info, trip, cond, bench.original_transform(32, train=False))
+    dataset = original_loop.OriginalTriplets(info, trip, cond, original_loop.original_transform(32, train=False))
     batch = default_collate([dataset[i] for i in range(8)])  # in order (the original's loader shuffles)
-    loss_o, dista, distb = bench.original_loss(bench.OriginalTripletnet(model.embednet),
+    loss_o, dista, distb = original_loop.original_loss(original_loop.OriginalTripletnet(model.embednet),
                                                torch.nn.MarginRankingLoss(margin=args.margin), batch, args, CPU)
     loss_o.backward()
     grads_o = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -188,8 +181,7 @@ def test_gpu_busy_share_reports_an_nvml_failure(monkeypatch):
     assert bench.GpuBusy(CPU).start().error is None  # the CPU has no busy share to report
 
 
-def test_gpu_check_without_cuda_says_so_and_exits_2(monkeypatch, capsys):
+def test_gpu_check_without_cuda_says_so_and_exits_2(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    assert bench.main_cli(['--gpu-check']) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('error: --gpu-check needs a CUDA GPU') and torch.__version__ in err[0]
+    line = error_line(in_process(bench.main, ['--gpu-check']))
+    assert line.startswith('error: --gpu-check needs a CUDA GPU') and torch.__version__ in line

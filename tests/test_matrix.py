@@ -13,8 +13,8 @@ import pytest
 
 import main
 import retrieve
-from bench import make_zappos_like
 from conftest import in_process, make_dataset
+from csnlib.synthetic import make_zappos_like
 
 pytestmark = pytest.mark.slow
 
