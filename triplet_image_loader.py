@@ -6,8 +6,11 @@ datasets of a split's triplets and of its images. The uint8 cache they read from
 DataLoader and the device input (flips, normalisation) csnlib/loader.py.
 """
 import csv
+import io
 import json
 import os
+import re
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +36,58 @@ class DataError(UserError, ValueError):
     """Bad dataset input; the message names the file (and line) and what to do."""
 
 
+def name_problem(name):
+    """Why `name` cannot be a notion name (it becomes part of file names: tripletlists/<name>_tripletlist_<split>.txt,
+    a picture's name), or None."""
+    if not isinstance(name, str):
+        return f'{name!r} is not a string'
+    if not name.strip():
+        return 'it is empty'
+    for bad, what in (('/', 'a "/"'), ('\\', 'a "\\"'), ('..', '".."')):
+        if bad in name:
+            return f'it holds {what}'
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return 'it holds a control character'
+    return None
+
+
+def names_problem(names):
+    """Why a list of notion names cannot be used (not a list, a bad name, a name twice), or None."""
+    if not isinstance(names, list) or not names:
+        return f'expected a non-empty list of notion names, got {names!r}'
+    seen = set()
+    for n in names:
+        why = name_problem(n)
+        if why:
+            return f'notion name {n!r}: {why}'
+        if n in seen:
+            return f'notion name {n!r} is given twice'
+        seen.add(n)
+    return None
+
+
+def path_problem(name):
+    """Why an image path of filenames.json cannot be a path inside the images folder (checked as text), or None."""
+    p = name.replace('\\', '/')
+    if p.startswith('/') or re.match(r'^[A-Za-z]:', p):
+        return 'is absolute'
+    if '..' in p.split('/'):
+        return 'climbs out with ".."'
+    return None
+
+
+def utf8_text(path, error=None, hint='save it as UTF-8'):
+    """The text of a file that must be UTF-8 (a BOM is dropped); a byte that is not names the file and line."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        return raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = raw.count(b'\n', 0, e.start) + 1
+        raise (error or DataError)(f'{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}, {e.reason}); '
+                                   f'{hint}') from None
+
+
 @dataclass
 class DatasetInfo:
     root: str
@@ -42,9 +97,25 @@ class DatasetInfo:
     filenames: list
     labels_file: str = None
     extra: dict = field(default_factory=dict)
+    images_real: str = field(default=None, init=False, repr=False)  # the images folder with links resolved
+
+    def __post_init__(self):
+        self.images_real = os.path.realpath(self.images_dir)
 
     def image_path(self, i):
-        return os.path.join(self.images_dir, self.filenames[i])
+        """The path of image i; DataError (naming filenames.json's line) when it is absolute, climbs out with '..' or
+        resolves (symbolic links included) to a file outside the images folder."""
+        name = self.filenames[i]
+        path = os.path.join(self.images_dir, name)
+        why = path_problem(name)
+        if why is None:
+            real = os.path.realpath(path)
+            if not real.startswith(self.images_real.rstrip(os.sep) + os.sep):
+                why = f'resolves to {real}, outside the images folder (a symbolic link)'
+        if why:
+            raise DataError(f'{os.path.join(self.root, "filenames.json")}:{i + 1}: image path {name!r} {why}; every '
+                            f'image must be a file inside {self.images_dir}')
+        return path
 
     @property
     def hflip(self):
@@ -63,34 +134,59 @@ def load_dataset_info(root):
     meta = {'name': 'zappos50k', 'images': ZAPPOS_IMAGES, 'notions': ZAPPOS_NOTIONS}
     if os.path.exists(meta_path):
         try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+            meta = json.loads(utf8_text(meta_path))
+        except (OSError, ValueError) as e:
             raise DataError(f'{meta_path}: not valid JSON ({e})') from None
-        for key in ('images', 'notions'):
-            if key not in meta:
-                raise DataError(f'{meta_path}: missing key {key!r} (expected {{"name", "images", "notions", "labels"}})')
-        if not meta['notions'] or len(set(meta['notions'])) != len(meta['notions']):
-            raise DataError(f'{meta_path}: "notions" must be a non-empty list of distinct names')
-        if not isinstance(meta.get('hflip', True), bool):
-            raise DataError(f'{meta_path}: "hflip" must be true or false (whether a mirrored image keeps its labels), '
-                            f'not {meta["hflip"]!r}')
+        check_meta(meta, meta_path)
     names_path = os.path.join(root, 'filenames.json')
     if not os.path.exists(names_path):
         raise DataError(f'{names_path} not found: {root!r} is not a dataset folder; {GET_DATA_HINT}')
-    with open(names_path) as f:  # plain text despite the name: one image path per line
-        filenames = [line.strip() for line in f]
+    # plain text despite the name: one image path per line
+    filenames = [line.strip() for line in utf8_text(names_path, hint='image paths must be UTF-8').split('\n')]
     while filenames and not filenames[-1]:
         filenames.pop()
     for i, name in enumerate(filenames):
         if not name:
             raise DataError(f'{names_path}:{i + 1}: empty line (line i+1 is image i)')
+        if '\0' in name or '\r' in name:
+            raise DataError(f'{names_path}:{i + 1}: a {"NUL byte" if chr(0) in name else "carriage return"} inside '
+                            f'the image path {name!r}; line i+1 must hold the path of image i alone')
     images_dir = os.path.join(root, meta['images'])
     if not os.path.isdir(images_dir):
         raise DataError(f'images folder {images_dir!r} not found (named by {meta_path if os.path.exists(meta_path) else "the Zappos default"}); {GET_DATA_HINT}')
     labels = os.path.join(root, meta['labels']) if meta.get('labels') else None
     return DatasetInfo(root, meta.get('name', os.path.basename(os.path.abspath(root))), images_dir,
                        list(meta['notions']), filenames, labels, meta)
+
+
+def check_meta(meta, meta_path):
+    """dataset.json's keys and the types of their values; DataError naming the key and what it must be."""
+    expected = '{"name", "images", "notions", "labels", "hflip"}'
+    if not isinstance(meta, dict):
+        raise DataError(f'{meta_path}: expected a JSON object {expected}, got a {type(meta).__name__}')
+    for key in ('images', 'notions'):
+        if key not in meta:
+            raise DataError(f'{meta_path}: missing key {key!r} (expected {expected})')
+    why = names_problem(meta['notions'])
+    if why:
+        raise DataError(f'{meta_path}: "notions": {why}; notion names must be distinct, non-empty and free of "/", '
+                        f'"\\" and ".." (they become file names)')
+    images = meta['images']
+    if not isinstance(images, str) or not images.strip():
+        raise DataError(f'{meta_path}: "images" must be the name of the images folder (a string), not {images!r}')
+    if path_problem(images):
+        raise DataError(f'{meta_path}: "images" {images!r} {path_problem(images)}: the images folder must lie inside '
+                        f'{os.path.dirname(meta_path) or "."} (a relative path without ".."; it may be a link to another '
+                        f'disk). A dataset built by an older get_data.py: build it again with --force')
+    for key in ('name', 'labels'):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise DataError(f'{meta_path}: "{key}" must be a string, not {meta[key]!r}')
+    if meta.get('labels') and path_problem(meta['labels']):
+        raise DataError(f'{meta_path}: "labels" {meta["labels"]!r} {path_problem(meta["labels"])}: labels.csv must '
+                        f'lie inside the data folder')
+    if not isinstance(meta.get('hflip', True), bool):
+        raise DataError(f'{meta_path}: "hflip" must be true or false (whether a mirrored image keeps its labels), '
+                        f'not {meta["hflip"]!r}')
 
 
 def parse_conditions(values, notions):
@@ -113,20 +209,24 @@ def parse_conditions(values, notions):
     return sorted(set(out))
 
 
+_TRIPLET = re.compile(r'\s*(-?[0-9]+)\s+(-?[0-9]+)\s+(-?[0-9]+)\s*$', re.ASCII)
+
+
 def check_triplet_file(path, n_images):
     """Parse a triplet list. Returns (triplets (M, 3) int64, line numbers (M,), problems [(path, line, message)])."""
     if not os.path.exists(path):
         raise DataError(f'{path} not found: the dataset has no triplets for this notion and split; {GET_DATA_HINT}')
     rows, lines, problems, seen = [], [], [], {}
-    with open(path) as f:
+    with open(path, encoding='utf-8', errors='replace') as f:  # a byte that is not UTF-8 makes a malformed line
         for ln, text in enumerate(f, 1):
-            parts = text.split()
-            if not parts:
+            if not text.strip():
                 continue
-            if len(parts) != 3 or not all(p.lstrip('-').isdigit() for p in parts):
-                problems.append((path, ln, f'malformed line {text.strip()[:60]!r} (expected three image indices "a b c")'))
+            m = _TRIPLET.match(text)
+            if m is None:
+                problems.append((path, ln, f'malformed line {text.strip()[:60]!r} (expected three image indices "a b c" '
+                                           f'in ASCII digits)'))
                 continue
-            t = tuple(int(p) for p in parts)
+            t = tuple(int(p) for p in m.groups())
             bad = [x for x in t if not 0 <= x < n_images]
             if bad:
                 problems.append((path, ln, f'image index {bad[0]} is outside filenames.json (0..{n_images - 1})'))
@@ -176,15 +276,43 @@ def load_triplets(info, split, conditions, n_total, seed, skip_bad=False, log=pr
     return trip[order], cond[order]
 
 
-def read_labels(info):
-    """labels.csv (image,<notion>...) in filenames.json order -> {notion: list of str ('' = unknown)}, or None."""
-    if not info.labels_file or not os.path.exists(info.labels_file):
+def read_labels(info, log=print):
+    """labels.csv (image,<notion>...) in filenames.json order -> {notion: list of str ('' = unknown)}, or None.
+    Its image column, when it has one, must list filenames.json's images in their order; a notion without a column
+    is said (it gets no retrieval mAP)."""
+    path = info.labels_file
+    if not path or not os.path.exists(path):
         return None
-    with open(info.labels_file, newline='') as f:
-        rows = list(csv.DictReader(f))
+    reader = csv.reader(io.StringIO(utf8_text(path), newline=''))
+    rows, lines = [], []  # the rows that are not blank, and their line numbers
+    try:
+        header = [h.strip() for h in next(reader)]
+        for r in reader:
+            if r:
+                rows.append(r)
+                lines.append(reader.line_num)
+    except StopIteration:
+        raise DataError(f'{path}: empty file (expected a header line image,<notion>...)') from None
+    except csv.Error as e:
+        raise DataError(f'{path}:{reader.line_num}: not a readable CSV line ({e})') from None
     if len(rows) != len(info.filenames):
-        raise DataError(f'{info.labels_file}: {len(rows)} rows, but filenames.json lists {len(info.filenames)} images')
-    return {n: [r.get(n) or '' for r in rows] for n in info.notions if rows and n in rows[0]}
+        raise DataError(f'{path}: {len(rows)} rows, but filenames.json lists {len(info.filenames)} images')
+    doubled = sorted({h for h in header if header.count(h) > 1})
+    if doubled:
+        raise DataError(f'{path}:1: column(s) {", ".join(doubled)} given twice')
+    col = {h: k for k, h in enumerate(header)}
+    cell = lambda r, k: r[k] if k < len(r) else ''  # noqa: E731
+    if 'image' in col:
+        for i, r in enumerate(rows):
+            if cell(r, col['image']).strip() != info.filenames[i]:
+                raise DataError(f'{path}:{lines[i]}: image {cell(r, col["image"])!r}, but line {i + 1} of filenames.json '
+                                f'is {info.filenames[i]!r}: labels.csv must list the images of filenames.json in its '
+                                f'order; write it again')
+    missing = [n for n in info.notions if n not in col]
+    if missing:
+        log(f'note: {path} has no column for notion(s) {", ".join(missing)} (columns: {", ".join(header)}): no '
+            f'retrieval mAP for {"them" if len(missing) > 1 else "it"}')
+    return {n: [cell(r, col[n]) for r in rows] for n in info.notions if n in col}
 
 
 # ---------------------------------------------------------------------------------------------------------- images
@@ -200,7 +328,9 @@ def load_image(path, size):
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f'image not found: {path}') from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(f'cannot read image {path}: {e} Shrink the image, or leave it out of the dataset') from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
         raise DataError(f'cannot read image {path}: {e}') from None
 
 

@@ -146,7 +146,8 @@ def test_cache_is_reused_and_rebuilt_when_an_image_or_the_size_changes(shapes_da
 
 @pytest.mark.slow
 def test_two_processes_building_the_cache_at_once_agree(shapes_data):
-    code = ('import sys; sys.path.insert(0, %r); from triplet_image_loader import *; '
+    code = ('import sys; sys.path.insert(0, %r); from triplet_image_loader import load_dataset_info; '
+            'from csnlib.image_cache import build_image_cache; '
             'print(build_image_cache(load_dataset_info(%r), 28, workers=1, log=lambda *a: None))') % (REPO, shapes_data)
     procs = [subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0].strip() for p in procs]
