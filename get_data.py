@@ -10,6 +10,7 @@ Each split draws its triplets from its own images only.
 """
 import argparse
 import csv
+import io
 import json
 import os
 import shutil
@@ -30,8 +31,9 @@ from csnlib.dataset_writer import (
     write_all_triplets,
     write_layout,
 )
+from csnlib.errors import run_script
 from csnlib.options import nonneg_int, positive_int
-from triplet_image_loader import SPLITS
+from triplet_image_loader import SPLITS, name_problem, path_problem, utf8_text
 
 
 def refuse_foreign(out, force):
@@ -157,15 +159,24 @@ FONT_NOTIONS = ['character', 'font', 'weight', 'slant']
 
 def read_attributes(path, image_column, notions):
     """(image paths, {notion: strings}) from a CSV; names the file and line of every problem."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise GetDataError(f'--attributes {path}: no such file')
-    with open(path, newline='', encoding='utf-8-sig') as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise GetDataError(f'{path}: empty file (expected a header line: image,<notion>,...)') from None
-        rows = [(ln, r) for ln, r in enumerate(reader, 2) if any(x.strip() for x in r)]
+    text = utf8_text(path, GetDataError, 'save the CSV as UTF-8 (e.g. "CSV UTF-8" in a spreadsheet)')
+    reader = csv.reader(io.StringIO(text, newline=''))
+    try:
+        header = [h.strip() for h in next(reader)]
+        rows = []
+        for r in reader:
+            if any(x.strip() for x in r):
+                rows.append((reader.line_num, r))
+    except StopIteration:
+        raise GetDataError(f'{path}: empty file (expected a header line: image,<notion>,...)') from None
+    except csv.Error as e:
+        raise GetDataError(f'{path}:{reader.line_num}: not a readable CSV line ({e})') from None
+    doubled = sorted({h for h in header if header.count(h) > 1})
+    if doubled:
+        raise GetDataError(f'{path}:1: column(s) {", ".join(repr(h) for h in doubled)} appear twice in the header; '
+                           f'every column needs its own name')
     col = image_column or next((h for h in header if h.lower() in ('image', 'path', 'file', 'filename')), header[0])
     if col not in header:
         raise GetDataError(f'{path}:1: no column {col!r} for the image path (header: {", ".join(header)}); '
@@ -175,6 +186,13 @@ def read_attributes(path, image_column, notions):
     if missing or not notions:
         raise GetDataError(f'{path}:1: notion column(s) {", ".join(missing) or "(none)"} not in the header '
                            f'({", ".join(header)})')
+    if len(set(notions)) != len(notions):
+        raise GetDataError(f'--notions {" ".join(notions)}: a notion is named twice')
+    for n in notions:
+        why = name_problem(n)
+        if why:
+            raise GetDataError(f'{path}:1: notion column {n!r} cannot be a notion name: {why} (a notion name becomes '
+                               f'part of file names, tripletlists/<notion>_tripletlist_<split>.txt); rename the column')
     ci, idx = header.index(col), [header.index(n) for n in notions]
     images, labels, seen = [], {n: [] for n in notions}, {}
     for ln, r in rows:
@@ -197,10 +215,15 @@ def read_attributes(path, image_column, notions):
 def check_images(images_dir, images, attributes):
     """Every listed image exists and decodes; otherwise stop naming all the bad ones (CSV line order)."""
     bad = []
+    real_dir = os.path.realpath(images_dir).rstrip(os.sep) + os.sep
     for i, p in enumerate(images):
         full = os.path.join(images_dir, p)
-        if os.path.isabs(p) or '..' in p.replace('\\', '/').split('/'):
+        if os.path.isabs(p) or path_problem(p):
             bad.append(f'{p}: must be a path inside --images')
+            continue
+        if not os.path.realpath(full).startswith(real_dir):
+            bad.append(f'{full}: resolves to {os.path.realpath(full)}, outside --images (a symbolic link); put the '
+                       f'image itself inside {images_dir}')
             continue
         try:
             with Image.open(full) as im:
@@ -228,7 +251,9 @@ def build_attributes(args, log=print):
     with Staging(out, args.force) as tmp:
         counts = write_all_triplets(tmp, notions, labels, split_of, sizes, args.seed, log)
         images_dir = os.path.abspath(args.images)
-        write_layout(tmp, os.path.basename(os.path.abspath(out)), images_dir, images, notions, labels, split_of,
+        # the images stay where they are: DIR/images is a link to them, so dataset.json names a folder inside DIR
+        os.symlink(images_dir, os.path.join(tmp, 'images'), target_is_directory=True)
+        write_layout(tmp, os.path.basename(os.path.abspath(out)), 'images', images, notions, labels, split_of,
                      not args.no_hflip)
         unknown = {n: sum(1 for v in labels[n] if not v) for n in notions}
         with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
@@ -292,19 +317,15 @@ def build_parser():
 
 
 def main(argv=None):
+    """Build the dataset that argv asks for; a user's mistake raises GetDataError (run_script prints it)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.dataset == 'fonts':
-            build_fonts(args)
-        elif args.dataset == 'attributes':
-            build_attributes(args)
-        else:
-            zappos.run(args)
-    except GetDataError as e:
-        sys.exit(f'get_data.py: {e}')
-    except KeyboardInterrupt:
-        sys.exit('get_data.py: interrupted; nothing half-built was left in place, run it again to continue')
+    if args.dataset == 'fonts':
+        build_fonts(args)
+    elif args.dataset == 'attributes':
+        build_attributes(args)
+    else:
+        zappos.run(args)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_script(main, interrupted='interrupted; nothing half-built was left in place, run it again to continue'))

@@ -16,6 +16,8 @@ import unicodedata
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from csnlib.errors import GetDataError
+
 CHARS = string.ascii_uppercase + string.ascii_lowercase + string.digits  # 62 classes, in label order
 SYSTEM_FONT_DIRS = ['/usr/share/fonts']
 OUTLINE_EXTS = ('.ttf', '.otf', '.ttc', '.otc', '.woff', '.woff2')
@@ -54,7 +56,7 @@ def find_font_files(dirs):
     found = set()
     for d in dirs:
         if not os.path.isdir(d):
-            raise SystemExit(f'get_data.py: --font-dir {d}: no such folder')
+            raise GetDataError(f'--font-dir {d}: no such folder')
         for root, _, files in os.walk(d):
             for f in files:
                 if f.lower().endswith(OUTLINE_EXTS + TYPE1_EXTS):
@@ -335,7 +337,7 @@ def build(font_dirs, staging, size=64, workers=None, max_faces=None, seed=0, clo
     PNGs are in staging/<id>/) and the dropped ones (dicts with 'drop', the reason, and 'detail')."""
     files = find_font_files(font_dirs)
     if not files:
-        raise SystemExit(f'get_data.py: no font files under {", ".join(font_dirs)}; install the fonts with '
+        raise GetDataError(f'no font files under {", ".join(font_dirs)}; install the fonts with '
                          f'`bash setup.sh` (fonts/debian-font-packages.txt) or pass --font-dir DIR')
     workers = workers or os.cpu_count() or 1
     with multiprocessing.Pool(workers) as pool:

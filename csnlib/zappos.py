@@ -7,8 +7,10 @@ layout main.py reads, with the paper's triplets or triplets drawn from the UT-Za
     DIR/dataset.json, DIR/labels.csv                    only for metadata triplets (labels for retrieval mAP)
     DIR/zappos.json                                     what was built; written last, so its presence means whole
 """
+import argparse
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -45,7 +47,11 @@ URLS = {
 }
 ARCHIVES = {'images': 'ut-zap50k-images.zip', 'triplets': 'csn_zappos_triplets.zip', 'metadata': 'ut-zap50k-data.zip'}
 RECORD = 'zappos.json'
+LEFT_OUT = 'metadata_left_out.csv'
 CHUNK = 1 << 20
+MAX_RATIO = 200                                                         # unpacked / archive size: more is a zip bomb
+RATIO_FLOOR = 64 << 20                                                  # bytes any archive may unpack to
+NA_CELLS = {'na', 'n/a', 'n.a.', 'nan', 'none', 'null', 'nil', '-', '?'}  # cells that mean "no value"
 
 
 class DownloadError(GetDataError):
@@ -171,10 +177,23 @@ def _member_parts(m):
     return parts, None
 
 
-def safe_extract(zip_path, target, log=print):
+def extract_limit(zip_path, max_gb):
+    """The most bytes zip_path may unpack to: max_gb GiB, and MAX_RATIO times the archive's size (RATIO_FLOOR at
+    least), whichever is less."""
+    return int(min(max_gb * 2 ** 30, max(MAX_RATIO * os.path.getsize(zip_path), RATIO_FLOOR)))
+
+
+def _mib(n):
+    return f'{n / 2 ** 20:,.1f} MiB'
+
+
+def safe_extract(zip_path, target, log=print, max_bytes=None):
     """Extract zip_path into the folder target, refusing (before writing anything) any member with an absolute path,
-    a drive letter, a '..' component or a symbolic link, so nothing lands outside target."""
+    a drive letter, a '..' component or a symbolic link, so nothing lands outside target, and an archive whose
+    directory says it unpacks to more than max_bytes (default: extract_limit at 4 GiB). Writing stops as soon as the
+    bytes written pass max_bytes or a member's own size; then, and on any other failure, what was written goes."""
     target = os.path.realpath(target)
+    max_bytes = extract_limit(zip_path, 4) if max_bytes is None else max_bytes
     with zipfile.ZipFile(zip_path) as z:
         plan = []
         for m in z.infolist():
@@ -188,21 +207,63 @@ def safe_extract(zip_path, target, log=print):
                     raise GetDataError(f'{zip_path}: refusing to extract member {m.filename!r}: it would land '
                                        f'outside {target}; nothing was extracted')
                 plan.append((m, dest))
-        os.makedirs(target, exist_ok=True)
-        for m, dest in tqdm(plan, desc=f'extracting {os.path.basename(zip_path)}', unit='file', disable=None,
-                            leave=False):
-            if m.is_dir():
-                os.makedirs(dest, exist_ok=True)
-                continue
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            try:
-                with z.open(m) as src, open(dest, 'wb') as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
-            except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-                raise BadArchive(f'{zip_path}: member {m.filename!r} is damaged ({e}); delete the archive and '
-                                 f'fetch it again') from None
-            except OSError as e:
-                raise GetDataError(f'cannot write {dest} while extracting {zip_path}: {e}') from None
+        declared = sum(m.file_size for m, _ in plan)
+        if declared > max_bytes:
+            raise GetDataError(f'{zip_path}: its directory says it unpacks to {_mib(declared)}, over the limit of '
+                               f'{_mib(max_bytes)} (--max-unpacked-gb, and at most {MAX_RATIO} times the archive\'s '
+                               f'size); nothing was extracted. The archive is not the expected one: fetch it again from '
+                               f'its source, or raise --max-unpacked-gb if it is')
+        made = []                                                       # what this call created, to remove on failure
+        try:
+            _make_dirs(target, made)
+            written = 0
+            for m, dest in tqdm(plan, desc=f'extracting {os.path.basename(zip_path)}', unit='file', disable=None,
+                                leave=False):
+                if m.is_dir():
+                    _make_dirs(dest, made)
+                    continue
+                _make_dirs(os.path.dirname(dest), made)
+                try:
+                    with z.open(m) as src, open(dest, 'wb') as dst:
+                        made.append(dest)
+                        mine = 0
+                        while True:
+                            chunk = src.read(CHUNK)
+                            if not chunk:
+                                break
+                            mine += len(chunk)
+                            written += len(chunk)
+                            if mine > m.file_size or written > max_bytes:
+                                raise GetDataError(
+                                    f'{zip_path}: member {m.filename!r} unpacks to more than '
+                                    + (f'the {m.file_size} bytes its directory says' if mine > m.file_size else
+                                       f'the limit of {_mib(max_bytes)} for the archive (--max-unpacked-gb)')
+                                    + '; stopped, and what was extracted is removed. Fetch the archive again from '
+                                      'its source')
+                            dst.write(chunk)
+                except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+                    raise BadArchive(f'{zip_path}: member {m.filename!r} is damaged ({e}); delete the archive and '
+                                     f'fetch it again') from None
+                except OSError as e:
+                    raise GetDataError(f'cannot write {dest} while extracting {zip_path}: {e}') from None
+        except BaseException:
+            for p in reversed(made):
+                try:
+                    os.rmdir(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+                except OSError:
+                    pass
+            raise
+
+
+def _make_dirs(path, made):
+    """os.makedirs(path, exist_ok=True), noting in `made` each folder it created (outermost first)."""
+    todo = []
+    while path and not os.path.isdir(path):
+        todo.append(path)
+        path = os.path.dirname(path)
+    for p in reversed(todo):
+        os.makedirs(p, exist_ok=True)
+        made.append(p)
 
 
 def _folder_with(root, name):
@@ -235,9 +296,15 @@ def heel_bin(text):
 
 
 def single(value):
-    """A cell's value, or '' when it is empty or holds several values (separated by ';' or ',')."""
-    value = (value or '').strip()
+    """A cell's value, or '' when it is empty, NA-like or holds several values (separated by ';' or ',')."""
+    value = cell(value)
     return '' if ';' in value or ',' in value else value
+
+
+def cell(value):
+    """A meta-data.csv cell stripped, '' for one that means no value (empty, NA, NaN, N/A, null, ...)."""
+    value = (value or '').strip()
+    return '' if value.lower() in NA_CELLS else value
 
 
 def _mat_strings(x):
@@ -282,10 +349,10 @@ def read_metadata(csv_path, mat_path):
             reader = csv.DictReader(f)
             header = [h.strip() for h in reader.fieldnames or []]
             reader.fieldnames = header
-            rows = [{k: (v or '').strip() for k, v in r.items() if k is not None} for r in reader]
+            rows = [{k: cell(v) for k, v in r.items() if k is not None} for r in reader]
     except OSError as e:
         raise GetDataError(f'cannot read {csv_path}: {e}') from None
-    need = ['Category', 'Closure', 'Gender', 'HeelHeight']
+    need = ['CID', 'Category', 'Closure', 'Gender', 'HeelHeight']
     missing = [c for c in need if c not in header]
     if missing:
         raise GetDataError(f'{csv_path}:1: no column(s) {", ".join(missing)} (header: {", ".join(header) or "none"})')
@@ -303,6 +370,78 @@ def metadata_labels(rows):
             'closure': [single(r['Closure']) for r in rows],
             'gender': [single(r['Gender']) for r in rows],
             'heel': [heel_bin(r['HeelHeight']) for r in rows]}
+
+
+def spellings(path):
+    """How a path of image-path.mat may be spelled in the images zip: as listed, with the brand folders' trailing
+    period dropped ('Neil M.' as 'Neil M', 'T.U.K.' as 'T.U.K'), "Levi's " as "Levi's&#174; ", and both."""
+    *dirs, name = path.split('/')
+    nodot = [d.rstrip('.') or d for d in dirs]
+    levis = lambda ds: [d.replace("Levi's ", "Levi's&#174; ") for d in ds]  # noqa: E731
+    out = []
+    for ds in (dirs, nodot, levis(dirs), levis(nodot)):
+        p = '/'.join(ds + [name])
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def cid_of(name):
+    """The CID that an image file name stands for: '7965307.5291.jpg' -> '7965307-5291'."""
+    return os.path.splitext(name)[0].replace('.', '-')
+
+
+def images_on_disk(images_dir):
+    """(set of the relative paths of every file under images_dir, {file name: [relative paths]})."""
+    paths, by_name = set(), {}
+    for here, _, files in os.walk(images_dir):
+        rel = os.path.relpath(here, images_dir).replace(os.sep, '/')
+        for f in files:
+            p = f if rel == '.' else f'{rel}/{f}'
+            paths.add(p)
+            by_name.setdefault(f, []).append(p)
+    return paths, by_name
+
+
+LEFT_OUT_REASONS = {'no_path': 'without an image path', 'no_image': 'whose image is not in {images_dir}',
+                    'ambiguous': 'whose file name is under several folders of {images_dir} and not under the listed one',
+                    'cid': 'whose CID is not the image\'s file name (7965307-5291 is 7965307.5291.jpg)',
+                    'no_cid': 'without a CID', 'repeated': 'repeating an earlier image'}
+
+
+def match_images(paths, rows, images_dir):
+    """Pair each metadata row with its image on disk: the path of image-path.mat in one of its spellings(), else the
+    only file of that name. Returns (kept [(row, path on disk)], left out [(row, reason key, detail)], how many were
+    found under another spelling, how many by file name alone)."""
+    on_disk, by_name = images_on_disk(images_dir)
+    keep, left, seen, respelled, by_file = [], [], {}, 0, 0
+    for i, (p, r) in enumerate(zip(paths, rows)):
+        p = _clean_path(p)
+        if not p:
+            left.append((i, 'no_path', ''))
+            continue
+        name = p.rsplit('/', 1)[-1]
+        found = next((q for q in spellings(p) if q in on_disk), None)
+        if found is None and len(by_name.get(name, [])) > 1:
+            left.append((i, 'ambiguous', f'{p} (found as {", ".join(by_name[name][:3])})'))
+            continue
+        if found is None and not by_name.get(name):
+            left.append((i, 'no_image', p))
+            continue
+        how = 'listed' if found == p else 'spelling' if found else 'name'
+        found = found or by_name[name][0]
+        if not r.get('CID'):
+            left.append((i, 'no_cid', p))
+        elif cid_of(name) != r['CID']:
+            left.append((i, 'cid', f'CID {r["CID"]} with {p}'))
+        elif found in seen:
+            left.append((i, 'repeated', f'{p} (row {seen[found] + 2} of meta-data.csv)'))
+        else:
+            seen[found] = i
+            keep.append((i, found))
+            respelled += how == 'spelling'
+            by_file += how == 'name'
+    return keep, left, respelled, by_file
 
 
 def _clean_path(p):
@@ -329,11 +468,11 @@ def _staging(out, what):
     return path
 
 
-def install_images(zip_path, out, log=print):
+def install_images(zip_path, out, log=print, max_gb=4):
     """Extract the images archive into a temporary folder, then move its ut-zap50k-images/ into out."""
     tmp = _staging(out, 'images')
     try:
-        safe_extract(zip_path, tmp, log)
+        safe_extract(zip_path, tmp, log, extract_limit(zip_path, max_gb))
         root = os.path.join(tmp, ZAPPOS_IMAGES)
         if not os.path.isdir(root):                                     # an archive without the top folder
             root = tmp
@@ -350,7 +489,7 @@ def _put_triplets(tmp, out, files):
     """Move tripletlists/ and files (filenames.json last) from tmp into out, so filenames.json appears only when the
     rest is in place; leftover dataset.json and labels.csv of an earlier build go."""
     _remove(os.path.join(out, 'filenames.json'))
-    for name in ('dataset.json', 'labels.csv'):
+    for name in ('dataset.json', 'labels.csv', LEFT_OUT):
         if name not in files:
             _remove(os.path.join(out, name))
     replace_tree(os.path.join(tmp, 'tripletlists'), os.path.join(out, 'tripletlists'))
@@ -360,11 +499,11 @@ def _put_triplets(tmp, out, files):
     os.replace(os.path.join(tmp, 'filenames.json'), os.path.join(out, 'filenames.json'))
 
 
-def install_paper(zip_path, out, log=print):
+def install_paper(zip_path, out, log=print, max_gb=4):
     """The paper's filenames.json and tripletlists/ from csn_zappos_triplets.zip (with or without a top folder)."""
     tmp = _staging(out, 'triplets')
     try:
-        safe_extract(zip_path, tmp, log)
+        safe_extract(zip_path, tmp, log, extract_limit(zip_path, max_gb))
         root = _folder_with(tmp, 'filenames.json')
         if root is None or not os.path.isdir(os.path.join(root, 'tripletlists')):
             raise GetDataError(f'{zip_path} does not hold filenames.json and tripletlists/: not the expected '
@@ -394,40 +533,37 @@ def install_metadata(zip_path, out, args, log=print):
     """filenames.json, labels.csv, dataset.json and triplets drawn per split from meta-data.csv and image-path.mat."""
     tmp = _staging(out, 'metadata')
     try:
-        safe_extract(zip_path, tmp, log)
+        safe_extract(zip_path, tmp, log, extract_limit(zip_path, args.max_unpacked_gb))
         where = {name: _folder_with(tmp, name) for name in ('meta-data.csv', 'image-path.mat')}
         lacking = [name for name, d in where.items() if d is None]
         if lacking:
             raise GetDataError(f'{zip_path} does not hold {" and ".join(lacking)}: not the expected archive; fetch '
                                f'it again (delete it first)')
-        paths, rows = read_metadata(os.path.join(where['meta-data.csv'], 'meta-data.csv'),
-                                    os.path.join(where['image-path.mat'], 'image-path.mat'))
+        csv_path = os.path.join(where['meta-data.csv'], 'meta-data.csv')
+        paths, rows = read_metadata(csv_path, os.path.join(where['image-path.mat'], 'image-path.mat'))
         labels_all = metadata_labels(rows)
         images_dir = os.path.join(out, ZAPPOS_IMAGES)
-        keep, no_path, no_image, repeated, seen = [], 0, [], 0, set()
-        for i, p in enumerate(paths):
-            p = _clean_path(p)
-            if not p:
-                no_path += 1
-            elif p in seen:
-                repeated += 1
-            elif not os.path.isfile(os.path.join(images_dir, p)):
-                no_image.append(p)
-            else:
-                seen.add(p)
-                keep.append((i, p))
-        left = []
-        if no_path:
-            left.append(f'{no_path} without an image path')
-        if no_image:
-            left.append(f'{len(no_image)} whose image is not in {images_dir} (e.g. {", ".join(no_image[:3])})')
-        if repeated:
-            left.append(f'{repeated} repeating an earlier image path')
-        if left:
-            log(f'left out {len(paths) - len(keep)} of {len(paths)} metadata rows: {"; ".join(left)}')
+        keep, left, respelled, by_file = match_images(paths, rows, images_dir)
+        if respelled or by_file:
+            log(f'found {respelled} image(s) under another spelling of their folder (a brand folder without its '
+                f'trailing period, Levi\'s&#174;) and {by_file} by their file name alone')
         if not keep:
             raise GetDataError(f'no metadata row of {zip_path} names an image under {images_dir}; delete '
                                f'{images_dir} and run again to re-extract the images')
+        said = left_out_summary(left, images_dir)
+        share = len(left) / len(paths)
+        if left and share > args.max_left_out:
+            raise GetDataError(f'{csv_path}: {len(left)} of {len(paths)} metadata rows ({share:.1%}) would be left out, '
+                               f'more than --max-left-out {args.max_left_out:g} allows: {said}. Check that the images '
+                               f'and metadata archives belong together (delete {images_dir} to extract the images '
+                               f'again), or pass --max-left-out {math.ceil(share * 100) / 100:g} to build without them')
+        if left:
+            log(f'left out {len(left)} of {len(paths)} metadata rows: {said} (each listed in {LEFT_OUT})')
+        with open(os.path.join(tmp, LEFT_OUT), 'w', newline='') as f:
+            w = csv.writer(f)
+            w.writerow(['line', 'CID', 'reason', 'detail'])
+            w.writerows([i + 2, rows[i].get('CID', ''), LEFT_OUT_REASONS[why].format(images_dir=ZAPPOS_IMAGES), what]
+                        for i, why, what in left)
         filenames = [p for _, p in keep]
         labels = {n: [labels_all[n][i] for i, _ in keep] for n in ZAPPOS_NOTIONS}
         split_of = split_groups(filenames, parse_split(args.split), args.seed)
@@ -436,14 +572,29 @@ def install_metadata(zip_path, out, args, log=print):
         write_layout(tmp, 'zappos50k', ZAPPOS_IMAGES, filenames, ZAPPOS_NOTIONS, labels, [str(s) for s in split_of], True,
                      {'triplets': 'drawn from the UT-Zappos50k metadata (get_data.py --triplets metadata)',
                       'heel': 'flat, low (under 2 in), mid (2 to under 4 in), high (4 in and over)'})
-        _put_triplets(tmp, out, ['filenames.json', 'labels.csv', 'dataset.json'])
+        _put_triplets(tmp, out, ['filenames.json', 'labels.csv', 'dataset.json', LEFT_OUT])
     finally:
         _remove(tmp)
     unknown = ', '.join(f'{n} {sum(1 for v in labels[n] if not v)}' for n in ZAPPOS_NOTIONS)
     log(f'{out}: triplets drawn from the metadata for {len(filenames)} images; per notion train/val/test '
         f'{"/".join(str(sizes[s]) for s in SPLITS)} asked, class got '
         f'{"/".join(str(counts["class"][s]) for s in SPLITS)}; unknown (left out of that notion only): {unknown}')
-    return len(filenames)
+    by_reason = {}
+    for _, why, _ in left:
+        by_reason[why] = by_reason.get(why, 0) + 1
+    return len(filenames), by_reason
+
+
+def left_out_summary(left, images_dir):
+    """'1 without an image path; 2 whose image is not in DIR (e.g. a, b)' from match_images' left-out rows."""
+    parts = []
+    for why, text in LEFT_OUT_REASONS.items():
+        details = [what for _, w, what in left if w == why]
+        if details:
+            eg = [d for d in details if d][:3]
+            parts.append(f'{len(details)} {text.format(images_dir=images_dir)}' + (f' (e.g. {", ".join(eg)})' if eg
+                                                                                   else ''))
+    return '; '.join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -470,6 +621,23 @@ def add_args(parser):
       help='seconds to wait for the server before a retry (default: 60)')
     a('--backoff', metavar='SECONDS', type=nonneg_float, default=2.0,
       help='seconds before the first retry, doubling after each (default: 2.0)')
+    a('--max-left-out', metavar='FRACTION', type=fraction, default=0.01,
+      help='--triplets metadata: the largest share of meta-data.csv rows that may be left out (no image, a CID that '
+           'is not its image\'s name, ...) before the build stops; 1 builds whatever is left (default: 0.01)')
+    a('--max-unpacked-gb', metavar='GIB', type=positive_float, default=4.0,
+      help=f'stop extracting an archive that unpacks to more than this many GiB, or to more than {MAX_RATIO} times '
+           f'its own size (beyond {RATIO_FLOOR >> 20} MiB) (default: 4.0)')
+
+
+def fraction(text):
+    """--max-left-out's type: a number from 0 to 1."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f'expected a fraction from 0 to 1 such as 0.01, got {text!r}')
+    return x
 
 
 def _settings(args):
@@ -524,9 +692,9 @@ def _ours(meta_path):
 
 
 def offline_message(e, urls):
-    return (f'cannot reach {e.url} ({str(e).split(": ", 1)[-1]}). If this machine has no internet, download these '
-            f'on one that has:\n  ' + '\n  '.join(urls) + '\nput them in one folder (keeping the file names) and run '
-            '`python get_data.py --from FOLDER`')
+    return (f'cannot reach {e.url} ({str(e).split(": ", 1)[-1]}). If this machine has no internet, download '
+            f'{", ".join(urls)} on one that has, put them in one folder (keeping the file names) and run '
+            f'`python get_data.py --from FOLDER`')
 
 
 class _Fetcher:
@@ -600,7 +768,7 @@ def run(args, log=print):
     needed = [fetch.urls[k] for k in kinds]                             # for the message when offline
     try:
         if get_images:
-            install_images(fetch.get('images'), out, log)
+            install_images(fetch.get('images'), out, log, args.max_unpacked_gb)
         mode = args.triplets
         if mode in ('paper', 'auto'):
             try:
@@ -613,10 +781,11 @@ def run(args, log=print):
                     f'UT-Zappos50k metadata (--triplets metadata)')
                 mode = 'metadata'
             else:
-                install_paper(zip_path, out, log)
+                install_paper(zip_path, out, log, args.max_unpacked_gb)
                 mode = 'paper'
+        left_out = None
         if mode == 'metadata':
-            install_metadata(fetch.get('metadata'), out, args, log)
+            left_out = install_metadata(fetch.get('metadata'), out, args, log)[1]
     except DownloadError as e:
         if e.unreachable:
             raise GetDataError(offline_message(e, needed)) from None
@@ -631,6 +800,7 @@ def run(args, log=print):
                            f'run again with --force to re-extract it' + ('' if mode == 'metadata' else
                                                                          ', or use --triplets metadata'))
     record = {'triplets': mode, 'images': n, 'settings': settings if mode == 'metadata' else None,
+              'metadata_rows_left_out': left_out,
               'archives': {k: fetch.urls[k] for k in ('images', 'triplets' if mode == 'paper' else 'metadata')}}
     with atomic_open(os.path.join(out, RECORD)) as f:
         json.dump(record, f, indent=1)

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 import get_data
+from conftest import error_line, in_process
 from csnlib import dataset_writer
+from csnlib.errors import GetDataError, UserError
 from triplet_image_loader import check_triplet_file, load_dataset_info, read_labels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +160,7 @@ def test_fonts_second_run_does_nothing_and_main_checks_the_data(fonts_data, caps
 def test_fonts_refuses_a_folder_it_did_not_build(tmp_path):
     (tmp_path / 'mine').mkdir()
     (tmp_path / 'mine' / 'thesis.tex').write_text('precious')
-    with pytest.raises(SystemExit, match='not built by get_data.py'):
+    with pytest.raises(GetDataError, match='not built by get_data.py'):
         get_data.main(['--dataset', 'fonts', '--out', str(tmp_path / 'mine')])
     assert (tmp_path / 'mine' / 'thesis.tex').read_text() == 'precious'
 
@@ -237,8 +239,90 @@ def test_attributes_bad_input_names_the_file_and_writes_nothing(tmp_path, capsys
         rows.append(rows[0])
     with open(tmp_path / 'shop.csv', 'w', newline='') as f:
         csv.writer(f).writerows([['path', 'colour', 'shape']] + rows)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(GetDataError) as e:
         get_data.main(['--dataset', 'attributes', '--images', str(tmp_path / 'img'), '--attributes',
                        str(tmp_path / 'shop.csv'), '--out', str(tmp_path / 'ds')] + extra)
     assert message in str(e.value) and 'shop.csv' in str(e.value)
     assert not (tmp_path / 'ds').exists()
+
+
+def attributes(tmp_path, *extra):
+    return ['--dataset', 'attributes', '--images', str(tmp_path / 'img'), '--attributes', str(tmp_path / 'shop.csv'),
+            '--out', str(tmp_path / 'ds'), '--train-triplets', '40', '--val-triplets', '20', '--test-triplets', '20',
+            *extra]
+
+
+@pytest.mark.parametrize('header, message', [
+    (['path', '../../colour', 'shape'], "notion column '../../colour' cannot be a notion name: it holds a \"/\""),
+    (['path', 'colour', '..'], "notion column '..' cannot be a notion name: it holds \"..\""),
+    (['path', 'col\\our', 'shape'], "notion column 'col\\\\our' cannot be a notion name: it holds a \"\\\""),
+    (['path', 'colour', ''], "notion column '' cannot be a notion name: it is empty"),
+    (['path', 'colour', 'colour'], "shop.csv:1: column(s) 'colour' appear twice in the header"),
+])
+def test_a_csv_header_that_cannot_name_a_notion_stops_the_build_and_nothing_is_written(tmp_path, header, message):
+    rows = make_shop(tmp_path, 12)
+    with open(tmp_path / 'shop.csv', 'w', newline='') as f:
+        csv.writer(f).writerows([header] + rows)
+    with pytest.raises(GetDataError) as e:
+        get_data.main(attributes(tmp_path))
+    assert message in str(e.value) and 'shop.csv' in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ['img', 'shop.csv']        # nothing written, inside or outside --out
+
+
+def test_a_latin1_csv_names_its_line_and_says_to_save_it_as_utf8(tmp_path):
+    rows = make_shop(tmp_path, 12)
+    rows[4][1] = 'rouge foncé'
+    with open(tmp_path / 'shop.csv', 'w', newline='', encoding='latin-1') as f:
+        csv.writer(f).writerows([['path', 'colour', 'shape']] + rows)
+    code, _, err = in_process(get_data.main, attributes(tmp_path))
+    assert error_line((code, '', err)) == ('error: ' + str(tmp_path / 'shop.csv') + ':6: not UTF-8 text (byte 0xe9, '
+                                           'invalid continuation byte); save the CSV as UTF-8 (e.g. "CSV UTF-8" in a '
+                                           'spreadsheet)')
+
+
+def test_an_image_path_or_link_out_of_images_is_refused(tmp_path):
+    rows = make_shop(tmp_path, 12)
+    Image.new('RGB', (20, 20), (1, 2, 3)).save(tmp_path / 'secret.jpg')
+    os.symlink(tmp_path / 'secret.jpg', tmp_path / 'img' / 'round' / 'link.jpg')
+    for bad in ('../secret.jpg', str(tmp_path / 'secret.jpg'), 'round/link.jpg'):
+        with open(tmp_path / 'shop.csv', 'w', newline='') as f:
+            csv.writer(f).writerows([['path', 'colour', 'shape']] + rows + [[bad, 'red', 'round']])
+        with pytest.raises(GetDataError, match='shop.csv: 1 image') as e:
+            get_data.main(attributes(tmp_path))
+        assert ('outside --images (a symbolic link)' if bad.endswith('link.jpg') else 'must be a path inside --images') \
+            in str(e.value)
+    assert not (tmp_path / 'ds').exists()
+
+
+def test_attributes_dataset_json_names_a_folder_inside_out_that_links_to_the_images(tmp_path):
+    rows = make_shop(tmp_path, 30)
+    get_data.main(attributes(tmp_path))
+    meta = json.load(open(tmp_path / 'ds' / 'dataset.json'))
+    assert meta['images'] == 'images' and os.path.realpath(tmp_path / 'ds' / 'images') == str(tmp_path / 'img')
+    info = load_dataset_info(str(tmp_path / 'ds'))
+    assert info.image_path(3) == str(tmp_path / 'ds' / 'images' / rows[3][0]) and os.path.isfile(info.image_path(3))
+    assert read_labels(info, log=pytest.fail)['colour'] == [r[1] for r in rows]
+    get_data.main(attributes(tmp_path, '--force'))                    # a rebuild replaces the link, not the images
+    assert len(os.listdir(tmp_path / 'img' / 'round')) == 15
+
+
+def test_get_data_errors_are_one_line_with_status_2(tmp_path):
+    """get_data.py as its command line runs it (run_script): error: MESSAGE, exit status 2, no traceback."""
+    code, _, err = in_process(get_data.main, ['--dataset', 'attributes', '--out', str(tmp_path / 'x')])
+    assert error_line((code, '', err)) == 'error: --dataset attributes needs --images DIR and --attributes FILE.csv'
+    code, _, err = in_process(get_data.main, ['--dataset', 'fonts', '--no-system-fonts', '--font-dir',
+                                              str(tmp_path / 'nope'), '--out', str(tmp_path / 'f')])
+    assert error_line((code, '', err)) == f'error: --font-dir {tmp_path / "nope"}: no such folder'
+    with pytest.raises(GetDataError, match='no font folder: --no-system-fonts needs --font-dir DIR'):
+        get_data.main(['--dataset', 'fonts', '--no-system-fonts', '--out', str(tmp_path / 'f')])
+
+
+def test_get_data_library_code_never_exits_the_process():
+    import csnlib.dataset_writer
+    import csnlib.fonts
+    import csnlib.zappos
+    for mod in (get_data, csnlib.fonts, csnlib.zappos, csnlib.dataset_writer):
+        src = open(mod.__file__).read()
+        body = src.split("if __name__ == '__main__':")[0]
+        assert 'sys.exit' not in body and 'SystemExit' not in body, mod.__name__
+    assert issubclass(GetDataError, UserError)                         # printed by run_script as one line

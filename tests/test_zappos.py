@@ -19,13 +19,21 @@ import scipy.io
 from PIL import Image
 
 import get_data
-from conftest import REPO
+from conftest import REPO, error_line
 from csnlib import dataset_writer, zappos
+from csnlib.errors import GetDataError
 from triplet_image_loader import check_triplet_file, load_dataset_info, load_triplets, missing_images, read_labels
 
 NOTIONS = ['class', 'closure', 'gender', 'heel']
 SPLITS = ['train', 'val', 'test']
-FOLDERS = ['Shoes/Oxfords/Brand.', 'Boots/Ankle/A. Testoni', 'Sandals/Flat/Some Brand', 'Slippers/Slipper Flats/X']
+# (brand folder as image-path.mat lists it, as the images zip spells it): UT-Zap50K's real differences, a trailing
+# period dropped on disk and Levi's with its (R) as an HTML entity, and folders spelled alike, a period kept in both
+FOLDERS = [('Shoes/Oxfords/Neil M.', 'Shoes/Oxfords/Neil M'), ('Boots/Ankle/T.U.K.', 'Boots/Ankle/T.U.K'),
+           ('Sandals/Flat/W.A.G.', 'Sandals/Flat/W.A.G'), ('Shoes/Heels/L.A.M.B.', 'Shoes/Heels/L.A.M.B'),
+           ("Shoes/Sneakers and Athletic Shoes/Levi's Kids", "Shoes/Sneakers and Athletic Shoes/Levi's&#174; Kids"),
+           ('Boots/Mid-Calf/Aquatalia by Marvin K.', 'Boots/Mid-Calf/Aquatalia by Marvin K'),
+           ('Boots/Ankle/A. Testoni', 'Boots/Ankle/A. Testoni'), ('Slippers/Slipper Flats/X.', 'Slippers/Slipper Flats/X.')]
+MOVED = 13                          # an image in another folder on disk than listed: found by its file name alone
 HEELS = ['Flat', 'Under 1in', '1in - 1 3/4in', '2in - 2 3/4in', '3in - 3 3/4in', '4in - 4 3/4in', '5in & over']
 N_IMAGES = 48
 SMALL = ['--train-triplets', '40', '--val-triplets', '10', '--test-triplets', '10', '--split', '0.5,0.25,0.25']
@@ -40,7 +48,14 @@ def jpeg(i):
 
 
 def image_paths():
-    return [f'{FOLDERS[i % 4]}/{1000 + i}.{i * 7}.jpg' for i in range(N_IMAGES)]
+    """The images as the images zip holds them."""
+    folder = lambda i: FOLDERS[i % 8][1] if i != MOVED else FOLDERS[i % 8][1].rsplit('/', 1)[0] + '/Another Brand'
+    return [f'{folder(i)}/{1000 + i}.{i * 7}.jpg' for i in range(N_IMAGES)]
+
+
+def listed_paths():
+    """The same images as image-path.mat lists them."""
+    return [f'{FOLDERS[i % 8][0]}/{1000 + i}.{i * 7}.jpg' for i in range(N_IMAGES)]
 
 
 def make_zip(path, members):
@@ -54,14 +69,14 @@ def make_zip(path, members):
 def metadata_rows():
     """(image path, meta-data.csv row) per product; the last two rows name no usable image."""
     rows = []
-    for i, p in enumerate(image_paths()):
+    for i, p in enumerate(listed_paths()):
         closure = 'Buckle;Zipper' if i == 11 else ['Lace up', 'Buckle', 'Slip-On'][i % 3]
         gender = 'Men;Women' if i == 5 else ['Men', 'Women'][(i // 4) % 2]
         heel = '' if i == 7 else HEELS[i % 7]
         rows.append((p, [f'{1000 + i}-{i * 7}', p.split('/')[0], p.split('/')[1], heel, 'Padded', closure, gender,
                          'Leather,Rubber', 'Round']))
-    rows.append((f'{FOLDERS[0]}/not-in-the-images-zip.jpg', ['1-1', 'Shoes', 'Oxfords', 'Flat', '', 'Lace up', 'Men',
-                                                            '', '']))
+    rows.append((f'{FOLDERS[0][0]}/not-in-the-images-zip.jpg', ['1-1', 'Shoes', 'Oxfords', 'Flat', '', 'Lace up',
+                                                               'Men', '', '']))
     rows.append(('', ['2-2', 'Shoes', 'Oxfords', 'Flat', '', 'Lace up', 'Men', '', '']))
     return rows
 
@@ -165,7 +180,7 @@ def flags(out, url, *extra):
 
 
 def get(out, url, *extra):
-    """get_data.main in-process; the message of a user error is raised as SystemExit."""
+    """get_data.main in-process; a user error is raised as GetDataError."""
     get_data.main(flags(out, url, *extra))
 
 
@@ -341,7 +356,7 @@ def test_paper_triplets_end_to_end_resuming_a_cut_download_and_a_second_run_does
 def test_a_dead_triplets_link_falls_back_to_metadata_triplets_that_follow_the_labels(server, tmp_path, capsys):
     out = tmp_path / 'data'
     server.state['status']['/csn_zappos_triplets.zip'] = 404
-    get(out, server.url)
+    get(out, server.url, '--max-left-out', '0.05')                     # 2 of the fake's 50 rows name no image
     said = capsys.readouterr().out
     assert re.search(r"the paper's triplets are not available \(the link looks dead: http://.*csn_zappos_triplets"
                      r"\.zip: HTTP 404 Not Found\. If the file has moved, pass its new address with --triplets-url",
@@ -364,8 +379,9 @@ def test_a_dead_triplets_link_falls_back_to_metadata_triplets_that_follow_the_la
             for a, far, close in trip:
                 assert labels[n][a] == labels[n][close] != labels[n][far] and labels[n][far] != ''
                 assert split_of[a] == split_of[far] == split_of[close] == s    # each split uses its own images
+    assert 'found 35 image(s) under another spelling of their folder' in said and '1 by their file name' in said
     n_requests = len(server.state['requests'])
-    get(out, server.url)                                                # the same settings: nothing to do
+    get(out, server.url, '--max-left-out', '0.05')                     # the same settings: nothing to do
     assert len(server.state['requests']) == n_requests and 'already there' in capsys.readouterr().out
     server.state['status'].clear()
     get(out, server.url, '--triplets', 'paper')                        # the paper's now: dataset.json goes
@@ -384,7 +400,7 @@ def test_a_truncated_archive_is_downloaded_once_more_then_reported(server, tmp_p
         assert (tmp_path / 'data' / 'ut-zap50k-images.zip').read_bytes() == whole
     else:
         server.state['files']['/ut-zap50k-images.zip'] = whole[:len(whole) // 2]
-        with pytest.raises(SystemExit, match=r'ut-zap50k-images.zip is not a whole zip archive .*came broken twice'):
+        with pytest.raises(GetDataError, match=r'ut-zap50k-images.zip is not a whole zip archive .*came broken twice'):
             get(tmp_path / 'data', server.url)
         assert not (tmp_path / 'data' / 'ut-zap50k-images').exists()
     assert [p for p, _ in server.state['requests']].count('/ut-zap50k-images.zip') == 2
@@ -395,7 +411,7 @@ def test_a_truncated_archive_is_downloaded_once_more_then_reported(server, tmp_p
 @pytest.mark.slow
 def test_a_dead_link_without_a_fallback_says_which_flag_to_use(server, tmp_path, gone, mode, flag):
     server.state['status']['/' + gone] = 410
-    with pytest.raises(SystemExit, match=rf'{re.escape(server.url(gone))}: HTTP 410 Gone\. If the file has moved, '
+    with pytest.raises(GetDataError, match=rf'{re.escape(server.url(gone))}: HTTP 410 Gone\. If the file has moved, '
                                          rf'pass its new address with {flag}, .* --from FOLDER'):
         get(tmp_path / 'data', server.url, '--triplets', mode)
     assert [p for p, _ in server.state['requests']].count('/' + gone) == 1          # no retries for a dead link
@@ -411,7 +427,7 @@ def test_a_damaged_member_stops_the_extraction_and_leaves_no_images_folder(serve
     data = bytearray(path.read_bytes())
     data[data.index(b'<3>') + 100] ^= 1                                 # one bit of member 3: the CRC check fails
     server.state['files']['/ut-zap50k-images.zip'] = bytes(data)
-    with pytest.raises(SystemExit, match=r"ut-zap50k-images.zip: member 'ut-zap50k-images/Shoes/3.jpg' is damaged"):
+    with pytest.raises(GetDataError, match=r"ut-zap50k-images.zip: member 'ut-zap50k-images/Shoes/3.jpg' is damaged"):
         get(tmp_path / 'data', server.url)
     assert sorted(os.listdir(tmp_path / 'data')) == ['ut-zap50k-images.zip']   # no half-extracted folder
 
@@ -419,7 +435,7 @@ def test_a_damaged_member_stops_the_extraction_and_leaves_no_images_folder(serve
 @pytest.mark.slow
 def test_a_malicious_images_archive_is_refused_and_nothing_lands_outside(server, tmp_path):
     server.state['files']['/ut-zap50k-images.zip'] = evil_zip(tmp_path / 'evil.zip', '../../evil').read_bytes()
-    with pytest.raises(SystemExit, match=r"ut-zap50k-images.zip: refusing to extract member '../../evil'"):
+    with pytest.raises(GetDataError, match=r"ut-zap50k-images.zip: refusing to extract member '../../evil'"):
         get(tmp_path / 'a' / 'data', server.url)
     assert not (tmp_path / 'a' / 'data' / 'ut-zap50k-images').exists()
     assert sorted(f for _, _, files in os.walk(tmp_path) for f in files) == ['evil.zip', 'ut-zap50k-images.zip']
@@ -435,7 +451,7 @@ def test_from_dir_needs_no_network(archives, tmp_path, capsys):
     assert (out / 'filenames.json').read_text() == archives['names'] and read_lists(out) == archives['lists']
     assert sorted(os.listdir(hand)) == ['csn_zappos_triplets.zip', 'ut-zap50k-images.zip']   # read in place
     assert not (out / 'ut-zap50k-images.zip').exists()
-    with pytest.raises(SystemExit, match=r'--from .*Downloads: no ut-zap50k-data.zip there; download it from http'):
+    with pytest.raises(GetDataError, match=r'--from .*Downloads: no ut-zap50k-data.zip there; download it from http'):
         get(out, dead_url, '--from', str(hand), '--triplets', 'metadata')
 
 
@@ -443,18 +459,182 @@ def test_another_dataset_in_out_is_not_overwritten(tmp_path):
     out = tmp_path / 'fonts'
     out.mkdir()
     (out / 'dataset.json').write_text('{"name": "fonts", "images": "images", "notions": ["font"]}')
-    with pytest.raises(SystemExit, match=r'--out .*fonts holds another dataset .*--force'):
+    with pytest.raises(GetDataError, match=r'--out .*fonts holds another dataset .*--force'):
         get(out, dead_url)
 
 
 @pytest.mark.slow
 def test_no_network_says_which_urls_to_fetch_and_about_from(tmp_path):
-    """As a user runs it: `python get_data.py` exits 1 with one clear line, no traceback."""
+    """As a user runs it: `python get_data.py` exits 2 with one clear line, no traceback."""
     p = subprocess.run([sys.executable, os.path.join(REPO, 'get_data.py'), *flags(tmp_path / 'data', dead_url)],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
-    assert p.stderr.startswith(f'get_data.py: cannot reach {dead_url("ut-zap50k-images.zip")}')
+    line = error_line(p)
+    assert p.stderr.startswith(f'error: cannot reach {dead_url("ut-zap50k-images.zip")}') and p.stderr == line + '\n'
     for name in ('ut-zap50k-images.zip', 'csn_zappos_triplets.zip', 'ut-zap50k-data.zip'):
         assert dead_url(name) in p.stderr
     assert '--from FOLDER' in p.stderr
     assert not (tmp_path / 'data' / 'ut-zap50k-images').exists()
+
+
+# ------------------------------------------------------------------- the metadata path with the real formats
+
+def write_images(root, paths):
+    for i, p in enumerate(paths):
+        os.makedirs(os.path.dirname(os.path.join(root, p)), exist_ok=True)
+        with open(os.path.join(root, p), 'wb') as f:
+            f.write(jpeg(i))
+
+
+def test_every_image_is_found_under_the_spellings_of_the_images_zip(tmp_path):
+    """image-path.mat spells 'Neil M.', "Levi's "; the zip 'Neil M', "Levi's&#174; "; one image is in another folder."""
+    write_images(tmp_path, image_paths())
+    rows = [r for _, r in metadata_rows()[:N_IMAGES]]
+    keep, left, respelled, by_file = zappos.match_images(listed_paths(), [dict(zip(CSV_HEADER, r)) for r in rows],
+                                                         str(tmp_path))
+    assert left == [] and [p for _, p in keep] == image_paths() and [i for i, _ in keep] == list(range(N_IMAGES))
+    assert respelled == sum(1 for i in range(N_IMAGES) if i % 8 < 6 and i != MOVED) and by_file == 1
+    for listed, on_disk in FOLDERS:
+        assert on_disk + '/' + listed_paths()[0].rsplit('/', 1)[1] in zappos.spellings(
+            listed + '/' + listed_paths()[0].rsplit('/', 1)[1])
+
+
+CSV_HEADER = ['CID', 'Category', 'SubCategory', 'HeelHeight', 'Insole', 'Closure', 'Gender', 'Material', 'ToeStyle']
+
+
+def test_a_cid_that_is_not_its_image_name_leaves_the_row_out_and_says_why(tmp_path):
+    write_images(tmp_path, image_paths())
+    rows = [dict(zip(CSV_HEADER, r)) for _, r in metadata_rows()[:N_IMAGES]]
+    assert rows[3]['CID'] == '1003-21' and listed_paths()[3].endswith('/1003.21.jpg')      # 7965307-5291 is 7965307.5291.jpg
+    rows[3]['CID'], rows[4]['CID'] = rows[4]['CID'], rows[3]['CID']                     # two rows swapped
+    paths = listed_paths() + [listed_paths()[0]]                                        # and one image listed twice
+    rows.append(dict(rows[0]))
+    keep, left, _, _ = zappos.match_images(paths, rows, str(tmp_path))
+    assert [(i, why) for i, why, _ in left] == [(3, 'cid'), (4, 'cid'), (N_IMAGES, 'repeated')]
+    assert len(keep) == N_IMAGES - 2 and 'CID 1004-28 with' in left[0][2]
+    said = zappos.left_out_summary(left, 'IMG')
+    assert said == ("2 whose CID is not the image's file name (7965307-5291 is 7965307.5291.jpg) (e.g. CID 1004-28 with "
+                    f"{listed_paths()[3]}, CID 1003-21 with {listed_paths()[4]}); 1 repeating an earlier image "
+                    f"(e.g. {listed_paths()[0]} (row 2 of meta-data.csv))")
+
+
+def test_na_like_cells_are_empty_not_labels_of_their_own(tmp_path):
+    rows = metadata_rows()
+    for i, na in zip((0, 1, 2, 3, 8), ('NA', 'NaN', 'N/A', ' n/a ', 'null')):
+        rows[i][1][6] = na                                                              # Gender
+    rows[9][1][3] = 'NaN'                                                               # HeelHeight
+    write_metadata(tmp_path, rows=rows)
+    _, got = zappos.read_metadata(str(tmp_path / 'meta-data.csv'), str(tmp_path / 'image-path.mat'))
+    labels = zappos.metadata_labels(got)
+    assert [labels['gender'][i] for i in (0, 1, 2, 3, 8)] == [''] * 5 and labels['heel'][9] == ''
+    assert not {'NA', 'NaN', 'N/A', 'n/a', 'null'} & {v for vs in labels.values() for v in vs}
+    assert labels['gender'][4] == 'Women' and labels['class'][0] == 'Shoes'            # other cells untouched
+
+
+def metadata_from(tmp_path, archives, rows=None):
+    """A --from folder with the images zip and a data zip of these meta-data rows."""
+    hand = tmp_path / 'hand'
+    hand.mkdir()
+    shutil.copy(archives['dir'] / 'ut-zap50k-images.zip', hand)
+    write_metadata(tmp_path / 'meta', rows=rows)
+    make_zip(hand / 'ut-zap50k-data.zip', [(f'ut-zap50k-data/{f}', (tmp_path / 'meta' / f).read_bytes())
+                                           for f in ('meta-data.csv', 'image-path.mat')])
+    return hand
+
+
+def test_more_rows_left_out_than_max_left_out_allows_stop_the_build(archives, tmp_path, capsys):
+    rows = metadata_rows()[:N_IMAGES]
+    for i in range(0, 6):                                   # the CIDs of six rows shifted by one: rows and paths disagree
+        rows[i][1][0] = rows[i + 1][1][0]
+    hand = metadata_from(tmp_path, archives, rows)
+    out = tmp_path / 'data'
+    with pytest.raises(GetDataError, match=r'meta-data.csv: 6 of 48 metadata rows \(12\.5%\) would be left out, more '
+                                           r'than --max-left-out 0\.01 allows: 6 whose CID is not the image\'s file name'
+                                           r'.*or pass --max-left-out 0\.13 to build without them'):
+        get(out, dead_url, '--from', str(hand), '--triplets', 'metadata')
+    assert not (out / 'filenames.json').exists() and not (out / 'tripletlists').exists()
+    get(out, dead_url, '--from', str(hand), '--triplets', 'metadata', '--max-left-out', '0.13', '--seed', '2')
+    said = capsys.readouterr().out
+    assert 'left out 6 of 48 metadata rows: 6 whose CID is not' in said and 'ready (42 images' in said
+    with open(out / zappos.LEFT_OUT) as f:
+        listed = list(csv.DictReader(f))
+    assert [int(r['line']) for r in listed] == list(range(2, 8)) and {r['reason'] for r in listed} == {
+        "whose CID is not the image's file name (7965307-5291 is 7965307.5291.jpg)"}
+    assert json.loads((out / 'zappos.json').read_text())['metadata_rows_left_out'] == {'cid': 6}
+    info = load_dataset_info(str(out))
+    assert sorted(info.filenames) == sorted(image_paths()[6:])
+
+
+def test_the_real_spellings_keep_every_image_with_the_default_max_left_out(archives, tmp_path, capsys):
+    """No row is lost to a spelling: the fake's 48 images under the zip's spellings all make it, at the default."""
+    hand = metadata_from(tmp_path, archives, metadata_rows()[:N_IMAGES])
+    out = tmp_path / 'data'
+    get(out, dead_url, '--from', str(hand), '--triplets', 'metadata')
+    said = capsys.readouterr().out
+    assert 'metadata rows' not in said and 'ready (48 images, metadata triplets)' in said
+    assert sorted(load_dataset_info(str(out)).filenames) == sorted(image_paths())
+    assert list(csv.reader(open(out / zappos.LEFT_OUT))) == [['line', 'CID', 'reason', 'detail']]
+
+
+def test_max_left_out_is_a_fraction():
+    for bad in ('-0.1', '1.5', 'lots'):
+        with pytest.raises(SystemExit):
+            get_data.build_parser().parse_args(['--max-left-out', bad])
+    assert get_data.build_parser().parse_args(['--max-left-out', '1']).max_left_out == 1.0
+
+
+# ------------------------------------------------------------------------------ extraction stops at a size limit
+
+def bomb(path, mib=100):
+    """A zip of a few hundred KiB whose one member unpacks to `mib` MiB of zeros."""
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as z:
+        z.writestr('ut-zap50k-images/ok.jpg', b'fine')
+        with z.open('ut-zap50k-images/zeros.jpg', 'w') as f:
+            for _ in range(mib):
+                f.write(bytes(1 << 20))
+    return path
+
+
+def test_an_archive_that_says_it_unpacks_to_too_much_is_refused_before_writing(tmp_path):
+    zpath = bomb(tmp_path / 'bomb.zip')
+    assert os.path.getsize(zpath) < 1 << 20
+    target = tmp_path / 'box'
+    with pytest.raises(GetDataError, match=r'bomb.zip: its directory says it unpacks to 100\.0 MiB, over the limit of '
+                                           r'64\.0 MiB \(--max-unpacked-gb, and at most 200 times.*nothing was extracted'):
+        zappos.safe_extract(str(zpath), str(target), log=lambda m: None)
+    assert not target.exists()
+    with pytest.raises(GetDataError, match=r'unpacks to 100\.0 MiB, over the limit of 50\.0 MiB'):
+        zappos.safe_extract(str(zpath), str(target), log=lambda m: None, max_bytes=50 << 20)
+    zappos.safe_extract(str(zpath), str(target), log=lambda m: None, max_bytes=101 << 20)   # allowed: extracted whole
+    assert (target / 'ut-zap50k-images' / 'zeros.jpg').stat().st_size == 100 << 20
+
+
+def test_a_bomb_given_as_the_images_archive_leaves_nothing_behind(tmp_path):
+    hand = tmp_path / 'hand'
+    hand.mkdir()
+    bomb(hand / 'ut-zap50k-images.zip')
+    out = tmp_path / 'data'
+    with pytest.raises(GetDataError, match=r'ut-zap50k-images.zip: its directory says it unpacks to 100\.0 MiB'):
+        get(out, dead_url, '--from', str(hand))
+    assert [f for _, _, files in os.walk(out) for f in files] == []
+    with pytest.raises(GetDataError, match=r'over the limit of 10\.0 MiB'):
+        get(out, dead_url, '--from', str(hand), '--max-unpacked-gb', str(10 / 1024))
+
+
+def test_bytes_written_past_the_limit_stop_the_extraction_and_what_was_written_goes(tmp_path, monkeypatch):
+    """A member whose stream yields more than its directory entry says (a lying archive) is stopped while written."""
+    zpath = make_zip(tmp_path / 'liar.zip', [('top/a/ok.jpg', b'x' * 1000), ('top/b/big.jpg', b'y' * 1000)])
+    real_open = zipfile.ZipFile.open
+
+    def lying_open(self, m, *a, **k):
+        if getattr(m, 'filename', m) == 'top/b/big.jpg':
+            return io.BytesIO(b'y' * 5000)
+        return real_open(self, m, *a, **k)
+
+    monkeypatch.setattr(zipfile.ZipFile, 'open', lying_open)
+    target = tmp_path / 'box'
+    target.mkdir()
+    (target / 'mine.txt').write_text('was here before')
+    with pytest.raises(GetDataError, match=r"liar.zip: member 'top/b/big.jpg' unpacks to more than the 1000 bytes its "
+                                           r"directory says; stopped, and what was extracted is removed"):
+        zappos.safe_extract(str(zpath), str(target), log=lambda m: None)
+    assert sorted(os.listdir(target)) == ['mine.txt']                 # only what was there before
