@@ -5,11 +5,12 @@
     torchrun --nproc_per_node 4 main.py ...      (DistributedDataParallel; see the README)
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,12 +28,15 @@ from csnlib.checkpoint import (
     save_checkpoint,
     trained_conditions,
 )
+from csnlib.errors import UserError, run_script
 from csnlib.evaluate import embed_dataset, embed_images, evaluate
 from csnlib.image_cache import make_store
 from csnlib.loggers import Logger, make_logger
-from csnlib.options import UserError, explicit_flags
+from csnlib.options import explicit_flags
 from csnlib.pictures import write_pictures
+from csnlib.run_lock import RunLock
 from csnlib.search import export_embeddings, retrieval_map
+from csnlib.stopping import explain, plateaued, stop_reason
 from csnlib.train_loop import NonFiniteLoss, make_optimizer, train_epoch
 from triplet_image_loader import (
     DataError,
@@ -48,17 +52,13 @@ from triplet_image_loader import (
 
 
 def main(argv=None):
+    """main.py's command line: the exit status. User errors are raised (UserError) and printed by run_script as one
+    line with status 2; what only training can meet has a status of its own (3: a non-finite loss, 4: a lost peer)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = options.main_parser()
     args = parser.parse_args(argv)
     try:
         return run(args, explicit_flags(parser, argv))
-    except (UserError, DataError) as e:
-        msg = str(e)
-        if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, not the worker's traceback
-            msg = msg.strip().splitlines()[-1].split(': ', 1)[-1]
-        print(f'error: {msg}', file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print('interrupted; the last checkpoint is kept', file=sys.stderr)
         return 130
@@ -83,51 +83,29 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one call of main.py works on, resolved from the command line, the checkpoint and the dataset before
+    anything starts (no process group, no device, no file written)."""
+    args: argparse.Namespace  # the final args: the command line merged with the checkpoint's run
+    ckpt: dict                # the checkpoint resumed or tested (None: a new run)
+    resume: str               # its path ('' = none)
+    info: object              # the dataset (with --add-notion: its notions plus the new one)
+    conditions: list          # the notions trained or tested, as indices
+    new: int = None           # --add-notion: the notion taught
+    fresh: bool = False       # --add-notion: a new run from a trained model (else the teaching run goes on)
+    notes: tuple = ()         # lines to print once the runtime knows which process prints
+
+
 def run(args, explicit):
-    if args.learned and args.prein:
-        raise UserError('--learned and --prein are two different mask starts: pass one of them')
-    if (args.learned or args.prein) and args.model != 'csn':
-        raise UserError(f'--learned/--prein are CSN mask options; --model {args.model} has no masks')
-    if args.test and 'add_notion' in explicit:
-        raise UserError('--add-notion trains and --test evaluates: teach the notion first, then --test the new run')
-    ckpt, resume = None, args.resume
-    if args.resume == 'auto':
-        found = os.path.join(run_dir_for(args), 'model_best.pth.tar' if args.test else 'checkpoint.pth.tar')
-        if not os.path.exists(found) and args.test:
-            raise UserError(f'--test --resume auto: there is no {found} (train the run --name {args.name} first, or '
-                            f'give --resume PATH)')
-        resume = found if os.path.exists(found) else ''
-        if not resume and int(os.environ.get('RANK', 0)) == 0:
-            print(f'--resume auto: no {found} yet, starting the run')
-    if resume:
-        ckpt = load_checkpoint(resume)
-        args = merge_checkpoint_args(args, ckpt, explicit, resume)
-        changed = how_to_run_changes(args, ckpt, explicit)
-        if changed and int(os.environ.get('RANK', 0)) == 0:
-            print(f'note: how to run is this machine\'s choice, not the checkpoint\'s: {", ".join(changed)} (give the '
-                  f'flag to keep the checkpoint\'s)')
-    elif args.test:
-        raise UserError('--test needs --resume CHECKPOINT (e.g. runs/NAME/model_best.pth.tar)')
-
-    rt = runtime.start(args, resume)
-    malloc = runtime.keep_freed_memory(args, rt.device)
-
-    info = load_dataset_info(args.data)
-    new, fresh = None, False  # --add-notion: the notion taught, and whether the run starts (else it goes on)
-    if args.add_notion and not args.test:
-        args, ckpt, info, new, fresh = add_notion.prepare(args, ckpt, info, explicit, resume)
-        rt = dataclasses.replace(rt, args=args)
-    conditions = parse_conditions(args.conditions, info.notions)
-    if ckpt is not None and ckpt.get('notions') and ckpt['notions'] != info.notions:
-        raise UserError(f'--resume {resume}: the checkpoint was trained on notions {ckpt["notions"]}, but '
-                        f'{args.data} has {info.notions}')
-    if args.test and ckpt is not None:
-        conditions = notions_to_test(ckpt, conditions, info.notions, resume, rt.log)
-        args = argparse.Namespace(**{**vars(args), 'conditions': [info.notions[c] for c in conditions]})
-        rt = dataclasses.replace(rt, args=args)
-    if args.check_data:
-        return check_data(info, conditions) if rt.is_main else 0
-
+    plan = resolve(args, explicit)
+    rt = runtime.start(plan.args, plan.resume)
+    for note in plan.notes:
+        rt.log(note)
+    if plan.args.check_data:
+        return check_data(plan.info, plan.conditions) if rt.is_main else 0
+    malloc = runtime.keep_freed_memory(plan.args, rt.device)
+    args, ckpt, resume, info, conditions = plan.args, plan.ckpt, plan.resume, plan.info, plan.conditions
     hflip = choose_hflip(args, info)
     flip_note = '' if args.test else f', hflip {"on" if hflip[0] else "off"} ({hflip[1]})'
     amp = rt.amp_dtype and str(rt.amp_dtype).replace('torch.', '') or 'off'
@@ -147,13 +125,63 @@ def run(args, explicit):
     model.to(rt.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if new is not None:
-        add_notion.freeze(model, new)
+    if plan.new is not None:
+        add_notion.freeze(model, plan.new)
 
-    if args.test:
-        out_dir = run_dir_for(args) if 'name' in explicit else os.path.dirname(os.path.abspath(resume))
-        return test(model, ckpt, info, conditions, rt, out_dir)
-    return train(model, None if fresh else ckpt, info, conditions, rt, hflip[0], new)
+    out_dir = run_dir_for(args)
+    if args.test and 'name' not in explicit:
+        out_dir = os.path.dirname(os.path.abspath(resume))
+    with RunLock(out_dir, 'tests a model into' if args.test else 'trains') if rt.is_main else nullcontext():
+        if args.test:
+            return test(model, ckpt, info, conditions, rt, out_dir)
+        return train(model, None if plan.fresh else ckpt, info, conditions, rt, hflip[0], plan.new)
+
+
+def resolve(args, explicit):
+    """The Plan of this call: flags checked together, --resume auto found, the checkpoint read and its run's flags
+    merged, the dataset read, --add-notion prepared, the notions chosen."""
+    if args.learned and args.prein:
+        raise UserError('--learned and --prein are two different mask starts: pass one of them')
+    if (args.learned or args.prein) and args.model != 'csn':
+        raise UserError(f'--learned/--prein are CSN mask options; --model {args.model} has no masks')
+    if args.test and 'add_notion' in explicit:
+        raise UserError('--add-notion trains and --test evaluates: teach the notion first, then --test the new run')
+    ckpt, resume, notes = None, args.resume, []
+    if args.resume == 'auto':
+        found = os.path.join(run_dir_for(args), 'model_best.pth.tar' if args.test else 'checkpoint.pth.tar')
+        if not os.path.exists(found) and args.test:
+            raise UserError(f'--test --resume auto: there is no {found} (train the run --name {args.name} first, or '
+                            f'give --resume PATH)')
+        resume = found if os.path.exists(found) else ''
+        if not resume:
+            notes.append(f'--resume auto: no {found} yet, starting the run')
+    if resume:
+        ckpt = load_checkpoint(resume)
+        args = merge_checkpoint_args(args, ckpt, explicit, resume)
+        changed = how_to_run_changes(args, ckpt, explicit)
+        if changed:
+            notes.append(f'note: how to run is this machine\'s choice, not the checkpoint\'s: {", ".join(changed)} (give '
+                         f'the flag to keep the checkpoint\'s)')
+    elif args.test:
+        raise UserError('--test needs --resume CHECKPOINT (e.g. runs/NAME/model_best.pth.tar)')
+
+    info = load_dataset_info(args.data)
+    new, fresh = None, False
+    if args.add_notion and not args.test:
+        args, ckpt, info, new, fresh = add_notion.prepare(args, ckpt, info, explicit, resume)
+    if resume and not fresh and not {'runs', 'name'} & explicit:
+        # where a run writes is this command line's business, never the checkpoint's: a resumed run goes on in the
+        # folder of the checkpoint it was given (a run tested writes its results there too)
+        runs, name = os.path.split(os.path.dirname(os.path.abspath(resume)))
+        args = argparse.Namespace(**{**vars(args), 'runs': runs, 'name': name})
+    conditions = parse_conditions(args.conditions, info.notions)
+    if ckpt is not None and ckpt.get('notions') and ckpt['notions'] != info.notions:
+        raise UserError(f'--resume {resume}: the checkpoint was trained on notions {ckpt["notions"]}, but '
+                        f'{args.data} has {info.notions}')
+    if args.test and ckpt is not None:
+        conditions = notions_to_test(ckpt, conditions, info.notions, resume, notes.append)
+        args = argparse.Namespace(**{**vars(args), 'conditions': [info.notions[c] for c in conditions]})
+    return Plan(args, ckpt, resume, info, conditions, new, fresh, tuple(notes))
 
 
 def notions_to_test(ckpt, conditions, notions, resume, log):
@@ -235,6 +263,9 @@ def retrieval_and_pictures(res, model, info, trip, store, rt, out_dir, embedded=
     --export-embeddings every image's embedding next to the checkpoint. Adds the mAP to res. embedded: what evaluate
     embedded ({None or notion: (image indices, raw embeddings)}), so those images are not embedded again."""
     args, log = rt.args, rt.log
+    if not getattr(model.embednet, 'per_notion_embedding', True):  # SCE-Net: its masks are weighed per triplet
+        log(f'  no retrieval mAP or pictures: {describe(args)} has no embedding per notion to retrieve with')
+        return
     labels = read_labels(info)
     images = np.unique(trip)                                              # the test triplets' images
     emb = None
@@ -299,7 +330,7 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
         with atomic_open(os.path.join(run_dir, 'args.json')) as f:
             json.dump({**saved_args, 'hflip_applied': hflip}, f, indent=2)
         metrics_path = os.path.join(run_dir, 'metrics.jsonl')
-        keep_metrics(metrics_path, next_epoch)
+        keep_metrics(metrics_path, next_epoch, log)
         logger = make_logger(args, info.notions, run_dir)
         if logger.loggers and ckpt is None:
             logger.log_triplets(store.get(val_t[:8][:, [0, 2, 1]].reshape(-1)).reshape(-1, 3, args.image_size, args.image_size, 3))
@@ -315,7 +346,11 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
                 'notions': list(info.notions), 'conditions': list(conditions), 'hflip_applied': hflip,
                 'rng': runtime.rng_state()}
 
+    stopped = (ckpt or {}).get('stopped') or 'cap'  # what a resumed run with no epoch left to train had stopped by
     for epoch in range(next_epoch, args.epochs + 1):
+        if plateaued(epoch - 1, best_epoch, args.patience):  # a resumed run that had already stopped at a plateau
+            stopped = 'plateau'
+            break
         lr = args.lr * (0.985 ** epoch)
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -324,8 +359,8 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
                                      next_step, partial)
         if not finished:
             if rt.is_main:
-                save_checkpoint(checkpoint_state(epoch, sums['steps'], sums), ckpt_path)
-                log(f'stopped at epoch {epoch}, step {sums["steps"]}; continue with --resume {ckpt_path}')
+                save_checkpoint({**checkpoint_state(epoch, sums['steps'], sums), 'stopped': 'interrupted'}, ckpt_path)
+                log(f'stopped: interrupted at epoch {epoch}, step {sums["steps"]}; continue with --resume {ckpt_path}')
             return 130
         next_step, partial = 0, None
         train_seconds = time.time() - t0
@@ -339,6 +374,9 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
              'val_acc_per_notion': val['per_notion'], 'emb_norm': sums['emb_norm'] / steps,
              'mask_norm': sums['mask_norm'] / steps, 'seconds': round(time.time() - t0, 2),
              'triplets_per_s': round(sums['n'] / max(train_seconds, 1e-9), 1), 'best_acc': best_acc}
+        reason = stop_reason(epoch, best_epoch, args.patience, args.epochs)
+        if reason:
+            m['stopped'] = stopped = reason
         if rt.is_main:
             per = ' '.join(f'{k} {v * 100:.1f}' for k, v in val['per_notion'].items())
             log(f'epoch {epoch:3d}  lr {lr:.2e}  train loss {m["train_loss"]:.4f} acc {m["train_acc"] * 100:.2f}  '
@@ -346,7 +384,7 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
                 f'{"  *best*" if is_best else ""}')
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(m) + '\n')
-            state = checkpoint_state(epoch + 1, 0, None)
+            state = {**checkpoint_state(epoch + 1, 0, None), 'stopped': reason}
             if is_best:
                 save_checkpoint(state, best_path)
             save_checkpoint(state, ckpt_path)
@@ -354,12 +392,15 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
                 logger.log_epoch(m)
                 masks = model.embednet.mask_weights()
                 logger.log_masks(epoch, None if masks is None else masks.detach().float().cpu().numpy())
+        if reason:
+            break
     if rt.is_main:
-        log(f'done: best val accuracy {best_acc * 100:.2f} % at epoch {best_epoch}; test it with '
-            f'python main.py --test --resume {best_path}')
         if logger.loggers:
             log_val_embeddings(logger, model, info, val_t, store, rt)
             logger.close()
+        log(f'done: best val accuracy {best_acc * 100:.2f} % at epoch {best_epoch}; '
+            f'{explain(stopped, best_epoch, args.patience, args.epochs)}; test it with '
+            f'python main.py --test --resume {best_path}')
     return 0
 
 
@@ -374,15 +415,30 @@ def log_val_embeddings(logger, model, info, val_t, store, rt, n=500):
     logger.log_embeddings(emb.cpu().numpy(), meta, store.get(images))
 
 
-def keep_metrics(path, next_epoch):
-    """Drop metrics lines of epochs that will be trained again (a run killed between its log line and checkpoint)."""
+def keep_metrics(path, next_epoch, log=print):
+    """Drop metrics lines of epochs that will be trained again (a run killed between its log line and checkpoint),
+    and a last line that a kill cut short (with a warning: that epoch is trained again, so nothing is lost)."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)['epoch'] < next_epoch]
+        lines = f.readlines()
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            m = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                log(f'warning: {path}:{i}: dropped a partial last line (a kill while it was written)')
+                continue
+            raise UserError(f'{path}:{i}: not a JSON line ({ln.strip()[:80]!r}); the file was edited or damaged: '
+                            f'fix or delete that line, then --resume again') from None
+        if m['epoch'] < next_epoch:
+            kept.append(ln if ln.endswith('\n') else ln + '\n')
     with atomic_open(path) as f:
-        f.writelines(lines)
+        f.writelines(kept)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -16,8 +16,11 @@ MODEL_FLAGS = ('model', 'dim_embed', 'learned', 'prein')
 # --hflip, the model's shape, the data) do come back.
 HOW_TO_RUN = ('device', 'no_cuda', 'amp', 'compile', 'workers', 'channels_last', 'keep_memory', 'cache', 'cache_dir',
               'dist_timeout')
+# where this call writes and reports: never the checkpoint's (a resumed run goes on in its checkpoint's folder, see
+# main.resolve; a checkpoint from elsewhere must not choose which folder is overwritten or which server hears of it)
+WHERE_TO_WRITE = ('runs', 'name', 'visdom', 'visdom_server', 'visdom_port', 'visdom_env', 'tensorboard')
 # flags of this call, never taken from the checkpoint's run
-THIS_CALL = ('resume', 'test', 'export_embeddings', 'pictures', 'check_data') + HOW_TO_RUN
+THIS_CALL = ('resume', 'test', 'export_embeddings', 'pictures', 'check_data') + HOW_TO_RUN + WHERE_TO_WRITE
 # not flags: what a run recorded about its model in its args (--add-notion's mask rows learned on fixed masks)
 RECORDED = ('learned_rows',)
 
@@ -35,10 +38,16 @@ def save_checkpoint(state, path):
 def load_checkpoint(path):
     if not os.path.exists(path):
         raise CheckpointError(f'--resume {path}: no such checkpoint file')
+    if os.path.isdir(path):
+        raise CheckpointError(f'--resume {path}: a folder, not a checkpoint file; name the file (e.g. '
+                              f'{os.path.join(path, "model_best.pth.tar")})')
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f'--resume {path}: the file is empty (0 bytes), so a copy or download of it did not '
+                              f'finish; copy it again or use another checkpoint')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0][:300]
+        msg = (str(e).strip().splitlines() or [''])[0][:300] or 'no message; the file is truncated or not a checkpoint'
         raise CheckpointError(f'--resume {path}: refused to load it ({type(e).__name__}: {msg}). Checkpoints are loaded with '
                         f'weights_only=True, so files holding arbitrary Python objects are not executed.') from None
 

@@ -66,6 +66,9 @@ def main_parser():
       help='global batch size in triplets; under torchrun each of the N processes takes batch-size/N of it, so runs '
            'with any number of processes are comparable')
     a('--epochs', type=positive_int, default=200, help='number of epochs to train')
+    a('--patience', type=nonneg_int, default=0,
+      help='stop when the validation accuracy has not improved for this many epochs (--epochs stays the cap; the best '
+           'checkpoint is kept); 0 = off')
     a('--start_epoch', '--start-epoch', type=positive_int, default=1, help='epoch number to start from (a --resume overrides it)')
     a('--lr', type=positive_float, default=5e-5, help='Adam learning rate; epoch e uses lr * 0.985^e')
     a('--seed', type=nonneg_int, default=1, help='random seed (subsets, shuffling, flips, initialisation)')
@@ -99,9 +102,11 @@ def main_parser():
     g = p.add_argument_group('data and model')
     a = g.add_argument
     a('--data', default='data', metavar='DIR', help='dataset folder (filenames.json, images, tripletlists/)')
-    a('--model', choices=['csn', 'triplet', 'task'], default='csn',
+    a('--model', choices=['csn', 'triplet', 'task', 'asen', 'scenet'], default='csn',
       help='csn = Conditional Similarity Network; triplet = standard triplet network (no masks); '
-           'task = a set of task-specific triplet networks (one per notion)')
+           'task = a set of task-specific triplet networks (one per notion); asen = ASEN (AAAI 2020: attention '
+           'conditioned on the notion, unit embeddings, ranking loss on dot products; asen.py); scenet = SCE-Net '
+           '(ICCV 2019: CSN masks weighed per triplet from its three images, no notion input; scenet.py)')
     a('--no-pretrained', '--no_pretrained', action='store_true', default=False,
       help='start the backbone from random weights instead of ImageNet')
     a('--weights', default='', metavar='FILE', help='ImageNet weights: a torchvision resnet18 state dict file '

@@ -508,3 +508,56 @@ def test_a_log_off_a_terminal_has_one_plain_line_per_log_interval_and_no_bar(sha
         assert [ln.split()[3] for ln in lines] == [f'{s}/{steps}' for s in (2, 4, 6, 8)], p.stdout
         assert all(' loss ' in ln and ' acc ' in ln and ln.endswith('triplets/s') for ln in lines)
     assert len([ln for ln in p.stdout.splitlines() if ln.startswith('epoch   ')]) == 2  # the epoch summaries
+
+
+def test_a_resumed_run_writes_in_its_checkpoints_folder_not_where_the_checkpoint_says(shapes_data, tmp_path):
+    """A checkpoint copied from elsewhere (or doctored) names another run's folder and a dashboard in its args: the
+    resume writes next to the checkpoint it was given and reports nowhere it was not told to; a partial last line of
+    metrics.jsonl (a kill while it was written) is dropped with a warning."""
+    import shutil
+    runs = tmp_path / 'runs'
+    run_main('--data', shapes_data, '--runs', runs, '--name', 'a', '--epochs', 1, *FAST)
+    before = sorted(os.listdir(runs / 'a')), open(runs / 'a' / 'metrics.jsonl').read()
+    (runs / 'b').mkdir()
+    ck = torch.load(runs / 'a' / 'checkpoint.pth.tar', weights_only=True)
+    ck['args'].update(runs=str(tmp_path / 'elsewhere'), name='victim', visdom=True, tensorboard=True,
+                      visdom_server='http://192.0.2.1', visdom_port=9)
+    torch.save(ck, runs / 'b' / 'checkpoint.pth.tar')
+    shutil.copy(runs / 'a' / 'metrics.jsonl', runs / 'b' / 'metrics.jsonl')
+    with open(runs / 'b' / 'metrics.jsonl', 'a') as f:
+        f.write('{"epoch": 2, "lr": 0.0')  # cut short
+    p = run_main('--resume', runs / 'b' / 'checkpoint.pth.tar', '--epochs', 2)
+    assert f'{runs / "b" / "metrics.jsonl"}:2: dropped a partial last line' in p.stdout
+    assert [x['epoch'] for x in metrics(runs / 'b')] == [1, 2]
+    assert not (tmp_path / 'elsewhere').exists() and not (runs / 'b' / 'tensorboard').exists()
+    saved = json.load(open(runs / 'b' / 'args.json'))
+    assert saved['runs'] == str(runs) and saved['name'] == 'b' and saved['visdom'] is False
+    assert (sorted(os.listdir(runs / 'a')), open(runs / 'a' / 'metrics.jsonl').read()) == before
+    with open(runs / 'b' / 'metrics.jsonl', 'a') as f:  # a damaged line that is not the last: said, not guessed
+        f.write('garbage\n{"epoch": 3}\n')
+    p = expect_error('--resume', runs / 'b' / 'checkpoint.pth.tar', '--epochs', 3, match='metrics.jsonl:3: not a JSON line')
+
+
+@pytest.mark.slow
+def test_a_second_process_on_the_same_run_folder_is_refused_with_the_holders_pid(shapes_data, tmp_path):
+    import signal
+    import subprocess
+    import time
+    runs = tmp_path / 'runs'
+    cmd = [sys.executable, os.path.join(REPO, 'main.py'), '--data', shapes_data, '--runs', runs, '--name', 'r',
+           '--epochs', 200, *FAST]
+    first = subprocess.Popen([str(a) for a in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (runs / 'r' / '.lock').exists() or \
+                (runs / 'r' / '.lock').read_text().strip() != str(first.pid):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        for argv in (['--data', shapes_data, '--runs', runs, '--name', 'r', '--epochs', 1, *FAST],
+                     ['--resume', 'auto', '--data', shapes_data, '--runs', runs, '--name', 'r', '--epochs', 1, *FAST]):
+            p = expect_error(*argv, match=f'{runs / "r"} is in use: process {first.pid} trains it now')
+            assert 'another --name' in p.stderr
+        assert first.poll() is None  # the first run goes on, untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()

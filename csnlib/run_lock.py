@@ -1,0 +1,37 @@
+"""One process at a time writes a run folder: an exclusive lock on RUNS/NAME/.lock, held for the process's life, with
+the holder's PID in the file so that a second process is refused with a message that names it. The kernel drops the
+lock when its holder dies (kill -9 included), so a lock is never stale."""
+import fcntl
+import os
+
+from csnlib.errors import UserError
+
+LOCK_NAME = '.lock'
+
+
+class RunLock:
+    """with RunLock(run_dir): ... (the folder is made if needed); UserError if another process holds it."""
+
+    def __init__(self, run_dir, what='writes'):
+        self.run_dir, self.what, self.fd = run_dir, what, None
+
+    def __enter__(self):
+        os.makedirs(self.run_dir, exist_ok=True)
+        path = os.path.join(self.run_dir, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
+            raise UserError(f'{self.run_dir} is in use: process {holder} {self.what} it now. Wait for it to finish, '
+                            f'stop it, or choose another --name') from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing drops the lock; the file stays (removing it would race a process waiting on it)
+        self.fd = None
+        return False
