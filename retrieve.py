@@ -17,9 +17,10 @@ import time
 from PIL import Image
 
 from csnlib.checkpoint import describe, trained_conditions
+from csnlib.errors import run_script
 from csnlib.evaluate import subspace
 from csnlib.onnx_export import export_onnx
-from csnlib.options import UserError, add_device_flag, positive_int
+from csnlib.options import add_device_flag, positive_int
 from csnlib.pictures import plot_retrieval, short
 from csnlib.runtime import keep_freed_memory
 from csnlib.search import export_embeddings, load_cached_embeddings, nearest
@@ -151,13 +152,8 @@ def run(a):
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
-    try:
-        return run(a)
-    except (UserError, DataError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -137,9 +137,8 @@ def main_parser():
       help='channels_last memory format')
     a('--no-channels-last', '--no_channels_last', dest='channels_last', action='store_false', help='plain NCHW memory format')
     a('--three-forwards', '--three_forwards', action='store_true', default=False,
-      help='embed anchors, fars and closes in three backbone calls, as the original did, instead of one ('
-           'BatchNorm then normalises each role on its own; 0.57 points more test accuracy in the README\'s 3-epoch fonts '
-           'runs, 1.09x slower)')
+      help='embed anchors, fars and closes in three backbone calls, as the original did, instead of one '
+           '(BatchNorm then normalises each role on its own; what that costs or gains: see the README) (default: off)')
     a('--compile', action='store_true', default=False, help='torch.compile the model')
     a('--keep-memory', '--keep_memory', action=argparse.BooleanOptionalAction, default=True,
       help='on the CPU (glibc): keep freed memory in the process for the next step instead of handing each large '

@@ -76,7 +76,8 @@ def loss(*a, **k):
         time.sleep(3600)  # this rank hangs: the other one must not wait for ever
     return real_loss(*a, **k)
 training.csn_loss = loss
-sys.exit(main.main(sys.argv[1:]))
+from csnlib.errors import run_script
+sys.exit(run_script(main.main, sys.argv[1:]))
 """
 
 
@@ -104,7 +105,8 @@ def embed_images(model, *a, **k):
         json.dump(sums(model), open(path, 'w'))
     return real_embed(model, *a, **k)
 main.train_epoch, evaluate.embed_images = train_epoch, embed_images
-sys.exit(main.main(sys.argv[1:]))
+from csnlib.errors import run_script
+sys.exit(run_script(main.main, sys.argv[1:]))
 """
 
 

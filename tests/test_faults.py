@@ -54,7 +54,8 @@ def load_image(path, size):
     return real_load(path, size)
 if fault:
     training.csn_loss, torch.save, image_cache.load_image = loss, save, load_image
-sys.exit(main.main(sys.argv[1:]))
+from csnlib.errors import run_script
+sys.exit(run_script(main.main, sys.argv[1:]))
 """.format(repo=REPO)
 
 
