@@ -113,8 +113,8 @@ class DatasetInfo:
             if not real.startswith(self.images_real.rstrip(os.sep) + os.sep):
                 why = f'resolves to {real}, outside the images folder (a symbolic link)'
         if why:
-            raise DataError(f'{os.path.join(self.root, "filenames.json")}:{i + 1}: image path {name!r} {why}; every '
-                            f'image must be a file inside {self.images_dir}')
+            raise DataError(f'image path {name!r} (line {i + 1} of {os.path.join(self.root, "filenames.json")}) '
+                            f'{why}; every image must be a file inside {self.images_dir}')
         return path
 
     @property

@@ -1,8 +1,16 @@
 """The images of a dataset decoded once: a (N, S, S, 3) uint8 file memory-mapped from disk, built under a
-lock and renamed into place when whole, and the store that reads images by index from it (or from the files)."""
+lock and renamed into place when whole, and the store that reads images by index from it (or from the files).
+
+The file is a 4096-byte header (a magic line, then JSON: shape, dtype, a digest of the source files' names, sizes,
+mtimes and ctimes in ns, and a digest of a sample of its rows) followed by the pixels. A file that does not match is
+rebuilt; a reader holds its file open (and a shared flock on it), so a rebuild never takes a file from under it."""
+import errno
 import fcntl
 import hashlib
+import json
+import mmap
 import os
+import re
 import tempfile
 import weakref
 from multiprocessing import get_context
@@ -14,34 +22,144 @@ from torch.utils.data import get_worker_info
 from csnlib.atomic import atomic_path
 from triplet_image_loader import DataError, load_image, missing_images
 
+HEADER = 4096                                           # bytes before the pixels: a page, so rows stay aligned
+MAGIC = b'CSN-IMAGE-CACHE 2\n'
+SAMPLE_ROWS = 64                                        # rows whose bytes the header's digest covers
 
-def _cache_key(info, size):
-    h = hashlib.sha1(f'v1 {size} {info.images_dir}\n'.encode())
-    for name in info.filenames:
+
+class CacheMismatch(Exception):
+    """A cache file that cannot be used as it is; the message says why."""
+
+
+def _sources_digest(info, size):
+    """sha256 of what the pixels come from: the size, the images folder, each image's name, size, mtime and ctime (ns;
+    a file replaced or rewritten under the same size and mtime still changes its ctime) and inode."""
+    h = hashlib.sha256(f'v2 {size} {info.images_dir}\n'.encode())
+    for i, name in enumerate(info.filenames):
+        path = info.image_path(i)  # DataError for a path outside the images folder
         try:
-            st = os.stat(os.path.join(info.images_dir, name))
+            st = os.stat(path)
         except FileNotFoundError:
-            raise DataError(f'image not found: {os.path.join(info.images_dir, name)} (listed in '
+            raise DataError(f'image not found: {path} (listed in '
                             f'{os.path.join(info.root, "filenames.json")})') from None
-        h.update(f'{name}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
-    return h.hexdigest()[:16]
+        h.update(f'{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n'.encode())
+    return h.hexdigest()
+
+
+def _sample(n):
+    """The rows whose bytes the header's sample digest covers: up to SAMPLE_ROWS spread over 0..n-1."""
+    return np.unique(np.linspace(0, max(n - 1, 0), min(n, SAMPLE_ROWS)).round().astype(np.int64))
+
+
+def _sample_digest(arr):
+    h = hashlib.sha256()
+    for i in _sample(len(arr)):
+        h.update(arr[i].tobytes())
+    return h.hexdigest()
+
+
+def _pixels(fd, n, size):
+    """The (n, S, S, 3) uint8 pixels of an open cache file, memory-mapped read-only."""
+    count = n * size * size * 3
+    mm = mmap.mmap(fd, HEADER + count, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, np.uint8, count, HEADER).reshape(n, size, size, 3)
+
+
+def check_cache(fd, n, size, sources=None):
+    """Raise CacheMismatch unless the open file fd is a whole cache of n images at size px (and, given sources, of
+    those source files): its header, its length, and the digest of its sampled rows."""
+    head = os.pread(fd, HEADER, 0)
+    if not head.startswith(MAGIC):
+        raise CacheMismatch('it has no image-cache header (random bytes, or a file of older code)')
+    try:
+        meta = json.loads(head[len(MAGIC):].decode().strip())
+        shape, dtype, digest, sample = meta['shape'], meta['dtype'], meta['sources'], meta['sample']
+    except (ValueError, KeyError, TypeError):
+        raise CacheMismatch('its header is damaged') from None
+    if shape != [n, size, size, 3] or dtype != 'uint8':
+        raise CacheMismatch(f'it holds {dtype} {shape}, not uint8 {[n, size, size, 3]}')
+    if sources is not None and digest != sources:
+        raise CacheMismatch('it was built from other image files')
+    have, want = os.fstat(fd).st_size, HEADER + n * size * size * 3
+    if have != want:
+        raise CacheMismatch(f'it is {"truncated" if have < want else "too long"} ({have} bytes, not {want})')
+    if _sample_digest(_pixels(fd, n, size)) != sample:
+        raise CacheMismatch('its pixels are not those it was built with (damaged or overwritten)')
 
 
 def _decode_chunk(job):
     paths, size, out_path, start = job
-    arr = np.memmap(out_path, dtype=np.uint8, mode='r+')
-    arr = arr.reshape(-1, size, size, 3)
+    n = start + len(paths)
+    arr = np.memmap(out_path, dtype=np.uint8, mode='r+', offset=HEADER)
+    arr = arr[:len(arr) // (size * size * 3) * size * size * 3].reshape(-1, size, size, 3)
     for i, p in enumerate(paths):
         arr[start + i] = load_image(p, size)
     arr.flush()
-    return len(paths)
+    return n - start
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(cache_dir, size, log):
+    """Temporary files of builds at this size whose process is dead (a killed build); called under the build lock."""
+    for f in os.listdir(cache_dir):
+        m = re.fullmatch(rf'images_{size}px_[0-9a-f]+\.u8\.tmp(\d+)', f)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            os.remove(os.path.join(cache_dir, f))
+            log(f'note: removed {os.path.join(cache_dir, f)}, left by a build that was killed')
+
+
+def _remove_unused(cache_dir, size, keep, log):
+    """Caches of other versions of the images at this size, except those a running process still reads (it holds a
+    shared flock on its file; those go at a later build)."""
+    for f in os.listdir(cache_dir):
+        if not (f.startswith(f'images_{size}px_') and f.endswith('.u8')) or f == keep:
+            continue
+        path = os.path.join(cache_dir, f)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.remove(path)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            log(f'note: kept {path}, an older cache that a running process still reads; a later build removes it')
+        finally:
+            os.close(fd)
+
+
+def _usable(path, n, size, sources):
+    """None when path is a cache that matches, else why not ('' when there is no file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return ''
+    try:
+        check_cache(fd, n, size, sources)
+        return None
+    except CacheMismatch as e:
+        return str(e)
+    finally:
+        os.close(fd)
 
 
 def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
     """Path of a (N, S, S, 3) uint8 file holding every image of filenames.json, decoded once.
 
-    Rebuilt when the list, the files (size, mtime) or the size change; two processes building it at once take turns
-    on a lock, and the file appears only when whole (written under a temporary name, then renamed)."""
+    Rebuilt when the list, the files (size, mtime, ctime), the size or the file itself (header, length, sampled rows)
+    do not match; two processes building it at once take turns on a lock, and the file appears only when whole
+    (written under a temporary name, then renamed; a killed build's temporary file goes at the next build)."""
     cache_dir = cache_dir or os.path.join(info.root, 'cache')
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -54,21 +172,25 @@ def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
         log(f'note: cannot write the image cache under {cache_dir}; using {fallback} (set --cache-dir to choose)')
         cache_dir = fallback
         os.makedirs(cache_dir, exist_ok=True)
-    key = _cache_key(info, size)
-    path = os.path.join(cache_dir, f'images_{size}px_{key}.u8')
-    if os.path.exists(path):
+    sources = _sources_digest(info, size)
+    n = len(info.filenames)
+    path = os.path.join(cache_dir, f'images_{size}px_{sources[:16]}.u8')
+    if _usable(path, n, size, sources) is None:
         return path
     with open(os.path.join(cache_dir, f'images_{size}px.lock'), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(path):  # another process built it while we waited
+        _remove_stale(cache_dir, size, log)
+        why = _usable(path, n, size, sources)
+        if why is None:  # another process built it while we waited
             return path
-        n = len(info.filenames)
+        if why:
+            log(f'note: the image cache {path} does not match ({why}); building it again')
         paths = [info.image_path(i) for i in range(n)]
         step = 256
         workers = workers or min(len(os.sched_getaffinity(0)), 8)
         from tqdm import tqdm
         with atomic_path(path) as tmp:
-            np.memmap(tmp, dtype=np.uint8, mode='w+', shape=(n, size, size, 3)).flush()
+            np.memmap(tmp, dtype=np.uint8, mode='w+', shape=(HEADER + n * size * size * 3,)).flush()
             jobs = [(paths[s:s + step], size, tmp, s) for s in range(0, n, step)]
             with tqdm(total=n, desc=f'caching {n} images at {size}px', unit='img', leave=False, disable=None) as bar:
                 if workers > 1 and len(jobs) > 1:
@@ -78,9 +200,15 @@ def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
                 else:
                     for job in jobs:
                         bar.update(_decode_chunk(job))
-        for old in os.listdir(cache_dir):  # drop caches of older versions of the images at this size
-            if old.startswith(f'images_{size}px_') and old.endswith('.u8') and old != os.path.basename(path):
-                os.remove(os.path.join(cache_dir, old))
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                meta = {'shape': [n, size, size, 3], 'dtype': 'uint8', 'sources': sources,
+                        'sample': _sample_digest(_pixels(fd, n, size))}
+                head = MAGIC + json.dumps(meta).encode()
+                os.pwrite(fd, head + b' ' * (HEADER - 1 - len(head)) + b'\n', 0)
+            finally:
+                os.close(fd)
+        _remove_unused(cache_dir, size, os.path.basename(path), log)
         log(f'cached {n} images at {size}px in {path} ({os.path.getsize(path) / 2**20:.0f} MiB)')
     return path
 
@@ -115,15 +243,52 @@ def _remove(path, pid):
 
 
 class ImageStore:
-    """uint8 (S, S, 3) images by index: from the memory-mapped cache, or decoded with PIL on every call."""
+    """uint8 (S, S, 3) images by index: from the memory-mapped cache, or decoded with PIL on every call.
+
+    With a cache, the store opens the file when made (checking its header, length and sampled rows) and keeps it open
+    with a shared flock, so a rebuild by another process never takes it away; a DataLoader worker reads that same
+    file (inherited, or through /proc/PID/fd), never whatever has its name now."""
 
     def __init__(self, info, size, cache_path=None):
         self.info, self.size, self.cache_path = info, size, cache_path
         self._arr = None
+        self._fd = None
+        self._src = None  # (pid, fd, st_dev, st_ino) of the file the process that made the store opened
         self.tracker = None  # a ReadTracker while DataLoader workers read from this store
+        if cache_path is not None:
+            fd = os.open(cache_path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                check_cache(fd, len(info.filenames), size)
+            except CacheMismatch as e:
+                os.close(fd)
+                raise DataError(f'{cache_path}: not a usable image cache of {len(info.filenames)} images at {size}px '
+                                f'({e}); delete it, and main.py builds it again') from None
+            except BaseException:
+                os.close(fd)
+                raise
+            st = os.fstat(fd)
+            self._fd, self._src = fd, (os.getpid(), fd, st.st_dev, st.st_ino)
+            weakref.finalize(self, os.close, fd)
 
-    def __getstate__(self):  # DataLoader workers reopen the memory map themselves
-        return {**self.__dict__, '_arr': None}
+    def __getstate__(self):  # a spawned DataLoader worker opens the same file itself (fd: see _reopen)
+        return {**self.__dict__, '_arr': None, '_fd': None}
+
+    def _reopen(self):
+        """In a process this store was sent to: the file its maker holds open, through /proc, or by its name while
+        that is still the same file; DataError when it is gone."""
+        pid, fd, dev, ino = self._src
+        for p in (f'/proc/{pid}/fd/{fd}', self.cache_path):
+            try:
+                mine = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+            st = os.fstat(mine)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                return mine
+            os.close(mine)
+        raise DataError(f'the image cache {self.cache_path} was replaced or deleted while this run read it; run '
+                        f'again (it is built anew), or with --no-cache')
 
     def get(self, idx):  # idx: (K,) int array -> (K, S, S, 3) uint8
         if self.cache_path is None:
@@ -136,7 +301,10 @@ class ImageStore:
         if self.tracker is not None and len(idx):
             self.tracker.mark(int(idx[0]))
         if self._arr is None:
-            self._arr = np.memmap(self.cache_path, dtype=np.uint8, mode='r').reshape(-1, self.size, self.size, 3)
+            if self._fd is None:
+                self._fd = self._reopen()
+                weakref.finalize(self, os.close, self._fd)
+            self._arr = _pixels(self._fd, len(self.info.filenames), self.size)
         return np.ascontiguousarray(self._arr[idx])
 
 

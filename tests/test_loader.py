@@ -1,5 +1,7 @@
 """Reading the CSN dataset layout: triplet order, subsets, bad lines, and the image cache."""
+import io
 import os
+import re
 import subprocess
 import sys
 
@@ -8,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_dataset
-from csnlib.image_cache import ImageStore, build_image_cache
+from csnlib.image_cache import HEADER, MAGIC, ImageStore, build_image_cache
 from triplet_image_loader import (
     DataError,
     TripletBatches,
@@ -79,6 +81,8 @@ def test_conditions_by_index_or_name():
 @pytest.mark.parametrize('line,message', [
     ('0 1\n', 'malformed line'), ('0 x 2\n', 'malformed line'), ('0 1 999\n', 'outside filenames.json'),
     ('3 3 4\n', 'same image twice'), ('0 20 1\n', 'duplicate of line 1'),
+    ('--5 1 2\n', 'malformed line'), ('0 \u0663 2\n', 'malformed line'), ('0 \u00b2 2\n', 'malformed line'),
+    ('-5 1 2\n', 'image index -5 is outside'), ('0 1 2 3\n', 'malformed line'),
 ])
 def test_bad_triplet_lines_name_file_and_line(shapes_data, line, message):
     info = load_dataset_info(shapes_data)
@@ -238,3 +242,277 @@ def test_a_worker_that_cannot_write_to_shared_memory_says_how_to_give_it_more(sh
     msg = str(e.value)
     assert 'shared memory' in msg and '--shm-size' in msg and '--workers' in msg and 'Not a bad image' in msg
     assert 'Traceback' not in msg and 'No space left on device' in msg
+
+
+# ---- data files that are wrong in other ways: one line naming the file and line ---------------------------------
+
+def test_bytes_that_are_not_utf8_in_a_triplet_list_make_a_malformed_line(shapes_data):
+    info = load_dataset_info(shapes_data)
+    path = info.triplet_file('shape', 'val')
+    with open(path, 'wb') as f:
+        f.write(b'0 20 1\n1 \xff\xfe 2\n')
+    with pytest.raises(DataError, match=re.escape(f'{path}:2: malformed line')):
+        load_triplets(info, 'val', [1], 100, seed=0)
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'shapes/red_circle_0.png\nshapes/caf\xe9.png\n', ':2: not UTF-8 text (byte 0xe9'),
+    (b'shapes/red_circle_0.png\nshapes/a\x00b.png\n', ':2: a NUL byte inside the image path'),
+    (b'shapes/red_circle_0.png\n\nshapes/red_circle_1.png\n', ':2: empty line'),
+])
+def test_filenames_json_that_is_not_one_utf8_path_a_line_names_the_line(shapes_data, content, message):
+    with open(os.path.join(shapes_data, 'filenames.json'), 'wb') as f:
+        f.write(content)
+    with pytest.raises(DataError, match=re.escape(os.path.join(shapes_data, 'filenames.json') + message)):
+        load_dataset_info(shapes_data)
+
+
+@pytest.mark.parametrize('meta, message', [
+    ('["images", "notions"]', 'expected a JSON object'),
+    ('{"images": "images", "notions": "colour"}', '"notions": expected a non-empty list of notion names'),
+    ('{"images": "images", "notions": []}', '"notions": expected a non-empty list'),
+    ('{"images": "images", "notions": ["colour", 3]}', 'notion name 3: 3 is not a string'),
+    ('{"images": "images", "notions": ["colour", "colour"]}', "notion name 'colour' is given twice"),
+    ('{"images": "images", "notions": ["colour", "../../x"]}', 'notion name \'../../x\': it holds a "/"'),
+    ('{"images": "images", "notions": ["colour", ".."]}', 'notion name \'..\': it holds ".."'),
+    ('{"images": "images", "notions": ["colour", ""]}', "notion name '': it is empty"),
+    ('{"images": "images", "notions": ["colour", "a\\\\b"]}', 'it holds a "\\"'),
+    ('{"images": 5, "notions": ["colour"]}', '"images" must be the name of the images folder (a string), not 5'),
+    ('{"images": "/etc", "notions": ["colour"]}', '"images" \'/etc\' is absolute: the images folder must lie inside'),
+    ('{"images": "../elsewhere", "notions": ["colour"]}', '"images" \'../elsewhere\' climbs out with ".."'),
+    ('{"images": "images", "notions": ["colour"], "labels": 7}', '"labels" must be a string, not 7'),
+    ('{"images": "images", "notions": ["colour"], "labels": "../../x.csv"}', '"labels" \'../../x.csv\' climbs out'),
+    ('{"images": "images", "notions": ["colour"], "hflip": "yes"}', '"hflip" must be true or false'),
+    ('{"images": "images", "notions": ["colour"], "name": ["x"]}', '"name" must be a string'),
+])
+def test_dataset_json_of_the_wrong_types_or_with_names_that_leave_the_folder(shapes_data, meta, message):
+    write(os.path.join(shapes_data, 'dataset.json'), meta)
+    with pytest.raises(DataError) as e:
+        load_dataset_info(shapes_data)
+    assert str(e.value).startswith(os.path.join(shapes_data, 'dataset.json') + ': ') and message in str(e.value)
+
+
+def test_dataset_json_that_is_not_utf8_names_the_file(shapes_data):
+    with open(os.path.join(shapes_data, 'dataset.json'), 'wb') as f:
+        f.write(b'{"images": "images", "notions": ["col\xe9ur"]}')
+    with pytest.raises(DataError, match=re.escape(os.path.join(shapes_data, 'dataset.json')) + r':1: not UTF-8'):
+        load_dataset_info(shapes_data)
+
+
+def escape_images(root, tmp_path):
+    """Lines 1-3 of filenames.json pointed out of the images folder: '..', an absolute path, a link inside images/
+    to a file outside. Returns their image indices."""
+    Image.new('RGB', (20, 20), (9, 9, 9)).save(tmp_path / 'secret.png')
+    Image.new('RGB', (20, 20), (9, 9, 9)).save(os.path.join(root, 'outside.png'))
+    os.symlink(tmp_path / 'secret.png', os.path.join(root, 'images', 'shapes', 'link.png'))
+    path = os.path.join(root, 'filenames.json')
+    names = open(path).read().splitlines()
+    names[:3] = ['../outside.png', str(tmp_path / 'secret.png'), 'shapes/link.png']
+    write(path, '\n'.join(names) + '\n')
+    return [0, 1, 2]
+
+
+def test_image_paths_must_resolve_inside_the_images_folder(shapes_data, tmp_path):
+    bad = escape_images(shapes_data, tmp_path)
+    info = load_dataset_info(shapes_data)
+    names = os.path.join(shapes_data, 'filenames.json')
+    for i, why in zip(bad, ('climbs out with ".."', 'is absolute', 'resolves to ' + str(tmp_path / 'secret.png'))):
+        with pytest.raises(DataError) as e:
+            info.image_path(i)
+        assert str(e.value).startswith(f'image path {info.filenames[i]!r} (line {i + 1} of {names}) {why}')
+    assert info.image_path(3).endswith('shapes/red_circle_3.png')
+    with pytest.raises(DataError, match=r"'../outside.png' \(line 1 of"):  # training stops before reading any
+        build_image_cache(info, 16, log=lambda *a: None)
+    with pytest.raises(DataError, match=r"'../outside.png' \(line 1 of"):
+        ImageStore(info, 16).get(np.array([0]))
+
+
+def test_check_data_reports_image_paths_outside_the_images_folder(shapes_data, tmp_path):
+    from conftest import run_main
+    from triplet_image_loader import check_triplet_file
+    info = load_dataset_info(shapes_data)
+    used = set()
+    for n in info.notions:
+        for s in ('train', 'val', 'test'):
+            used |= set(check_triplet_file(info.triplet_file(n, s), 40)[0].ravel().tolist())
+    bad = escape_images(shapes_data, tmp_path)
+    assert set(bad) <= used
+    p = run_main('--data', shapes_data, '--check-data', check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    names = os.path.join(shapes_data, 'filenames.json')
+    for i in bad:
+        assert f'{names}:{i + 1}: image path ' in p.stdout
+    assert 'climbs out with ".."' in p.stdout and 'is absolute' in p.stdout and 'a symbolic link' in p.stdout
+    assert '3 problem(s) found' in p.stdout
+
+
+def huge_png(path, w=30000, h=30000):
+    """A small PNG file whose header says w x h pixels (PIL refuses it before decoding: a decompression bomb)."""
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.new('RGB', (1, 1)).save(buf, 'PNG')
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b'IHDR')
+    data[ihdr + 4:ihdr + 12] = struct.pack('>II', w, h)
+    data[ihdr + 17:ihdr + 21] = struct.pack('>I', zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    with open(path, 'wb') as f:
+        f.write(bytes(data))
+
+
+def test_a_30000_px_png_names_the_image_instead_of_a_traceback(shapes_data):
+    info = load_dataset_info(shapes_data)
+    huge_png(info.image_path(6))
+    with pytest.raises(DataError, match=re.escape(f'cannot read image {info.image_path(6)}: Image size (900000000 '
+                                                  f'pixels) exceeds limit') + '.*Shrink the image'):
+        load_image(info.image_path(6), 16)
+    with pytest.raises(DataError, match=re.escape(f'cannot read image {info.image_path(6)}')):
+        build_image_cache(info, 16, workers=1, log=lambda *a: None)
+
+
+def test_labels_csv_is_checked_against_filenames_json(shapes_data):
+    info = load_dataset_info(shapes_data)
+    path = os.path.join(shapes_data, 'labels.csv')
+    lines = open(path).read().splitlines()
+    write(path, '\n'.join([lines[0], lines[2], lines[1]] + lines[3:]) + '\n')   # two rows swapped
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: image '{info.filenames[1]}', but line 1 of "
+                                                  f"filenames.json is '{info.filenames[0]}'")):
+        read_labels(info)
+    write(path, '\n'.join(['image,colour'] + [ln.rsplit(',', 1)[0] for ln in lines[1:]]) + '\n')   # no shape column
+    said = []
+    labels = read_labels(info, log=said.append)
+    assert list(labels) == ['colour'] and labels['colour'][0] == 'red'
+    assert said == [f'note: {path} has no column for notion(s) shape (columns: image, colour): no retrieval mAP for it']
+    with open(path, 'wb') as f:
+        f.write(('image,colour,shape\n' + '\n'.join(lines[1:])).encode().replace(b'red', b'r\xe9d', 1))
+    with pytest.raises(DataError, match=re.escape(path) + r':2: not UTF-8'):
+        read_labels(info)
+    write(path, '\n'.join(lines[:1] + [',red,circle'] + lines[2:]) + '\n')      # an image column: each row must match
+    with pytest.raises(DataError, match=r"labels.csv:2: image '', but line 1"):
+        read_labels(info)
+
+
+# ---- the image cache is checked before it is trusted ---------------------------------------------------------------
+
+def fresh(info, size=16):
+    return ImageStore(info, size).get(np.arange(len(info.filenames)))
+
+
+@pytest.mark.parametrize('damage, note', [
+    ('random', 'it has no image-cache header (random bytes, or a file of older code)'),
+    ('truncated', 'it is truncated'),
+    ('pixels', 'its pixels are not those it was built with (damaged or overwritten)'),
+    ('header', 'its header is damaged'),
+])
+def test_a_cache_that_does_not_match_is_rebuilt_with_a_note(shapes_data, damage, note):
+    info = load_dataset_info(shapes_data)
+    said = []
+    path = build_image_cache(info, 16, workers=1, log=said.append)
+    size = os.path.getsize(path)
+    assert size == HEADER + 40 * 16 * 16 * 3
+    if damage == 'random':
+        data = os.urandom(size)
+    else:
+        data = bytearray(open(path, 'rb').read())
+        if damage == 'truncated':
+            data = data[:size // 2]
+        elif damage == 'pixels':
+            data[HEADER:HEADER + 100] = bytes(255 - b for b in data[HEADER:HEADER + 100])   # row 0 is sampled
+        else:
+            data[len(MAGIC):len(MAGIC) + 5] = b'!!!!!'
+    with open(path, 'wb') as f:
+        f.write(bytes(data))
+    with pytest.raises(DataError, match=re.escape(f'{path}: not a usable image cache') + '.*delete it'):
+        ImageStore(info, 16, path)                                  # never read as it is
+    said.clear()
+    assert build_image_cache(info, 16, workers=1, log=said.append) == path
+    assert said[0] == f'note: the image cache {path} does not match ({note}); building it again' if damage != 'truncated' \
+        else said[0].startswith(f'note: the image cache {path} does not match (it is truncated (')
+    assert np.array_equal(ImageStore(info, 16, path).get(np.arange(40)), fresh(info))
+
+
+def test_an_image_replaced_with_the_same_size_and_mtime_gets_a_new_cache(shapes_data):
+    info = load_dataset_info(shapes_data)
+    p1 = build_image_cache(info, 16, workers=1, log=lambda *a: None)
+    target = info.image_path(3)
+    st = os.stat(target)
+    buf = io.BytesIO()
+    Image.new('RGB', (48, 40), (0, 255, 0)).save(buf, 'PNG')
+    data = buf.getvalue()
+    assert len(data) <= st.st_size
+    with open(target, 'wb') as f:
+        f.write(data + bytes(st.st_size - len(data)))                # PIL ignores what follows IEND
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(target).st_size, os.stat(target).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    p2 = build_image_cache(info, 16, workers=1, log=lambda *a: None)
+    assert p2 != p1 and (ImageStore(info, 16, p2).get(np.array([3]))[0, ..., 1] == 255).all()
+
+
+def test_a_rebuild_never_takes_a_cache_from_a_process_that_reads_it(shapes_data):
+    import gc
+    import pickle
+    info = load_dataset_info(shapes_data)
+    quiet = lambda *a: None  # noqa: E731
+    p1 = build_image_cache(info, 16, workers=1, log=quiet)
+    old = fresh(info)
+    reader = ImageStore(info, 16, p1)                                 # a run reading p1
+    worker = pickle.loads(pickle.dumps(reader))                       # what a spawned DataLoader worker gets
+    Image.new('RGB', (30, 30), (0, 255, 0)).save(info.image_path(3))  # the images change; another process rebuilds
+    said = []
+    p2 = build_image_cache(info, 16, workers=1, log=said.append)
+    assert p2 != p1 and os.path.exists(p1)
+    assert f'note: kept {p1}, an older cache that a running process still reads; a later build removes it' in said
+    assert np.array_equal(reader.get(np.arange(40)), old) and np.array_equal(worker.get(np.arange(40)), old)
+    os.remove(p1)                                                     # even when its name is gone
+    with open(p1, 'wb') as f:                                         # or names another file now
+        f.write(os.urandom(HEADER + 40 * 16 * 16 * 3))
+    late = pickle.loads(pickle.dumps(reader))                         # a worker started after that (validation)
+    assert np.array_equal(late.get(np.arange(40)), old)
+    del reader, worker, late
+    gc.collect()
+    Image.new('RGB', (30, 30), (0, 0, 255)).save(info.image_path(3))
+    p3 = build_image_cache(info, 16, workers=1, log=quiet)
+    assert sorted(f for f in os.listdir(os.path.dirname(p3)) if f.endswith('.u8')) == [os.path.basename(p3)]
+
+
+def test_a_dataloader_worker_reads_the_cache_its_run_opened_even_when_its_name_is_gone(shapes_data):
+    import torch
+
+    from triplet_image_loader import ImageBatches
+    info = load_dataset_info(shapes_data)
+    path = build_image_cache(info, 16, workers=1, log=lambda *a: None)
+    store = ImageStore(info, 16, path)
+    os.remove(path)
+    loader = torch.utils.data.DataLoader(ImageBatches(np.arange(40), store), sampler=[[0, 5, 39]], batch_size=None,
+                                         num_workers=1)
+    assert np.array_equal(next(iter(loader)).numpy(), fresh(info)[[0, 5, 39]])
+
+
+def test_a_killed_build_leaves_nothing_behind(shapes_data):
+    info = load_dataset_info(shapes_data)
+    path = build_image_cache(info, 16, workers=1, log=lambda *a: None)
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    stale = f'{path}.tmp{dead.pid}'                                   # what atomic_path leaves when killed
+    alive = f'{path}.tmp{os.getppid()}'                               # a build still running elsewhere
+    for p in (stale, alive):
+        with open(p, 'wb') as f:
+            f.write(b'\0' * 1000)
+    os.remove(path)
+    said = []
+    assert build_image_cache(info, 16, workers=1, log=said.append) == path
+    assert not os.path.exists(stale) and os.path.exists(alive)
+    assert f'note: removed {stale}, left by a build that was killed' in said
+    os.remove(alive)
+
+
+def test_a_build_interrupted_inside_leaves_no_temporary_file(shapes_data, monkeypatch):
+    from csnlib import image_cache
+    info = load_dataset_info(shapes_data)
+
+    def fail(path, size):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(image_cache, 'load_image', fail)
+    with pytest.raises(KeyboardInterrupt):
+        build_image_cache(info, 16, workers=1, log=lambda *a: None)
+    assert [f for f in os.listdir(os.path.join(shapes_data, 'cache')) if '.tmp' in f or f.endswith('.u8')] == []
