@@ -85,9 +85,12 @@ def build_fonts(args, log=print):
     manifest_path = os.path.join(out, 'manifest.json')
     stamp = font_stamp(font_dirs)
     if os.path.exists(manifest_path) and not args.force:
-        with open(manifest_path) as f:
-            old = json.load(f)
-        if old.get('settings') == settings and old.get('font_files') == stamp:
+        try:
+            with open(manifest_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):                                   # a damaged record: build again
+            old = {}
+        if isinstance(old, dict) and old.get('settings') == settings and old.get('font_files') == stamp:
             log(f'{out}: already built from the same fonts and settings ({old["counts"]["images"]} images); '
                 f'--force rebuilds it')
             return out

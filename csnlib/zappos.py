@@ -37,6 +37,7 @@ from triplet_image_loader import (
     check_triplet_file,
     format_problems,
     load_dataset_info,
+    utf8_text,
 )
 from triplet_image_loader import missing_images as loader_missing_images
 
@@ -352,6 +353,8 @@ def read_metadata(csv_path, mat_path):
             rows = [{k: cell(v) for k, v in r.items() if k is not None} for r in reader]
     except OSError as e:
         raise GetDataError(f'cannot read {csv_path}: {e}') from None
+    except csv.Error as e:
+        raise GetDataError(f'{csv_path}:{reader.line_num}: not a readable CSV line ({e})') from None
     need = ['CID', 'Category', 'Closure', 'Gender', 'HeelHeight']
     missing = [c for c in need if c not in header]
     if missing:
@@ -514,8 +517,9 @@ def install_paper(zip_path, out, log=print, max_gb=4):
         if missing:
             raise GetDataError(f'{zip_path}: tripletlists/ lacks {", ".join(missing)}; fetch it again (delete it '
                                f'first) or use --triplets metadata')
-        with open(os.path.join(root, 'filenames.json')) as f:
-            n_images = len([line for line in f if line.strip()])
+        names = utf8_text(os.path.join(root, 'filenames.json'), GetDataError, f'{zip_path} is not the expected '
+                          f'archive: fetch it again (delete it first) or use --triplets metadata')
+        n_images = len([line for line in names.split('\n') if line.strip()])
         problems = []
         for n in ZAPPOS_NOTIONS:
             for s in SPLITS:

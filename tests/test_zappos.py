@@ -638,3 +638,23 @@ def test_bytes_written_past_the_limit_stop_the_extraction_and_what_was_written_g
                                            r"directory says; stopped, and what was extracted is removed"):
         zappos.safe_extract(str(zpath), str(target), log=lambda m: None)
     assert sorted(os.listdir(target)) == ['mine.txt']                 # only what was there before
+
+
+def test_the_paper_archive_with_a_filenames_json_that_is_not_utf8_names_its_line(archives, tmp_path):
+    hand = tmp_path / 'hand'
+    hand.mkdir()
+    shutil.copy(archives['dir'] / 'ut-zap50k-images.zip', hand)
+    names = archives['names'].encode().replace(b'\n', b'\xff\n', 3)
+    make_zip(hand / 'csn_zappos_triplets.zip', [('filenames.json', names)] + list(archives['lists'].items()))
+    with pytest.raises(GetDataError, match=r'filenames.json:1: not UTF-8 text \(byte 0xff.*csn_zappos_triplets.zip is '
+                                           r'not the expected archive'):
+        get(tmp_path / 'data', dead_url, '--from', str(hand), '--triplets', 'paper')
+    assert not (tmp_path / 'data' / 'filenames.json').exists()
+
+
+def test_a_meta_data_csv_that_is_not_csv_names_its_line(tmp_path):
+    write_metadata(tmp_path)
+    with open(tmp_path / 'meta-data.csv', 'a') as f:
+        f.write('1-2,Shoes,' + 'x' * 200_000 + '\n')                      # over the csv module's field limit
+    with pytest.raises(GetDataError, match=r'meta-data.csv:\d+: not a readable CSV line'):
+        zappos.read_metadata(str(tmp_path / 'meta-data.csv'), str(tmp_path / 'image-path.mat'))
