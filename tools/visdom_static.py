@@ -20,6 +20,9 @@ import sys
 import tarfile
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: csnlib
+from csnlib.errors import UserError, run_script  # noqa: E402
+
 # npm package -> (sha1 of the tarball as the registry publishes it, [(path inside the package, path under static/)]).
 # The destinations are those of visdom 0.2.4's visdom/server/build.py (tests/test_loggers.py checks that build.py then
 # downloads nothing).
@@ -75,7 +78,7 @@ def visdom_dir():
     """The installed visdom package's folder, found without importing visdom."""
     spec = importlib.util.find_spec('visdom')
     if spec is None or spec.origin is None:
-        sys.exit('visdom_static.py: visdom is not installed; run `bash setup.sh` (or pip install visdom==0.2.4) first')
+        raise UserError('visdom is not installed; run `bash setup.sh` (or pip install visdom==0.2.4) first')
     return os.path.dirname(spec.origin)
 
 
@@ -97,13 +100,13 @@ def missing_files(static_dir, version):
 def npm_pack(dest_dir):
     """Fetch every package tarball into dest_dir with `npm pack` (which checks the registry's integrity hash)."""
     if shutil.which('npm') is None:
-        sys.exit('visdom_static.py: npm is not installed. Install it (apt-get install npm), or fetch the tarballs on '
+        raise UserError('npm is not installed. Install it (apt-get install npm), or fetch the tarballs on '
                  'a machine that has it (python tools/visdom_static.py --download DIR) and pass that folder with --from DIR')
     os.makedirs(dest_dir, exist_ok=True)
     cmd = ['npm', 'pack', '--silent', '--pack-destination', dest_dir, *PACKAGES]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        sys.exit(f"visdom_static.py: `{' '.join(cmd)}` failed (exit {r.returncode}):\n{r.stderr.strip()}\n"
+        raise UserError(f"`{' '.join(cmd)}` failed (exit {r.returncode}):\n{r.stderr.strip()}\n"
                  "Is the npm registry reachable? Offline, fetch the tarballs elsewhere with --download DIR and "
                  "install with --from DIR")
 
@@ -124,7 +127,7 @@ def find_tarballs(source, work_dir):
     wanted = {spec: tarball_name(spec) for spec in PACKAGES}
     lacking = [name for name in wanted.values() if name not in found]
     if lacking:
-        sys.exit(f"visdom_static.py: --from {source} lacks {', '.join(lacking)}. Fetch them with "
+        raise UserError(f"--from {source} lacks {', '.join(lacking)}. Fetch them with "
                  f"`python tools/visdom_static.py --download DIR` (or `npm pack {' '.join(PACKAGES)}`)")
     return {spec: found[name] for spec, name in wanted.items()}
 
@@ -136,7 +139,7 @@ def install(tarballs, static_dir, version):
         with open(path, 'rb') as f:
             digest = hashlib.sha1(f.read()).hexdigest()
         if digest != sha1:
-            sys.exit(f"visdom_static.py: {path} has sha1 {digest}, expected {sha1} (the registry's) for {spec}; "
+            raise UserError(f"{path} has sha1 {digest}, expected {sha1} (the registry's) for {spec}; "
                      "fetch it again")
         with tarfile.open(path) as tgz:
             for src, dest in files:
@@ -150,7 +153,7 @@ def install(tarballs, static_dir, version):
         f.write(version)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Install visdom's browser files from npm packages, so that "
                                             "`python -m visdom.server` starts without internet.",
                                 allow_abbrev=False)
@@ -164,7 +167,7 @@ def main():
     p.add_argument('--check', action='store_true', help='only report what is missing; exit 1 if anything is '
                                                         '(default: off)')
     p.add_argument('--force', action='store_true', help='install even if everything is there (default: off)')
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     if args.download:
         npm_pack(args.download)
@@ -172,7 +175,7 @@ def main():
               f'python tools/visdom_static.py --from {args.download}')
         return
     if args.source and not os.path.exists(args.source):
-        sys.exit(f'visdom_static.py: --from {args.source}: no such file or folder')
+        raise UserError(f'--from {args.source}: no such file or folder')
     vdir = visdom_dir()
     version = visdom_version(vdir)
     if version != VISDOM_VERSION:
@@ -182,7 +185,7 @@ def main():
     missing = missing_files(static_dir, version)
     if args.check:
         print(f'visdom_static.py: {static_dir}: ' + (f"missing {', '.join(missing)}" if missing else 'complete'))
-        sys.exit(1 if missing else 0)
+        return 1 if missing else 0
     if not missing and not args.force:
         print(f"visdom_static.py: visdom's browser files are already in {static_dir}")
         return
@@ -199,4 +202,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_script(main))
