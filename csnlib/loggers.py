@@ -3,11 +3,19 @@
 main.py calls `make_logger(args, notions, run_dir)` once and then `log_epoch`, `log_masks`, `log_triplets`,
 `log_embeddings` and `close`. visdom and torch.utils.tensorboard are imported only when asked for. A visdom server
 that is down or dies never stops training: one warning, and the plots come back (redrawn in full) with the server.
+Every request to it has one deadline for connecting, sending and reading the whole answer (timeout_s), so a server
+that accepts and then answers a byte a second costs at most timeout_s per try.
 """
+import http.client
+import io
 import logging
 import os
+import socket
+import ssl
 import sys
+import threading
 import time
+import urllib.parse
 import warnings
 
 import numpy as np
@@ -119,10 +127,9 @@ class VisdomLogger:
 
     def _connect(self):
         """Make a client if the server answers now; True if it does."""
-        import requests
         try:
             self.viz = visdom_client(self.server, self.port, self.env, self.timeout_s)
-        except (ConnectionError, requests.RequestException, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:
             self.error = str(e) or type(e).__name__
             self.next_try = time.monotonic() + self.retry_in
             self.retry_in = min(2 * self.retry_in, self.max_retry_s)
@@ -234,30 +241,96 @@ class VisdomLogger:
         pass  # the projector is TensorBoard's
 
     def close(self):
-        if self.viz is not None:
-            self.viz.session.close()
+        self.viz = None  # every request has its own connection: nothing is left open
+
+
+def post(url, body, timeout_s):
+    """POST body (str) to an http(s) URL and return (status, text), all of it (connect, send, read the whole answer)
+    within timeout_s seconds of the call; else ConnectionError. Each socket operation gets the time that is left, and
+    a timer shuts the socket at the deadline (a TLS handshake is several reads), so a server that drips its answer a
+    byte at a time is cut off. One connection per request (HTTP/1.0), no proxy."""
+    deadline = time.monotonic() + timeout_s
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ('http', 'https') or not u.hostname:
+        raise ValueError(f'not an http(s) URL: {url!r}')
+    port = u.port or (443 if u.scheme == 'https' else 80)
+    path = (u.path or '/') + (f'?{u.query}' if u.query else '')
+    data = body.encode('utf-8')
+    host = u.hostname if ':' not in u.hostname else f'[{u.hostname}]'
+    request = (f'POST {path} HTTP/1.0\r\nHost: {host}:{port}\r\nContent-Length: {len(data)}\r\n'
+               f'Connection: close\r\n\r\n').encode('latin-1') + data
+
+    def left():
+        t = deadline - time.monotonic()
+        if t <= 0:
+            raise TimeoutError
+        return t
+
+    sock, timer, chunks = None, None, []
+    try:
+        sock = socket.create_connection((u.hostname, port), timeout=left())
+        timer = threading.Timer(left(), _shut, (sock,))
+        timer.daemon = True
+        timer.start()
+        if u.scheme == 'https':
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=u.hostname)
+        sock.settimeout(left())
+        sock.sendall(request)
+        while True:  # the server closes the connection after its answer
+            sock.settimeout(left())
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        left()  # a socket shut by the timer reads as the end
+    except OSError as e:  # TimeoutError included
+        if isinstance(e, TimeoutError) or time.monotonic() >= deadline:  # timed out, or cut off by the timer
+            raise ConnectionError(f'no whole answer from {u.hostname}:{port} within {timeout_s:g} s') from None
+        raise ConnectionError(f'{u.hostname}:{port}: {e.strerror or e}') from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if sock is not None:
+            sock.close()
+    try:
+        r = http.client.HTTPResponse(_Received(b''.join(chunks)))
+        r.begin()
+        return r.status, r.read().decode('utf-8', 'replace')
+    except (http.client.HTTPException, ValueError) as e:
+        raise ConnectionError(f'{u.hostname}:{port} answered something that is not HTTP ({type(e).__name__})') from None
+
+
+def _shut(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Received:
+    """The bytes of a whole answer, as the socket http.client.HTTPResponse parses."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def makefile(self, mode):
+        return io.BytesIO(self.data)
 
 
 def visdom_client(server, port, env, timeout_s):
-    """visdom's client, with a timeout on every request, errors raised instead of printed, no incoming socket."""
-    import requests
+    """visdom's client, every request under one deadline of timeout_s (post), errors raised instead of printed, no
+    incoming socket."""
     import visdom
 
     class Client(visdom.Visdom):
         def _handle_post(self, url, data=None):
-            r = self.session.post(url, data=data or {}, timeout=(min(3.0, timeout_s), timeout_s))
-            if r.status_code >= 400:
-                raise RuntimeError(f'visdom server answered HTTP {r.status_code} to {url}: {r.text[:200]}')
-            return r.text
+            status, text = post(url, data or '', timeout_s)
+            if status >= 400:
+                raise RuntimeError(f'visdom server answered HTTP {status} to {url}: {text[:200]}')
+            return text
 
         def win_exists(self, win, env=None):  # visdom's prints "Error connecting" on failure; raise instead
             return self._win_exists_wrap(win, env) == 'true'
-
-        @property
-        def session(self):  # visdom's logs "Setting up a new session..." when it makes one
-            if self._session is None:
-                self._session = requests.Session()
-            return self._session
 
     with warnings.catch_warnings():  # its own use of the deprecated logger.warn
         warnings.simplefilter('ignore', DeprecationWarning)
@@ -269,7 +342,17 @@ class TensorBoardLogger:
 
     def __init__(self, run_dir, notions):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=os.path.join(run_dir, 'tensorboard'))
+
+        from csnlib.errors import UserError
+        path = os.path.join(run_dir, 'tensorboard')
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f'--tensorboard writes its logs into the folder {path}, but that is a file: move it away, '
+                            f'or drop --tensorboard')
+        try:
+            self.writer = SummaryWriter(log_dir=path)
+        except OSError as e:
+            raise UserError(f'--tensorboard: cannot make the folder {path} ({e.strerror or e}): fix the folder\'s '
+                            f'permissions or free space, or drop --tensorboard') from None
         self.notions = list(notions)
 
     def log_epoch(self, metrics):

@@ -20,6 +20,7 @@ import requests
 
 from conftest import FAST, REPO, make_dataset
 from csnlib import loggers
+from csnlib.errors import UserError
 from tools import visdom_static
 
 NOTIONS = ['character', 'font', 'bold', 'italic']
@@ -50,7 +51,7 @@ def fake_triplets(n=4, size=24):
 
 @pytest.mark.slow
 def test_no_logger_asked_is_a_noop_and_imports_neither_visdom_nor_tensorboard():
-    code = ("import sys, argparse, numpy as np, loggers\n"
+    code = ("import sys, argparse, numpy as np\nfrom csnlib import loggers\n"
             "args = argparse.Namespace(visdom=False, tensorboard=False, name='x')\n"
             "lg = loggers.make_logger(args, ['a', 'b'], 'runs/x')\n"
             "lg.log_epoch({'epoch': 1, 'lr': 0.1}); lg.log_masks(1, np.ones((2, 4))); lg.log_masks(1, None)\n"
@@ -120,6 +121,130 @@ def test_the_projector_takes_a_dataset_without_labels_or_with_one_column(tmp_pat
     assert (meta.read_text().splitlines() == ['a.jpg', 'b.jpg', 'c.jpg']) if labels else not meta.exists()
 
 
+def test_a_tensorboard_path_that_is_a_file_is_one_error_naming_the_flag(tmp_path):
+    from csnlib.errors import UserError
+    (tmp_path / 'tensorboard').write_text('not a folder')
+    args = argparse.Namespace(visdom=False, tensorboard=True, name='tb')
+    with pytest.raises(UserError, match=r'^--tensorboard writes its logs into the folder .*tensorboard, but that is a '
+                                        r'file: move it away, or drop --tensorboard$'):
+        loggers.make_logger(args, NOTIONS, str(tmp_path))
+    assert (tmp_path / 'tensorboard').read_text() == 'not a folder'
+
+
+@pytest.mark.slow
+def test_main_with_tensorboard_onto_a_file_stops_before_training(tmp_path):
+    from conftest import error_line, run_main
+    data = tmp_path / 'shapes'
+    make_dataset(str(data))
+    (tmp_path / 'runs' / 'tb').mkdir(parents=True)
+    (tmp_path / 'runs' / 'tb' / 'tensorboard').write_text('')
+    p = run_main('--data', data, '--runs', tmp_path / 'runs', '--name', 'tb', '--epochs', 1, '--tensorboard', *FAST,
+                 check=False)
+    assert error_line(p).startswith('error: --tensorboard writes its logs into the folder ')
+    assert 'epoch 1' not in p.stdout and not (tmp_path / 'runs' / 'tb' / 'checkpoint.pth.tar').exists()
+
+
+class DripServer:
+    """A server on 127.0.0.1 that accepts every connection and reads the request; mode 'ok' answers `true` at once,
+    mode 'drip' sends a valid answer one byte every `every` seconds (each read gets a byte long before any read
+    timeout, so only a total deadline stops the client)."""
+
+    def __init__(self, every=0.05):
+        import threading
+        self.every, self.mode, self.requests, self.stop = every, 'drip', [], threading.Event()
+        self.sock = socket.create_server(('127.0.0.1', 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            data = b''
+            while b'\r\n\r\n' not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, body = data.split(b'\r\n\r\n', 1)
+            n = int(next((ln.split(b':')[1] for ln in head.split(b'\r\n') if ln.lower().startswith(b'content-length')), 0))
+            while len(body) < n:
+                body += conn.recv(65536)
+            self.requests.append(head.split(b' ')[1].decode())
+            answer = b'HTTP/1.0 200 OK\r\nX-Padding: ' + b'.' * 200 + b'\r\nContent-Length: 4\r\n\r\ntrue'
+            if self.mode == 'ok':
+                conn.sendall(answer)
+                return
+            for i in range(len(answer)):
+                if self.stop.wait(self.every):
+                    return
+                try:
+                    conn.sendall(answer[i:i + 1])
+                except OSError:  # the client gave up
+                    return
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def drip_server():
+    srv = DripServer()
+    yield srv
+    srv.close()
+
+
+def test_post_has_one_deadline_for_the_whole_answer(drip_server):
+    drip_server.mode = 'ok'
+    assert loggers.post(f'http://127.0.0.1:{drip_server.port}/env/x', '{"eid": "x"}', 1.0) == (200, 'true')
+    assert drip_server.requests == ['/env/x']
+    drip_server.mode = 'drip'
+    t = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf'no whole answer from 127.0.0.1:{drip_server.port} within 0.5 s'):
+        loggers.post(f'http://127.0.0.1:{drip_server.port}/events', '{}', 0.5)
+    assert 0.45 < time.monotonic() - t < 1.0  # bytes kept coming every 0.05 s: only the total deadline stopped it
+    port = free_port()  # nothing listens there
+    with pytest.raises(ConnectionError, match=f'127.0.0.1:{port}: Connection refused'):
+        loggers.post(f'http://127.0.0.1:{port}/events', '{}', 0.5)
+
+
+def test_a_server_that_drips_costs_at_most_timeout_s_at_start_and_mid_run(drip_server):
+    """The README's promise: a hung server costs at most timeout_s per retry, here for one that answers a byte every
+    0.05 s (the per-read timeouts of an HTTP library never fire on it)."""
+    import visdom  # noqa: F401 - imported before the clock starts
+    out = io.StringIO()
+    t = time.monotonic()
+    lg = loggers.VisdomLogger('http://127.0.0.1', drip_server.port, 'drip', NOTIONS, retry_s=0.0, timeout_s=0.3,
+                              out=out)
+    assert time.monotonic() - t < 0.8, 'at start'
+    msgs = out.getvalue().splitlines()
+    assert len(msgs) == 1 and msgs[0].startswith('visdom: WARNING: no visdom server answers at http://127.0.0.1:')
+    assert f'(no whole answer from 127.0.0.1:{drip_server.port} within 0.3 s)' in msgs[0]
+
+    drip_server.mode = 'ok'  # the server answers: the plots are drawn
+    fill(lg, [1])
+    assert out.getvalue().splitlines()[1].startswith('visdom: the server at http://127.0.0.1:')
+    assert '/env/drip' in drip_server.requests and '/events' in drip_server.requests
+    drip_server.mode = 'drip'  # and drips mid-run: each retry (here every call, retry_s=0) gives up after timeout_s
+    for epoch in (2, 3):
+        for call in (lambda: lg.log_epoch(fake_metrics(epoch)), lambda: lg.log_masks(epoch, fake_masks(epoch))):
+            t = time.monotonic()
+            call()
+            assert time.monotonic() - t < 0.8, f'mid-run, epoch {epoch}'
+    warnings_ = [m for m in out.getvalue().splitlines() if 'WARNING' in m]
+    assert len(warnings_) == 2 and warnings_[1].startswith('visdom: WARNING: plotting failed (ConnectionError: no '
+                                                           'whole answer from 127.0.0.1:'), out.getvalue()
+    lg.close()
+
+
 def fake_npm_packages(tmp_path, monkeypatch):
     """Small stand-ins for the npm tarballs (same names and layout), with PACKAGES pointing at their hashes."""
     src = tmp_path / 'npm'
@@ -156,10 +281,10 @@ def test_visdom_static_installs_every_file_from_a_folder_or_a_bundle_and_checks_
             for inner, dest in files:
                 assert (static / dest).read_text() == f'{spec}:{inner}'
     (src / 'sjcl-1.0.7.tgz').write_bytes(b'corrupt')
-    with pytest.raises(SystemExit, match='sjcl-1.0.7.tgz has sha1'):
+    with pytest.raises(UserError, match='sjcl-1.0.7.tgz has sha1'):
         visdom_static.install(visdom_static.find_tarballs(str(src), str(tmp_path)), str(tmp_path / 's3'), '0.2.4')
     (src / 'd3-3.5.17.tgz').unlink()
-    with pytest.raises(SystemExit, match='lacks d3-3.5.17.tgz'):
+    with pytest.raises(UserError, match='lacks d3-3.5.17.tgz'):
         visdom_static.find_tarballs(str(src), str(tmp_path))
 
 
