@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from csnlib.atomic import atomic_path
 from csnlib.options import UserError
 from triplet_image_loader import IMAGENET_MEAN, IMAGENET_STD
 
@@ -30,27 +31,45 @@ class MaskedEmbedder(nn.Module):
         return emb if self.masks is None else emb * self.masks[c]  # (B, D)
 
 
-def export_onnx(trained, path, opset=17):
+def check_target(path, source=None):
+    """Refuse an --export-onnx path that is a folder, or the checkpoint being read (source: the same path or the same
+    file under another name)."""
+    if os.path.isdir(path) or path.endswith(('/', os.sep)):
+        raise UserError(f'--export-onnx {path}: a folder; give a file name, e.g. {os.path.join(path, "csn.onnx")}')
+    if source is not None and os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+        raise UserError(f'--export-onnx {path}: that is the checkpoint --resume {source} it is made from; writing '
+                        f'there would replace the checkpoint. Give another file name, e.g. '
+                        f'{os.path.splitext(os.path.abspath(source))[0]}.onnx')
+
+
+def export_onnx(trained, path, opset=17, source=None):
     """Write trained (a trained.TrainedCSN) to path as ONNX, with its notions, trained notions, image size and
-    normalisation in the file's metadata. Returns the metadata dict."""
+    normalisation in the file's metadata: whole or not at all (a temporary file renamed), never onto a folder or onto
+    source, the checkpoint it was loaded from. Returns the metadata dict."""
     try:
         import onnx
     except ImportError:
         raise UserError('--export-onnx needs the onnx package: pip install onnx (and onnxruntime to run the file)') from None
+    check_target(path, source)
     embedder = MaskedEmbedder(copy.deepcopy(trained.net)).cpu().eval()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     S = trained.image_size
     x, c = torch.zeros(2, 3, S, S), torch.tensor([0, len(trained.notions) - 1])
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # the TorchScript exporter's deprecation notice; it needs no onnxscript
-        torch.onnx.export(embedder, (x, c), path, dynamo=False, opset_version=opset, input_names=['images', 'notions'],
-                          output_names=['embeddings'], dynamic_axes={'images': {0: 'batch'}, 'notions': {0: 'batch'},
-                                                                     'embeddings': {0: 'batch'}})
     meta = {'notions': trained.notions, 'trained_notions': trained.conditions, 'image_size': S,
             'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD),
             'input': 'RGB, shorter side resized to image_size (bilinear), centre crop, /255, (x - mean) / std, NCHW'}
-    model = onnx.load(path)
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=json.dumps(v))
-    onnx.save(model, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_path(path) as tmp:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')  # the TorchScript exporter's deprecation notice; it needs no onnxscript
+                torch.onnx.export(embedder, (x, c), tmp, dynamo=False, opset_version=opset,
+                                  input_names=['images', 'notions'], output_names=['embeddings'],
+                                  dynamic_axes={'images': {0: 'batch'}, 'notions': {0: 'batch'}, 'embeddings': {0: 'batch'}})
+            model = onnx.load(tmp)
+            for k, v in meta.items():
+                model.metadata_props.add(key=k, value=json.dumps(v))
+            onnx.save(model, tmp)
+    except OSError as e:
+        raise UserError(f'--export-onnx {path}: cannot write it ({e.strerror or e}); choose a folder you can write '
+                        f'to') from None
     return meta

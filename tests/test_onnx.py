@@ -76,3 +76,53 @@ def test_retrieve_py_exports_onnx(tmp_path):
     sess = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
     assert sess.run(None, {'images': np.zeros((3, 3, 32, 32), np.float32), 'notions': np.array([0, 1, 0])})[0].shape \
         == (3, 64)
+
+
+# ------------------------------------------------------------------------- where --export-onnx writes, and how
+
+def export_cli(*args):
+    import retrieve as r
+    from conftest import in_process
+    return in_process(r.main, ['--export-onnx', *args])
+
+
+def test_export_onnx_refuses_the_checkpoint_it_reads_under_any_name(tmp_path):
+    from csnlib.errors import UserError
+    from csnlib.onnx_export import export_onnx
+    ckpt = save_checkpoint(tmp_path / 'm.pth.tar', [])
+    model = hub_load(ckpt)
+    before = open(ckpt, 'rb').read()
+    os.link(ckpt, tmp_path / 'hard.onnx')
+    os.symlink(ckpt, tmp_path / 'soft.onnx')
+    for target in (ckpt, tmp_path / 'hard.onnx', tmp_path / 'soft.onnx', f'{tmp_path}/./m.pth.tar'):
+        with pytest.raises(UserError, match=f'^--export-onnx {target}: that is the checkpoint --resume {ckpt} it is '
+                                            f'made from; writing there would replace the checkpoint'):
+            export_onnx(model, str(target), source=ckpt)
+    assert open(ckpt, 'rb').read() == before and sorted(os.listdir(tmp_path)) == ['hard.onnx', 'm.pth.tar', 'soft.onnx']
+
+
+def test_export_onnx_to_a_folder_is_one_line(tmp_path):
+    from conftest import error_line
+    ckpt = save_checkpoint(tmp_path / 'm.pth.tar', [])
+    (tmp_path / 'out').mkdir()
+    for target in (tmp_path / 'out', f'{tmp_path}/new/'):
+        line = error_line(export_cli(target, '--resume', ckpt))
+        assert line.startswith(f'error: --export-onnx {target}: a folder; give a file name, e.g. '), line
+    assert os.listdir(tmp_path / 'out') == [] and not (tmp_path / 'new').exists()
+
+
+def test_a_killed_export_leaves_the_old_file_whole_and_no_temporary_file(tmp_path, monkeypatch):
+    """torch.onnx.export writes part of the file and is interrupted: the file already there is untouched."""
+    from csnlib import onnx_export
+    model = hub_load(save_checkpoint(tmp_path / 'm.pth', []))
+    (tmp_path / 'out').mkdir()
+    target = tmp_path / 'out' / 'csn.onnx'
+    target.write_bytes(b'the previous export')
+
+    def interrupted(module, args, f, **kw):
+        open(f, 'wb').write(b'half a model')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch.onnx, 'export', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(model, str(target))
+    assert target.read_bytes() == b'the previous export' and os.listdir(tmp_path / 'out') == ['csn.onnx']
