@@ -23,11 +23,14 @@ class EmbeddingNet(nn.Module):
             raise KeyError(f'not a torchvision resnet18 state dict: {len(missing)} keys missing, e.g. {missing[:3]}')
         self.load_state_dict(wanted, strict=False)
 
+    def feature_map(self, x):  # (B, 3, H, W)
+        """The last feature map, before pooling (ASEN attends over it): (B, 256, H/16, W/16)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))  # (B, 256, H/16, W/16)
+
     def features(self, x):  # (B, 3, H, W)
         """The pooled backbone features before the embedding layer: (B, 256)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))  # (B, 256, H/16, W/16)
-        return torch.flatten(x.mean((2, 3)), 1)  # (B, 256)
+        return torch.flatten(self.feature_map(x).mean((2, 3)), 1)  # (B, 256)
 
     def forward(self, x):  # (B, 3, H, W)
         return self.fc(self.features(x))  # (B, D)

@@ -4,6 +4,7 @@
     python get_data.py --from ~/Downloads                # the same from archives fetched by hand
     python get_data.py --dataset fonts --out data/fonts  # offline: glyphs of the fonts installed on this machine
     python get_data.py --dataset attributes --images DIR --attributes FILE.csv --out DIR   # your own images
+    python get_data.py --dataset synthetic --synthetic-images 2000 --out DIR   # offline shoe drawings (Zappos layout)
 
 Triplet lines are `a b c`: image a (anchor) is more similar to image c (close) than to image b (far) under the notion.
 Each split draws its triplets from its own images only.
@@ -32,7 +33,7 @@ from csnlib.dataset_writer import (
     write_layout,
 )
 from csnlib.errors import run_script
-from csnlib.options import nonneg_int, positive_int
+from csnlib.options import int_range, nonneg_int, positive_int
 from triplet_image_loader import SPLITS, name_problem, path_problem, utf8_text
 
 
@@ -106,7 +107,7 @@ def build_fonts(args, log=print):
         split_of_face = balanced_split([fonts.key(f['family']) for f in kept],
                                        {n: [f[n] for f in kept] for n in ('family', 'weight', 'slant')},
                                        parse_split(args.split), args.seed)
-        filenames, labels, split_of = [], {n: [] for n in FONT_NOTIONS}, []
+        filenames, labels, split_of, pitch = [], {n: [] for n in FONT_NOTIONS}, [], []
         used = set()
         for f, split in sorted(zip(kept, split_of_face), key=lambda t: (fonts.key(t[0]['family']), t[0]['style'])):
             folder = f'{fonts.slug(f["family"])}/{fonts.slug(f["style"])}'
@@ -122,12 +123,14 @@ def build_fonts(args, log=print):
                 labels['font'].append(f['family'])
                 labels['weight'].append(f['weight'])
                 labels['slant'].append(f['slant'])
+                pitch.append(f['pitch'])
                 split_of.append(str(split))
         shutil.rmtree(staging, ignore_errors=True)
         counts = write_all_triplets(tmp, FONT_NOTIONS, labels, split_of, sizes, args.seed, log)
         # a mirrored glyph is another character (b/d, p/q) or none (J, S, 7), and an italic leans the other way
         write_layout(tmp, 'fonts', 'images', filenames, FONT_NOTIONS, labels, split_of, False,
                      {'image_size': args.size, 'description': 'glyphs A-Z a-z 0-9 of installed fonts, white on black'})
+        fonts.add_label_column(os.path.join(tmp, 'labels.csv'), 'pitch', pitch)  # no notion: for reproduce.py's probe
         contact_sheet(os.path.join(tmp, 'contact_sheet.png'), os.path.join(tmp, 'images'), filenames, labels,
                       FONT_NOTIONS, seed=args.seed)
         reasons = {}
@@ -138,9 +141,10 @@ def build_fonts(args, log=print):
                    'images': len(filenames), 'triplets': counts,
                    'images_per_split': {s: int(sum(1 for x in split_of if x == s)) for s in SPLITS},
                    'weight': {v: labels['weight'].count(v) // 62 for v in ('regular', 'bold')},
-                   'slant': {v: labels['slant'].count(v) // 62 for v in ('upright', 'italic')}}
+                   'slant': {v: labels['slant'].count(v) // 62 for v in ('upright', 'italic')},
+                   'pitch': {v: pitch.count(v) // 62 for v in ('fixed', 'proportional')}}
         keep_keys = ('path', 'index', 'sha256', 'family', 'style', 'weight', 'slant', 'weight_class',
-                     'italic_angle', 'folder', 'split')
+                     'italic_angle', 'pitch', 'folder', 'split')
         manifest = {'settings': settings, 'font_files': stamp, 'counts': summary,
                     'build_seconds': round(time.time() - t0, 1),
                     'kept': [{k: f.get(k) for k in keep_keys} for f in kept],
@@ -286,7 +290,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     a = p.add_argument
-    a('--dataset', choices=['zappos', 'fonts', 'attributes'], default='zappos',
+    a('--dataset', choices=['zappos', 'fonts', 'attributes', 'synthetic', 'asen'], default='zappos',
       help='which dataset to build (default: zappos)')
     a('--out', metavar='DIR', help='output folder (default: data for zappos, data/fonts, data/attributes)')
     a('--force', action='store_true', help='rebuild even when the output looks complete (default: off)')
@@ -315,6 +319,9 @@ def build_parser():
                    help='a horizontally mirrored image does not keep its labels (text, left/right notions): write '
                         '"hflip": false to dataset.json so that main.py never mirrors these images (default: mirroring '
                         'keeps the labels, as for shoes)')
+    g = p.add_argument_group('synthetic (offline shoe drawings in the Zappos layout, for tests and benchmarks)')
+    g.add_argument('--synthetic-images', type=int_range(32), default=2000, metavar='N',
+                   help='number of images (default: 2000; out: data/synthetic)')
     zappos.add_args(p)
     return p
 
@@ -322,7 +329,16 @@ def build_parser():
 def main(argv=None):
     """Build the dataset that argv asks for; a user's mistake raises GetDataError (run_script prints it)."""
     args = build_parser().parse_args(argv)
-    if args.dataset == 'fonts':
+    if args.dataset == 'synthetic':
+        from csnlib import synthetic
+        synthetic.build(args.out or os.path.join('data', 'synthetic'), args.synthetic_images, args.seed, args.force)
+    elif args.dataset == 'asen':  # --from DIR (ASEN's meta.json and DIR/NAME) or DIR/NAME
+        from csnlib import asen_data
+        if not args.from_dir:
+            raise GetDataError('--dataset asen needs --from DIR: a dataset in ASEN\'s layout (meta.json, NAME/)')
+        asen_data.build(args.from_dir, args.out, seed=args.seed, force=args.force,
+                        sizes={'train': args.train_triplets, 'val': args.val_triplets, 'test': args.test_triplets})
+    elif args.dataset == 'fonts':
         build_fonts(args)
     elif args.dataset == 'attributes':
         build_attributes(args)

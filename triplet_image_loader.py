@@ -189,24 +189,30 @@ def check_meta(meta, meta_path):
                         f'not {meta["hflip"]!r}')
 
 
+def notion_index(value, notions, trained=None, flag='--notion', owner='this dataset', what='mask or network'):
+    """A notion given by name or index (an int, or a string of digits) -> its index into notions; DataError (a
+    ValueError) when unknown, or when trained (indices) is given and the notion is not in it."""
+    if isinstance(value, str) and value in notions:
+        c = notions.index(value)
+    elif isinstance(value, str) and value.isdigit() and int(value) < len(notions):
+        c = int(value)
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(notions):
+        c = int(value)
+    else:
+        known = ', '.join(f'{i}={n}' for i, n in enumerate(notions))
+        raise DataError(f'{flag} {value!r}: unknown notion; {owner} has {known}')
+    if trained is not None and c not in trained:
+        raise DataError(f'{flag} {notions[c]}: the checkpoint was not trained on it (its --conditions were '
+                        f'{", ".join(notions[t] for t in trained)}), so its {what} is untrained; use one of these')
+    return c
+
+
 def parse_conditions(values, notions):
-    """--conditions accepts notion indices or names; returns sorted unique indices."""
+    """--conditions accepts notion indices or names (also comma-separated); returns sorted unique indices."""
     if not values:
         return list(range(len(notions)))
-    out = []
-    for v in values:
-        for part in str(v).split(','):
-            part = part.strip()
-            if not part:
-                continue
-            if part.isdigit() and int(part) < len(notions):
-                out.append(int(part))
-            elif part in notions:
-                out.append(notions.index(part))
-            else:
-                known = ', '.join(f'{i}={n}' for i, n in enumerate(notions))
-                raise DataError(f'--conditions: unknown notion {part!r}; this dataset has {known}')
-    return sorted(set(out))
+    parts = [part.strip() for v in values for part in str(v).split(',')]
+    return sorted({notion_index(part, notions, flag='--conditions') for part in parts if part})
 
 
 _TRIPLET = re.compile(r'\s*(-?[0-9]+)\s+(-?[0-9]+)\s+(-?[0-9]+)\s*$', re.ASCII)

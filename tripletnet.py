@@ -37,6 +37,8 @@ class TripletNet(nn.Module):
 def masked_distances(embednet, emb, c):
     """Raw embeddings (3B, D) of anchors, fars, closes and notions c (B,) -> d_far, d_close (B,) under c's masks, and
     the L1 norm of each image's mask (3B,)."""
+    if hasattr(embednet, 'triplet_distances'):  # ASEN (1 - dot product), SCE-Net (masks weighed per triplet)
+        return embednet.triplet_distances(emb, c)
     masked, mask_l1 = embednet.apply_mask(emb, c.repeat(3))  # (3B, D), (3B,)
     ea, ef, ec = masked.float().chunk(3)  # (B, D) each
     return F.pairwise_distance(ea, ef, 2), F.pairwise_distance(ea, ec, 2), mask_l1

@@ -5,12 +5,14 @@ import os
 
 import torch
 
+from asen import ASEN
 from csn import ConditionalSimNet, TaskSpecificNets, TripletEmbedNet
 from csnlib.checkpoint import load_checkpoint, merge_checkpoint_args
 from csnlib.errors import UserError
 from csnlib.options import explicit_flags, main_parser
 from csnlib.runtime import Runtime, choose_amp, choose_device
 from Resnet_18 import EmbeddingNet
+from scenet import SCENet
 from tripletnet import TripletNet
 
 
@@ -54,9 +56,23 @@ def build_model(args, n_notions, pretrained=None):
         net = ConditionalSimNet(backbone(), n_notions, args.dim_embed, mask_type, getattr(args, 'learned_rows', None) or ())
     elif args.model == 'triplet':
         net = TripletEmbedNet(backbone())
+    elif args.model in ('asen', 'scenet'):
+        refuse_successor_flags(args)
+        net = ASEN(backbone(), n_notions) if args.model == 'asen' else SCENet(backbone(), n_notions, args.dim_embed)
     else:
         net = TaskSpecificNets([backbone() for _ in range(n_notions)])
     return TripletNet(net, three_forwards=getattr(args, 'three_forwards', False))
+
+
+def refuse_successor_flags(args):
+    """What ASEN and SCE-Net cannot do, refused before anything runs."""
+    if getattr(args, 'add_notion', None):
+        raise UserError(f'--add-notion: --model {args.model} conditions shared layers on the notion (ASEN\'s attention, '
+                        f'SCE-Net\'s mask weights), so a new notion would change the old ones\' distances; add it to a '
+                        f'CSN (--model csn) or task-specific networks (--model task), or train a new model')
+    if args.model == 'scenet' and getattr(args, 'export_embeddings', False):
+        raise UserError('--export-embeddings: SCE-Net (--model scenet) weighs its masks per triplet and has no '
+                        'embedding per notion to export or retrieve with; leave the flag out')
 
 
 def load_model(ckpt_path, data=None, device='auto', amp=None, batch_size=256):

@@ -144,6 +144,11 @@ def read_face(font, rec):
         order = font.getGlyphOrder()
         glyphs = [cmap.get(ord(c)) for c in CHARS]
         missing = [c for c, g in zip(CHARS, glyphs) if g is None or g == order[0]]
+        # fixed pitch, a label no notion trains on: the post table's isFixedPitch, or one advance width for all 62
+        # characters (FreeMono, Inconsolata, Courier Prime and other monospace faces leave the flag at 0)
+        widths = {font['hmtx'][g][0] for g in glyphs if g is not None}
+        flagged = bool(font['post'].isFixedPitch) if 'post' in font else False
+        rec['pitch'] = 'fixed' if flagged or len(widths) == 1 else 'proportional'
     except Exception as e:  # noqa: BLE001
         rec.update(drop='unreadable', detail=str(e)[:200])
         return rec
@@ -376,6 +381,17 @@ def build(font_dirs, staging, size=64, workers=None, max_faces=None, seed=0, clo
     live = [f for f in live if not f.get('drop')]
     drop_same_names(live, small, same_name_tol)
     return [f for f in live if not f.get('drop')], [f for f in faces if f.get('drop')]
+
+
+def add_label_column(labels_csv, name, values):
+    """Add the column `name` to labels.csv, one value per row in its order (a label beside the notions)."""
+    import csv
+    with open(labels_csv, newline='') as f:
+        rows = list(csv.reader(f))
+    if len(rows) != len(values) + 1:
+        raise ValueError(f'{labels_csv}: {len(rows) - 1} rows for {len(values)} values of {name}')
+    with open(labels_csv, 'w', newline='') as f:
+        csv.writer(f).writerows([rows[0] + [name]] + [r + [v] for r, v in zip(rows[1:], values)])
 
 
 def drop_type1_copies(faces):

@@ -110,6 +110,8 @@ def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_st
                    f'acc {sums["correct"] / sums["n"]:.3f}  {rate:.0f} triplets/s', flush=True)
         return total[5] > 0
 
+    # the weights of the norm terms: ASEN's loss is the ranking loss alone (unit embeddings, no masks)
+    norm_weights = (args.embed_loss, args.mask_loss) if getattr(model.embednet, 'norm_penalties', True) else (0.0, 0.0)
     finished = True
     for u8, c in loader:
         flips = step_generator(args.seed, epoch, step, rank) if hflip else None
@@ -117,7 +119,7 @@ def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_st
         c = c.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
             d_far, d_close, emb_norm, mask_norm = train_model(x, c)
-        loss = csn_loss(d_far, d_close, emb_norm, mask_norm, args.margin, args.embed_loss, args.mask_loss)
+        loss = csn_loss(d_far, d_close, emb_norm, mask_norm, args.margin, *norm_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

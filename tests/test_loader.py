@@ -72,9 +72,9 @@ def test_conditions_by_index_or_name():
     assert parse_conditions(['2'], notions) == [2]
     assert parse_conditions(['heel', '0'], notions) == [0, 3]
     assert parse_conditions(['class,gender'], notions) == [0, 2]
-    with pytest.raises(DataError, match=r"--conditions: unknown notion 'colour'.*0=class"):
+    with pytest.raises(DataError, match=r"--conditions 'colour': unknown notion; this dataset has 0=class"):
         parse_conditions(['colour'], notions)
-    with pytest.raises(DataError, match="unknown notion '4'"):
+    with pytest.raises(DataError, match="--conditions '4': unknown notion"):
         parse_conditions(['4'], notions)
 
 

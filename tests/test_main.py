@@ -172,7 +172,7 @@ def test_bad_inputs_stop_with_one_clear_message_before_training(shapes_data, tmp
     with open(os.path.join(shapes_data, 'tripletlists', 'shape_tripletlist_train.txt'), 'a') as f:
         f.write('1 2 4000\n')
     expect_error('--data', shapes_data, '--name', 'x', *base, match='shape_tripletlist_train.txt:122: image index 4000')
-    expect_error('--data', shapes_data, '--name', 'x', *base, '--conditions', 'colour', 'heel', match="unknown notion 'heel'")
+    expect_error('--data', shapes_data, '--name', 'x', *base, '--conditions', 'colour', 'heel', match="--conditions 'heel': unknown notion")
     assert not (runs / 'x').exists()  # nothing was written for the failed starts
     run_main('--data', shapes_data, '--name', 'y', *base, '--conditions', 'colour', '--skip-bad-triplets')
     os.remove(os.path.join(shapes_data, 'images', 'shapes', 'red_circle_3.png'))
