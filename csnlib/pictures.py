@@ -17,15 +17,24 @@ def _plt():
     return plt
 
 
+def draw_masks(ax, masks, notions, title=None, vmin=None, xlabel=True, **colorbar):
+    """The one mask heatmap (pictures, the study's figure, TensorBoard): masks (n_notions, D) on ax, a row per notion,
+    a column per embedding dimension, with a colour bar (colorbar: its options)."""
+    im = ax.imshow(np.asarray(masks), aspect='auto', cmap='viridis', interpolation='nearest', vmin=vmin)
+    ax.set_yticks(range(len(notions)), notions)
+    if xlabel:
+        ax.set_xlabel('embedding dimension')
+    if title:
+        ax.set_title(title, fontsize=colorbar.pop('title_size', None))
+    ax.figure.colorbar(im, ax=ax, **colorbar)
+    return im
+
+
 def plot_masks(masks, notions, path, title):
     """The masks as a heatmap: a row per notion, a column per embedding dimension."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, masks.shape[1] * 0.14 + 2), 0.45 * len(notions) + 1.6))
-    im = ax.imshow(masks, aspect='auto', cmap='viridis', interpolation='nearest', vmin=0)
-    ax.set_yticks(range(len(notions)), notions)
-    ax.set_xlabel('embedding dimension')
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, pad=0.01, label='mask weight')
+    draw_masks(ax, masks, notions, title, vmin=0, pad=0.01, label='mask weight')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
