@@ -295,11 +295,14 @@ def build_parser():
     a('--out', metavar='DIR', help='output folder (default: data for zappos, data/fonts, data/attributes)')
     a('--force', action='store_true', help='rebuild even when the output looks complete (default: off)')
     a('--seed', type=nonneg_int, default=1, help='seed of the image split and the triplet draw (default: 1)')
-    a('--split', type=split_fractions, default='0.7,0.15,0.15', help='train,val,test fractions of the fonts\' families or of your images '
-                                               '(default: 0.7,0.15,0.15)')
+    a('--split', type=split_fractions, default='0.7,0.15,0.15',
+      help='train,val,test fractions of the fonts\' families or of your images '
+           '(default: 0.7,0.15,0.15)')
     a('--train-triplets', type=positive_int, default=50000, help='training triplets per notion (default: 50000)')
-    a('--val-triplets', type=positive_int, default=20000, help='validation triplets per notion (default: 20000, as the paper)')
-    a('--test-triplets', type=positive_int, default=40000, help='test triplets per notion (default: 40000, as the paper)')
+    a('--val-triplets', type=positive_int, default=20000,
+      help='validation triplets per notion (default: 20000, as the paper)')
+    a('--test-triplets', type=positive_int, default=40000,
+      help='test triplets per notion (default: 40000, as the paper)')
     g = p.add_argument_group('fonts')
     g.add_argument('--font-dir', action='append', metavar='DIR',
                    help='more fonts to use besides /usr/share/fonts (repeatable; default: none)')
@@ -347,4 +350,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(run_script(main, interrupted='interrupted; nothing half-built was left in place, run it again to continue'))
+    sys.exit(run_script(main,
+                        interrupted='interrupted; nothing half-built was left in place, run it again to continue'))

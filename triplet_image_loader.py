@@ -1,4 +1,5 @@
-"""Datasets in the CSN release's layout: filenames.json, an images folder and tripletlists/<notion>_tripletlist_<split>.txt.
+"""Datasets in the CSN release's layout: filenames.json, an images folder and
+tripletlists/<notion>_tripletlist_<split>.txt.
 
 Each triplet line is `a b c`: image a (anchor) is more similar to image c (close) than to image b (far).
 load_image decodes, resizes and centre-crops an image to (S, S, 3) uint8; TripletBatches and ImageBatches are the
@@ -153,7 +154,8 @@ def load_dataset_info(root):
                             f'the image path {name!r}; line i+1 must hold the path of image i alone')
     images_dir = os.path.join(root, meta['images'])
     if not os.path.isdir(images_dir):
-        raise DataError(f'images folder {images_dir!r} not found (named by {meta_path if os.path.exists(meta_path) else "the Zappos default"}); {GET_DATA_HINT}')
+        raise DataError(f'images folder {images_dir!r} not found (named by '
+                        f'{meta_path if os.path.exists(meta_path) else "the Zappos default"}); {GET_DATA_HINT}')
     labels = os.path.join(root, meta['labels']) if meta.get('labels') else None
     return DatasetInfo(root, meta.get('name', os.path.basename(os.path.abspath(root))), images_dir,
                        list(meta['notions']), filenames, labels, meta)
@@ -176,8 +178,8 @@ def check_meta(meta, meta_path):
         raise DataError(f'{meta_path}: "images" must be the name of the images folder (a string), not {images!r}')
     if path_problem(images):
         raise DataError(f'{meta_path}: "images" {images!r} {path_problem(images)}: the images folder must lie inside '
-                        f'{os.path.dirname(meta_path) or "."} (a relative path without ".."; it may be a link to another '
-                        f'disk). A dataset built by an older get_data.py: build it again with --force')
+                        f'{os.path.dirname(meta_path) or "."} (a relative path without ".."; it may be a link to '
+                        f'another disk). A dataset built by an older get_data.py: build it again with --force')
     for key in ('name', 'labels'):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise DataError(f'{meta_path}: "{key}" must be a string, not {meta[key]!r}')
@@ -229,8 +231,8 @@ def check_triplet_file(path, n_images):
                 continue
             m = _TRIPLET.match(text)
             if m is None:
-                problems.append((path, ln, f'malformed line {text.strip()[:60]!r} (expected three image indices "a b c" '
-                                           f'in ASCII digits)'))
+                problems.append((path, ln, f'malformed line {text.strip()[:60]!r} (expected three image indices '
+                                           f'"a b c" in ASCII digits)'))
                 continue
             t = tuple(int(p) for p in m.groups())
             bad = [x for x in t if not 0 <= x < n_images]
@@ -311,9 +313,9 @@ def read_labels(info, log=print):
     if 'image' in col:
         for i, r in enumerate(rows):
             if cell(r, col['image']).strip() != info.filenames[i]:
-                raise DataError(f'{path}:{lines[i]}: image {cell(r, col["image"])!r}, but line {i + 1} of filenames.json '
-                                f'is {info.filenames[i]!r}: labels.csv must list the images of filenames.json in its '
-                                f'order; write it again')
+                raise DataError(f'{path}:{lines[i]}: image {cell(r, col["image"])!r}, but line {i + 1} of '
+                                f'filenames.json is {info.filenames[i]!r}: labels.csv must list the images of '
+                                f'filenames.json in its order; write it again')
     missing = [n for n in info.notions if n not in col]
     if missing:
         log(f'note: {path} has no column for notion(s) {", ".join(missing)} (columns: {", ".join(header)}): no '
@@ -379,6 +381,7 @@ def choose_hflip(args, info):
     if args.hflip != 'auto':
         return args.hflip == 'on', f'--hflip {args.hflip}'
     has_meta = os.path.exists(os.path.join(info.root, 'dataset.json'))
-    return info.hflip, ('dataset.json' if has_meta and 'hflip' in info.extra else 'default for a dataset without "hflip"')
+    return info.hflip, ('dataset.json' if has_meta and 'hflip' in info.extra
+                        else 'default for a dataset without "hflip"')
 
 

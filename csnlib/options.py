@@ -8,8 +8,8 @@ from csnlib.errors import UserError  # noqa: F401  (re-exported: the scripts' pa
 
 
 class Bounded:
-    """An argparse `type=` that parses an int or a float and checks low <= x (low < x if low_open) and x <= high, so a bad
-    value stops argparse with `error: argument --FLAG: must be an integer >= 1, got 0` (exit 2). The bounds are
+    """An argparse `type=` that parses an int or a float and checks low <= x (low < x if low_open) and x <= high, so a
+    bad value stops argparse with `error: argument --FLAG: must be an integer >= 1, got 0` (exit 2). The bounds are
     attributes, for the tests that walk every flag."""
 
     def __init__(self, kind, low, high=None, low_open=False):
@@ -69,22 +69,25 @@ def main_parser():
     a('--patience', type=nonneg_int, default=0,
       help='stop when the validation accuracy has not improved for this many epochs (--epochs stays the cap; the best '
            'checkpoint is kept); 0 = off')
-    a('--start_epoch', '--start-epoch', type=positive_int, default=1, help='epoch number to start from (a --resume overrides it)')
+    a('--start_epoch', '--start-epoch', type=positive_int, default=1,
+      help='epoch number to start from (a --resume overrides it)')
     a('--lr', type=positive_float, default=5e-5, help='Adam learning rate; epoch e uses lr * 0.985^e')
     a('--seed', type=nonneg_int, default=1, help='random seed (subsets, shuffling, flips, initialisation)')
     a('--no-cuda', '--no_cuda', action='store_true', default=False, help='use the CPU even when CUDA is available')
-    a('--log-interval', '--log_interval', type=positive_int, default=20, help='batches between progress-bar updates of loss and accuracy')
+    a('--log-interval', '--log_interval', type=positive_int, default=20,
+      help='batches between progress-bar updates of loss and accuracy')
     a('--margin', type=nonneg_float, default=0.2, help='margin of the ranking loss')
     a('--resume', default='', metavar='PATH',
       help='checkpoint to continue from. Restores the model, optimizer, grad scaler, epoch and step, best accuracy, '
-           'args and RNG states, so the run goes on exactly where it stopped (also mid-epoch after Ctrl-C). '
-           'With --test: the checkpoint to evaluate. "auto": RUNS/NAME/checkpoint.pth.tar if it exists, else start the '
-           'run (with --test: RUNS/NAME/model_best.pth.tar), so the same command line starts, continues or finishes a run')
+           'args and RNG states, so the run goes on exactly where it stopped (also mid-epoch after Ctrl-C). With '
+           '--test: the checkpoint to evaluate. "auto": RUNS/NAME/checkpoint.pth.tar if it exists, else start the run '
+           '(with --test: RUNS/NAME/model_best.pth.tar), so the same command line starts, continues or finishes a run')
     a('--name', default='Conditional_Similarity_Network', help='name of the run: files go to RUNS/NAME')
     a('--embed_loss', '--embed-loss', type=nonneg_float, default=5e-3, help='weight of the embedding L2 norm')
     a('--mask_loss', '--mask-loss', type=nonneg_float, default=5e-4, help='weight of the mask L1 norm')
     a('--num_traintriplets', '--num-traintriplets', type=positive_int, default=100000,
-      help='training triplets in total over all the dataset\'s notions: each selected notion contributes N / (number of notions)')
+      help='training triplets in total over all the dataset\'s notions: each selected notion contributes N / '
+           '(number of notions)')
     a('--dim_embed', '--dim-embed', type=positive_int, default=64, help='embedding dimensions')
     a('--test', action='store_true', default=False, help='evaluate --resume on the test split and exit')
     a('--learned', action='store_true', default=False, help='learn the masks, from a random N(0.9, 0.7) start')
@@ -94,11 +97,11 @@ def main_parser():
       help='notions to use, by index or name (e.g. 0 1 or class heel); default: all of the dataset\'s')
     a('--add-notion', '--add_notion', default=None, metavar='NAME',
       help='teach the --resume checkpoint the notion NAME from the --data folder\'s NAME triplet lists, everything it '
-           'learned frozen: a CSN learns one new mask row (its old notions\' distances stay bit for bit), task-specific '
-           'networks one new network; the standard triplet network is refused. NAME: a new notion, or one of the '
-           'checkpoint\'s it was not trained on. --num_traintriplets counts NAME\'s triplets; --lr defaults to 1e-2 for '
-           'a CSN\'s mask row (the checkpoint\'s for a network), --epochs to the checkpoint\'s; the run goes to '
-           'RUNS/NAME_OF_RUN+NAME unless --name is given. None: train as usual')
+           'learned frozen: a CSN learns one new mask row (its old notions\' distances stay bit for bit), '
+           'task-specific networks one new network; the standard triplet network is refused. NAME: a new notion, or '
+           'one of the checkpoint\'s it was not trained on. --num_traintriplets counts NAME\'s triplets; --lr defaults '
+           'to 1e-2 for a CSN\'s mask row (the checkpoint\'s for a network), --epochs to the checkpoint\'s; the run '
+           'goes to RUNS/NAME_OF_RUN+NAME unless --name is given. None: train as usual')
     g = p.add_argument_group('data and model')
     a = g.add_argument
     a('--data', default='data', metavar='DIR', help='dataset folder (filenames.json, images, tripletlists/)')
@@ -111,9 +114,12 @@ def main_parser():
       help='start the backbone from random weights instead of ImageNet')
     a('--weights', default='', metavar='FILE', help='ImageNet weights: a torchvision resnet18 state dict file '
                                                      '(default: torch\'s cache, downloading if online)')
-    a('--num_valtriplets', '--num-valtriplets', type=positive_int, default=80000, help='validation triplets in total (as --num_traintriplets)')
-    a('--num_testtriplets', '--num-testtriplets', type=positive_int, default=160000, help='test triplets in total (as --num_traintriplets)')
-    a('--image-size', '--image_size', type=positive_int, default=112, help='images are resized and centre-cropped to this size')
+    a('--num_valtriplets', '--num-valtriplets', type=positive_int, default=80000,
+      help='validation triplets in total (as --num_traintriplets)')
+    a('--num_testtriplets', '--num-testtriplets', type=positive_int, default=160000,
+      help='test triplets in total (as --num_traintriplets)')
+    a('--image-size', '--image_size', type=positive_int, default=112,
+      help='images are resized and centre-cropped to this size')
     a('--hflip', choices=['auto', 'on', 'off'], default='auto',
       help='random horizontal mirroring of training images: auto = what the dataset says ("hflip" in its dataset.json; '
            'on when absent, as for Zappos; fonts are never mirrored: a mirrored b is a d)')
@@ -123,7 +129,8 @@ def main_parser():
     a('--skip-bad-triplets', '--skip_bad_triplets', action='store_true', default=False,
       help='leave out bad triplet lines (reported) instead of refusing to start')
     a('--export-embeddings', '--export_embeddings', action='store_true', default=False,
-      help='with --test: also write the embeddings of every image (embeddings.npy, masks.npy, images.txt) next to the checkpoint')
+      help='with --test: also write the embeddings of every image (embeddings.npy, masks.npy, images.txt) next to the '
+           'checkpoint')
     a('--pictures', action=argparse.BooleanOptionalAction, default=True,
       help='with --test: write masks.png, t-SNE maps and retrieval grids per notion next to test_results.json')
     g = p.add_argument_group('speed')
@@ -135,7 +142,8 @@ def main_parser():
       help='mixed precision: auto = bf16 on CUDA and on CPUs with bf16 support, fp16 with a grad scaler on older GPUs')
     a('--channels-last', '--channels_last', dest='channels_last', action='store_true', default=True,
       help='channels_last memory format')
-    a('--no-channels-last', '--no_channels_last', dest='channels_last', action='store_false', help='plain NCHW memory format')
+    a('--no-channels-last', '--no_channels_last', dest='channels_last', action='store_false',
+      help='plain NCHW memory format')
     a('--three-forwards', '--three_forwards', action='store_true', default=False,
       help='embed anchors, fars and closes in three backbone calls, as the original did, instead of one '
            '(BatchNorm then normalises each role on its own; what that costs or gains: see the README) (default: off)')
@@ -147,7 +155,8 @@ def main_parser():
     a('--cache', dest='cache', action='store_true', default=True,
       help='decode, resize and crop every image once into a uint8 file memory-mapped from --cache-dir')
     a('--no-cache', '--no_cache', dest='cache', action='store_false', help='decode images with PIL at every use')
-    a('--cache-dir', '--cache_dir', default=None, metavar='DIR', help='where the image cache goes (default: DATA/cache)')
+    a('--cache-dir', '--cache_dir', default=None, metavar='DIR',
+      help='where the image cache goes (default: DATA/cache)')
     a('--dist-timeout', '--dist_timeout', type=positive_float, default=600,
       help='seconds a torchrun process waits for the others before failing the job')
     g = p.add_argument_group('live plots')
