@@ -1,15 +1,16 @@
 """Test the CSN paper's claims on a dataset: every model, every training budget, every seed, then one report.
 
-    python reproduce.py --data data/fonts --budgets 6000 24000 96000 --seeds 1 2 3 --seen 96000 \\
-        --no-pretrained --image-size 64 --batch-size 64
+    python reproduce.py --data data/fonts --budgets 1000 3000 10000 --seeds 1 2 3 4 5 --no-pretrained --image-size 32
 
-Trains RUNS/PREFIX_MODEL_nBUDGET_sSEED through main.py (one process each, as a user would) for the standard triplet
-network, the task-specific networks and the CSN with fixed and learned masks, tests each best checkpoint with
-`main.py --test`, and writes RUNS/reproduce/: report.md (tables, error bars, the paper's claims checked one by one),
-reproduce.json, curve.png (test error against training triplets) and masks.png. Every model at a budget gets the same
-triplets, epochs and seed. Run the same command again after an interruption: finished runs are reused, a stopped run
-continues from its checkpoint, a run without test results is only tested. --report-only writes the report from the runs
-that are there.
+First a learning-rate sweep on the validation split (every model at the middle budget, the first seed, each rate of
+--sweep-lrs), then every model, budget and seed at the best common rate, each run through main.py (one process each,
+as a user would) until its validation accuracy stops improving (--patience; --epochs is the cap; --seen N trains every
+run on the same number of triplets instead), then `main.py --test` of its best checkpoint. Each finished run leaves a
+small record, RESULTS/RUN.json (its args, per-epoch metrics, test results, stop reason, learned masks and their start),
+from which RUNS/reproduce/ is written: report.md (tables, the sweep, the claims with their confidence intervals),
+reproduce.json, curve.png and masks.png. Run the same command again after an interruption, here or on another machine:
+runs with a record are not trained again, a stopped run continues from its checkpoint. --report-only writes the report
+from the records alone (no dataset or checkpoint needed).
 """
 import argparse
 import json
@@ -21,7 +22,9 @@ import sys
 import time
 
 import numpy as np
-import torch
+
+from csnlib.atomic import atomic_open
+from csnlib.errors import UserError, run_script
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # (short name, row of the table, main.py flags, the paper's Zappos50k triplet prediction error in %)
@@ -30,46 +33,73 @@ MODELS = [('triplet', 'standard triplet network', ['--model', 'triplet'], 23.72)
           ('csn_fixed', 'CSN, fixed disjoint masks', ['--model', 'csn'], 10.79),
           ('csn_learned', 'CSN, learned masks', ['--model', 'csn', '--learned'], 10.73)]
 TITLE = {m[0]: m[1] for m in MODELS}
-# main.py flags that change what a run learns: a finished run trained with other values is not reused
+# main.py flags that change what a run learns: a run or record made with other values is not reused
 SETTINGS = ('num_traintriplets', 'seed', 'dim_embed', 'batch_size', 'lr', 'margin', 'embed_loss', 'mask_loss',
-            'image_size', 'conditions', 'no_pretrained', 'weights', 'num_valtriplets', 'hflip')
+            'image_size', 'conditions', 'no_pretrained', 'weights', 'num_valtriplets', 'hflip', 'three_forwards')
 SET_HERE = ('--model', '--learned', '--prein', '--name', '--resume', '--test', '--runs', '--epochs', '--seed',
-            '--num_traintriplets', '--num-traintriplets', '--pictures', '--no-pictures')
+            '--num_traintriplets', '--num-traintriplets', '--pictures', '--no-pictures', '--patience')
+SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+CONFIDENCE = 0.95
+MOVED = 0.05  # a learned mask whose mean absolute change is under 5 % of its start's mean absolute value did not train
 
 
 def build_parser():
-    from csnlib.options import nonneg_int, positive_int
+    from csnlib.options import nonneg_int, positive_float, positive_int
     p = argparse.ArgumentParser(
         description='Train and test the CSN paper\'s four models over training budgets and seeds and check the paper\'s '
                     'claims; other flags are passed on to main.py (e.g. --no-pretrained --image-size 64).',
         allow_abbrev=False)
     a = p.add_argument
-    a('--data', required=True, metavar='DIR', help='dataset folder')
-    a('--budgets', '--num_traintriplets', '--num-traintriplets', dest='budgets', nargs='+', type=positive_int, default=[100000],
-      metavar='N', help='training triplets in total over the notions, one study point each; the same triplets for '
-                        'every model at a budget (default: 100000)')
-    a('--seeds', '--seed', dest='seeds', nargs='+', type=nonneg_int, default=[1], metavar='S',
-      help='seeds: each model and budget is trained once per seed (subset, order, initialisation) (default: 1)')
-    a('--epochs', type=positive_int, default=10, help='epochs of each run, when --seen is not given (default: 10)')
+    a('--data', default=None, metavar='DIR', help='dataset folder (needed unless --report-only) (default: none)')
+    a('--budgets', '--num_traintriplets', '--num-traintriplets', dest='budgets', nargs='+', type=positive_int,
+      default=None, metavar='N', help='training triplets in total over the notions, one study point each; the same '
+                                      'triplets for every model at a budget (default: 100000; --report-only: the study\'s)')
+    a('--seeds', '--seed', dest='seeds', nargs='+', type=nonneg_int, default=None, metavar='S',
+      help='seeds: each model and budget is trained once per seed (subset, order, initialisation) (default: 1; '
+           '--report-only: the study\'s)')
+    a('--more-seeds', nargs='+', type=nonneg_int, default=[], metavar='S',
+      help='seeds trained at the largest budget only, after the others (e.g. five seeds there, three elsewhere) '
+           '(default: none)')
+    a('--patience', type=nonneg_int, default=5,
+      help='train each run until its validation accuracy has not improved for this many epochs (main.py --patience); '
+           '0 trains every run for --epochs (default: 5)')
+    a('--epochs', type=positive_int, default=100, help='the cap on every run\'s epochs (default: 100)')
     a('--seen', type=positive_int, default=None, metavar='N',
-      help='train every run on about N triplets in all: a budget B gets max(1, round(N / B)) epochs, so budgets are '
-           'compared at the same compute (default: off, --epochs for every budget)')
+      help='equal compute instead of a plateau: train every run on about N triplets in all, a budget B for '
+           'max(1, round(N / B)) epochs (default: off)')
+    a('--sweep-lrs', nargs='+', type=positive_float, default=SWEEP_LRS, metavar='LR',
+      help='learning rates of the sweep; the study uses the one with the best mean validation accuracy over the models '
+           f'(default: {" ".join(map(str, SWEEP_LRS))}; skipped when --lr is passed on to main.py)')
+    a('--sweep-budget', type=positive_int, default=None, metavar='N',
+      help='the budget the sweep trains at (default: the middle of --budgets)')
+    a('--sweep-only', action='store_true', help='stop after the sweep, with its report (default: off)')
     a('--runs', default='runs', metavar='DIR', help='folder of the runs (default: runs)')
-    a('--prefix', default='repro', help='runs are named PREFIX_MODEL_nBUDGET_sSEED (default: repro)')
-    a('--models', nargs='+', default=[m[0] for m in MODELS], choices=[m[0] for m in MODELS], metavar='MODEL',
+    a('--results', default=None, metavar='DIR',
+      help='folder of the runs\' records, meant to be committed (default: results/DATASET, e.g. results/fonts)')
+    a('--prefix', default='repro', help='runs are named PREFIX_MODEL_nBUDGET_sSEED_lrLR (default: repro)')
+    a('--models', nargs='+', default=None, choices=[m[0] for m in MODELS], metavar='MODEL',
       help='which models to run: triplet task csn_fixed csn_learned (default: all four)')
     a('--out-dir', default=None, metavar='DIR', help='report folder (default: RUNS/reproduce)')
-    a('--report-only', action='store_true', help='train nothing: write the report from the finished runs (default: off)')
-    a('--no-probe', action='store_true', help='leave out claim (e), the linear probe on frozen features (default: off)')
+    a('--report-only', action='store_true',
+      help='train nothing: write the report from the records in --results alone (default: off)')
+    a('--no-probe', action='store_true', help='leave out claim (e), the linear probes on frozen features (default: off)')
     return p
 
+
+# ------------------------------------------------------------------------------------------------------- the runs
 
 def epochs_for(args, budget):
     return max(1, round(args.seen / budget)) if args.seen else args.epochs
 
 
-def run_name(args, model, budget, seed):
-    return f'{args.prefix}_{model}_n{budget}_s{seed}'
+def lr_tag(lr):
+    """3e-4 -> '3e-4', 2.5e-4 -> '2.5e-4': the learning rate in a run's name."""
+    m, e = f'{lr:.6e}'.split('e')
+    return f'{m.rstrip("0").rstrip(".")}e{int(e)}'
+
+
+def run_name(args, model, budget, seed, lr):
+    return f'{args.prefix}_{model}_n{budget}_s{seed}_lr{lr_tag(lr)}'
 
 
 def _mtime(path):
@@ -77,126 +107,212 @@ def _mtime(path):
 
 
 def plan(run_dir, epochs):
-    """What a run needs: 'train' (nothing there), 'resume' (stopped before `epochs`), 'test' (trained, no up-to-date
-    test results) or 'reuse'. Returns (action, the checkpoint's dict or None)."""
+    """What a run needs: 'train' (nothing there), 'resume' (stopped before `epochs` and not at a plateau), 'test'
+    (trained, no up-to-date test results) or 'reuse'. Returns (action, the checkpoint's dict or None)."""
+    from csnlib.checkpoint import load_checkpoint
     ckpt_path = os.path.join(run_dir, 'checkpoint.pth.tar')
     if not os.path.exists(ckpt_path):
         return 'train', None
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    if ckpt['next_epoch'] <= epochs:
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt['next_epoch'] <= epochs and ckpt.get('stopped') != 'plateau':
         return 'resume', ckpt
     best, results = _mtime(os.path.join(run_dir, 'model_best.pth.tar')), _mtime(os.path.join(run_dir, 'test_results.json'))
     return ('reuse' if results is not None and best is not None and results >= best else 'test'), ckpt
 
 
-def check_settings(run_dir, ckpt, wanted):
-    """Refuse to reuse a run trained with other settings than this study's."""
-    stored = ckpt.get('args', {})
+def check_settings(where, stored, wanted):
+    """Refuse to reuse a run or record made with other settings than this study's."""
     diff = [f'--{k} {stored.get(k)!r} (asked: {v!r})' for k, v in wanted.items() if k in stored and stored[k] != v]
     if diff:
-        raise SystemExit(f'reproduce.py: {run_dir} was trained with {", ".join(diff)}; use another --prefix or --runs, '
-                         f'or delete {run_dir}')
+        raise UserError(f'{where} was trained with {", ".join(diff)}; use another --prefix, --runs or --results, or '
+                        f'delete {where}')
 
 
 def run_main(argv, log_path):
-    """main.py ARGV in a child process, its output shown and kept in log_path. Returns (exit status, seconds)."""
+    """main.py ARGV in a child process, its output shown and kept in log_path. Returns (exit status, seconds).
+    SIGINT and SIGTERM sent to this process are passed on to the child, which saves its mid-epoch checkpoint and exits;
+    then this process stops too (KeyboardInterrupt: exit status 130)."""
     cmd = [sys.executable, os.path.join(REPO, 'main.py'), *argv]
     print(f'\n$ {shlex.join(cmd[1:])}', flush=True)
     t0 = time.time()
-    # Ctrl-C reaches main.py too, which saves a checkpoint and exits; this process waits for it
-    old = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    received, proc = [], None
+
+    def forward(signum, frame):
+        received.append(signum)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signum)
+
+    # the child has its own session, so a Ctrl-C at the terminal reaches it once, through this process
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with open(log_path, 'a') as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                    env={**os.environ, 'PYTHONUNBUFFERED': '1'})
             for line in proc.stdout:
                 sys.stdout.write(line)
                 log.write(line)
             rc = proc.wait()
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if received:
+        print(f'reproduce.py: {signal.Signals(received[0]).name} passed on to main.py (exit status {rc}); run the same '
+              f'command again to continue', file=sys.stderr)
+        raise KeyboardInterrupt
     return rc, time.time() - t0
 
 
 def main_settings(args, passthrough):
-    """The main.py settings every run shares, as main.py parses them (the passed-through flags included)."""
-    sys.path.insert(0, REPO)
+    """The main.py settings every run shares, as main.py parses them (the passed-through flags included), and whether
+    --lr was passed on."""
     from csnlib import options
     for flag in SET_HERE:
         if any(t == flag or t.startswith(flag + '=') for t in passthrough):
-            raise SystemExit(f'reproduce.py: {flag} is set by reproduce.py itself; leave it out')
-    argv = ['--data', args.data, *passthrough]
+            raise UserError(f'reproduce.py: {flag} is set by reproduce.py itself; leave it out')
+    argv = ['--data', args.data or 'data', *passthrough]
+    parser = options.main_parser()
     try:
-        m = options.main_parser().parse_args(argv)
+        m = parser.parse_args(argv)
     except SystemExit:
-        raise SystemExit(f'reproduce.py: main.py does not accept {shlex.join(passthrough)}') from None
-    return {k: getattr(m, k) for k in SETTINGS if k not in ('num_traintriplets', 'seed')}
+        raise UserError(f'reproduce.py: main.py does not accept {shlex.join(passthrough)}') from None
+    settings = {k: getattr(m, k) for k in SETTINGS if k not in ('num_traintriplets', 'seed')}
+    return settings, 'lr' in options.explicit_flags(parser, passthrough)
 
 
-def grid(args):
+def grid(args, lr):
     """The study's runs in the order they are trained: seed by seed, so a partial study already spans the budgets,
     the largest budget first (its first seed also writes the pictures)."""
-    return [(model, budget, seed) for seed in args.seeds for budget in sorted(args.budgets, reverse=True)
+    top = max(args.budgets)
+    return [(model, budget, seed, lr) for seed in [*args.seeds, *args.more_seeds]
+            for budget in sorted(args.budgets, reverse=True) if budget == top or seed in args.seeds
             for model in [m[0] for m in MODELS if m[0] in args.models]]
 
 
-def train_and_test(args, passthrough, settings, model, budget, seed, pictures):
-    name = run_name(args, model, budget, seed)
-    run_dir = os.path.join(args.runs, name)
+def sweep_grid(args):
+    return [(model, args.sweep_budget, args.seeds[0], lr) for lr in args.sweep_lrs
+            for model in [m[0] for m in MODELS if m[0] in args.models]]
+
+
+def record_path(args, name):
+    return os.path.join(args.results, f'{name}.json')
+
+
+def read_record(path):
+    """A run's record, or None when there is none (a half-written one cannot exist: records are written atomically)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'{path}: not a readable record ({e}); delete it to train the run again') from None
+
+
+def record_done(rec, epochs):
+    """A record finishes its run unless the run stopped at a smaller cap than this study's."""
+    return not (rec['stopped'] in ('cap', 'seen') and rec['epochs_cap'] < epochs)
+
+
+def train_and_test(args, passthrough, settings, model, budget, seed, lr, pictures):
+    """One run: nothing when its record is there, else train (or continue) and test it, then write its record."""
+    name = run_name(args, model, budget, seed, lr)
     epochs = epochs_for(args, budget)
+    wanted = {**settings, 'lr': lr, 'num_traintriplets': budget, 'seed': seed}
+    rec = read_record(record_path(args, name))
+    if rec is not None:
+        check_settings(record_path(args, name), rec['args'], wanted)
+        if record_done(rec, epochs):
+            print(f'{name}: recorded, not trained again', flush=True)
+            return
+    run_dir = os.path.join(args.runs, name)
     action, ckpt = plan(run_dir, epochs)
     if ckpt is not None:
-        check_settings(run_dir, ckpt, {**settings, 'num_traintriplets': budget, 'seed': seed})
+        check_settings(run_dir, ckpt.get('args', {}), wanted)
     os.makedirs(run_dir, exist_ok=True)
     times_path = os.path.join(run_dir, 'reproduce_times.json')
-    times = json.load(open(times_path)) if os.path.exists(times_path) and action != 'train' else {'train_s': 0.0}
+    times = read_times(times_path) if action != 'train' else {'train_s': 0.0}
     log_path = os.path.join(run_dir, 'reproduce.log')
     said = dict(train='training', resume='resuming its checkpoint', test='testing its best checkpoint',
                 reuse='finished, reused')[action]
     print(f'{name}: {said}', flush=True)
     flags = next(m[2] for m in MODELS if m[0] == model)
     if action in ('train', 'resume'):
-        common = ['--data', args.data, '--epochs', str(epochs), *passthrough]
+        common = ['--data', args.data, '--epochs', str(epochs), '--patience', str(0 if args.seen else args.patience),
+                  *passthrough]
         argv = (['--resume', os.path.join(run_dir, 'checkpoint.pth.tar'), *common] if action == 'resume' else
-                ['--runs', args.runs, '--name', name, '--num_traintriplets', str(budget), '--seed', str(seed), *flags,
-                 *common])
+                ['--runs', args.runs, '--name', name, '--num_traintriplets', str(budget), '--seed', str(seed),
+                 '--lr', str(lr), *flags, *common])
         rc, seconds = run_main(argv, log_path)
         times['train_s'] += seconds
-        json.dump(times, open(times_path, 'w'))
+        write_json(times_path, times)
+        if rc == 130:
+            raise KeyboardInterrupt
         if rc != 0:
-            raise SystemExit(rc if rc == 130 else
-                             f'reproduce.py: training {name} failed (exit status {rc}; see {log_path}). Run the same '
-                             f'command again to continue from its last checkpoint.')
+            raise UserError(f'training {name} failed (exit status {rc}; see {log_path}). Run the same command again '
+                            f'to continue from its last checkpoint.')
     if action != 'reuse':
         best = os.path.join(run_dir, 'model_best.pth.tar')
         if not os.path.exists(best):
-            raise SystemExit(f'reproduce.py: {run_dir} has no model_best.pth.tar: no epoch of {name} finished')
+            raise UserError(f'{run_dir} has no model_best.pth.tar: no epoch of {name} finished')
         rc, seconds = run_main(['--test', '--resume', best, '--data', args.data, *passthrough,
                                 '--pictures' if pictures else '--no-pictures'], log_path)
         if rc != 0:
-            raise SystemExit(f'reproduce.py: testing {name} failed (exit status {rc}; see {log_path})')
+            raise UserError(f'testing {name} failed (exit status {rc}; see {log_path})')
         times['test_s'] = seconds
-        json.dump(times, open(times_path, 'w'))
+        write_json(times_path, times)
+    write_json(record_path(args, name), make_record(args, run_dir, model, budget, seed, lr, epochs))
+    print(f'{name}: record {record_path(args, name)}', flush=True)
 
 
-def collect(args, epochs_of):
-    """Every finished run of the study: {(model, budget, seed): row}."""
-    rows = {}
-    for model, budget, seed in grid(args):
-        run_dir = os.path.join(args.runs, run_name(args, model, budget, seed))
-        res_path = os.path.join(run_dir, 'test_results.json')
-        if plan(run_dir, epochs_of(budget))[0] != 'reuse':
-            continue
-        with open(res_path) as f:
-            res = json.load(f)
-        ck = torch.load(os.path.join(run_dir, 'checkpoint.pth.tar'), map_location='cpu', weights_only=True)
-        times_path = os.path.join(run_dir, 'reproduce_times.json')
-        times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-        rows[(model, budget, seed)] = {
-            'run': run_dir, 'accuracy': res['accuracy'], 'per_notion': res['per_notion'], 'mAP': res.get('mAP'),
-            'best_epoch': ck['best_epoch'], 'epochs': ck['next_epoch'] - 1, 'test_triplets': res['triplets'],
-            'train_s': round(times.get('train_s', 0.0), 1), 'test_s': round(times.get('test_s', 0.0), 1),
-            'parameters': count_parameters(ck['state_dict']), 'masks': masks_of(ck['state_dict'], ck['args'])}
-    return rows
+def read_times(path):
+    try:
+        with open(path) as f:
+            return {'train_s': 0.0, **json.load(f)}
+    except (OSError, ValueError):
+        return {'train_s': 0.0}
+
+
+def write_json(path, obj, indent=None):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent)
+        f.write('\n')
+
+
+def read_metrics(path):
+    """metrics.jsonl's epochs; a partial last line (a kill mid-write) is left out."""
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    break
+    return out
+
+
+def make_record(args, run_dir, model, budget, seed, lr, epochs):
+    """What outlives the run folder: args, per-epoch metrics, test results, stop reason, masks and their start."""
+    from csnlib.checkpoint import load_checkpoint
+    ck = load_checkpoint(os.path.join(run_dir, 'checkpoint.pth.tar'))
+    best = load_checkpoint(os.path.join(run_dir, 'model_best.pth.tar'))
+    with open(os.path.join(run_dir, 'test_results.json')) as f:
+        res = json.load(f)
+    stopped = ck.get('stopped') or 'cap'
+    if args.seen and stopped == 'cap':
+        stopped = 'seen'
+    masks = masks_of(best['state_dict'], best['args'])
+    times = read_times(os.path.join(run_dir, 'reproduce_times.json'))
+    return {'run': os.path.basename(run_dir), 'model': model, 'budget': budget, 'seed': seed, 'lr': lr,
+            'args': {k: v for k, v in ck['args'].items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+            'notions': ck.get('notions'), 'metrics': read_metrics(os.path.join(run_dir, 'metrics.jsonl')),
+            'test': {k: res.get(k) for k in ('accuracy', 'per_notion', 'triplets', 'mAP', 'mAP_per_notion')},
+            'stopped': stopped, 'epochs_trained': ck['next_epoch'] - 1, 'best_epoch': ck['best_epoch'],
+            'best_val_acc': ck['best_acc'], 'epochs_cap': epochs, 'patience': 0 if args.seen else args.patience,
+            'parameters': count_parameters(best['state_dict']), 'masks': masks,
+            'masks_start': start_masks(ck['args'], len(ck.get('notions') or [])) if masks is not None else None,
+            'train_s': round(times.get('train_s', 0.0), 1), 'test_s': round(times.get('test_s', 0.0), 1)}
 
 
 def count_parameters(state_dict):
@@ -207,11 +323,22 @@ def count_parameters(state_dict):
 
 def masks_of(state_dict, run_args):
     """The masks m_c as a (C, D) list, through ReLU where they are learned; None for models without masks."""
+    import torch
     w = state_dict.get('embednet.masks.weight')
     if w is None:
         return None
     learned = run_args.get('learned') or run_args.get('prein')
     return (torch.relu(w) if learned else w).float().tolist()
+
+
+def start_masks(run_args, n_notions):
+    """The masks a run started from, rebuilt as main.py builds its model: every seed drawn, then the model."""
+    from csnlib.builder import build_model
+    from csnlib.runtime import seed_everything
+    ns = argparse.Namespace(**{'learned_rows': None, 'three_forwards': False, **run_args})
+    seed_everything(run_args['seed'])
+    model = build_model(ns, n_notions, pretrained=False)
+    return masks_of(model.state_dict(), run_args)
 
 
 # ------------------------------------------------------------------------------------------------------- statistics
@@ -222,44 +349,54 @@ def mean_std(xs):
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
-def summarise(rows, models, budgets):
-    """{model: {budget: {seeds, accuracy, accuracy_mean, accuracy_std, per_notion_mean, mAP_mean}}} of what finished."""
-    out = {}
-    for model in models:
-        for b in budgets:
-            rs = sorted(((s, r) for (m, bb, s), r in rows.items() if m == model and bb == b), key=lambda t: t[0])
-            if not rs:
-                continue
-            acc = [r['accuracy'] for _, r in rs]
-            mu, sd = mean_std(acc)
-            notions = list(rs[0][1]['per_notion'])
-            maps = [r['mAP'] for _, r in rs if r.get('mAP') is not None]
-            out.setdefault(model, {})[b] = {
-                'seeds': [s for s, _ in rs], 'accuracy': acc, 'accuracy_mean': mu, 'accuracy_std': sd,
-                'per_notion_mean': {n: float(np.mean([r['per_notion'][n] for _, r in rs])) for n in notions},
-                'per_notion_std': {n: mean_std([r['per_notion'][n] for _, r in rs])[1] for n in notions},
-                'mAP_mean': float(np.mean(maps)) if maps else None, 'mAP_std': mean_std(maps)[1] if maps else None,
-                'parameters': rs[0][1]['parameters'], 'epochs': rs[0][1]['epochs']}
-    return out
+def paired(a, b):
+    """A minus B over the seeds both have: {'difference', 'ci95': [lo, hi], 'p', 'n'} with the t interval and the
+    paired t-test (two-sided); None below two seeds."""
+    from scipy import stats
+    common = sorted(set(a['seeds']) & set(b['seeds']))
+    if len(common) < 2:
+        return None
+    va, vb = dict(zip(a['seeds'], a['values'])), dict(zip(b['seeds'], b['values']))
+    d = np.array([va[s] - vb[s] for s in common])
+    n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / np.sqrt(n)
+    p = 1.0 if sd == 0 and mean == 0 else 0.0 if sd == 0 else float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
+    return {'difference': mean, 'ci95': [mean - half, mean + half], 'p': p, 'n': n}
+
+
+def verdict(pair):
+    """'holds' when the interval lies above zero, 'does not hold' below, else 'inconclusive'."""
+    if pair is None:
+        return 'inconclusive'
+    lo, hi = pair['ci95']
+    return 'holds' if lo > 0 else 'does not hold' if hi < 0 else 'inconclusive'
 
 
 def compare(a, b):
-    """Is A above B? 'holds' / 'does not hold' / 'inconclusive' by the rule of the report: a difference within one
-    standard deviation (the larger of the two) is inconclusive, and so is anything from a single seed."""
+    """Is A above B, paired by seed? (verdict, the numbers in words, the pair or None)."""
     if a is None or b is None:
-        return 'inconclusive', 'not run'
-    d, sd = a['mean'] - b['mean'], max(a['std'], b['std'])
-    if min(a['n'], b['n']) < 2:
-        return 'inconclusive', f'difference {d * 100:+.2f} points from a single seed'
-    word = 'inconclusive' if abs(d) <= sd else 'holds' if d > 0 else 'does not hold'
-    return word, f'difference {d * 100:+.2f} points, one standard deviation {sd * 100:.2f}'
+        return 'inconclusive', 'not run', None
+    pair = paired(a, b)
+    if pair is None:
+        d = a['mean'] - b['mean']
+        return 'inconclusive', f'difference {d * 100:+.2f} points from a single seed', None
+    lo, hi = pair['ci95']
+    return verdict(pair), (f'difference {pair["difference"] * 100:+.2f} points, 95 % CI [{lo * 100:+.2f}, '
+                           f'{hi * 100:+.2f}] over {pair["n"]} seeds, paired t-test p = {pair["p"]:.3g}'), pair
+
+
+def ci_entry(models, pair, **extra):
+    """One comparison of reproduce.json's claims_ci, in points."""
+    return {'models': list(models), **extra, 'difference': pair['difference'] * 100,
+            'ci95': [pair['ci95'][0] * 100, pair['ci95'][1] * 100], 'p': pair['p'], 'n': pair['n']}
 
 
 def point(summary, model, budget, key='accuracy'):
     s = summary.get(model, {}).get(budget)
     if s is None:
         return None
-    return {'mean': s[f'{key}_mean'], 'std': s[f'{key}_std'], 'n': len(s['seeds'])}
+    return {'mean': s[f'{key}_mean'], 'std': s[f'{key}_std'], 'n': len(s['seeds']), 'seeds': s['seeds'],
+            'values': s[key]}
 
 
 def combine(words):
@@ -271,68 +408,33 @@ def pct(p):
     return f'{p["mean"] * 100:.2f} ± {p["std"] * 100:.2f}' if p else 'not run'
 
 
-def claim_a(summary, budget):
-    """(a) the standard triplet network is the worst model."""
-    t = point(summary, 'triplet', budget)
-    others = [m for m in ('task', 'csn_fixed', 'csn_learned') if point(summary, m, budget)]
-    if t is None or not others:
-        return 'inconclusive', 'the standard triplet network or every other model is missing'
-    results = [(m, *compare(point(summary, m, budget), t)) for m in others]
-    text = '; '.join(f'{TITLE[m]} {pct(point(summary, m, budget))} vs {pct(t)} % ({why}): {w}' for m, w, why in results)
-    return combine([w for _, w, _ in results]), text
-
-
-def claim_b(summary, budget):
-    """(b) a CSN is at least as good as the task-specific networks, with a quarter of their parameters."""
-    task = point(summary, 'task', budget)
-    csns = [m for m in ('csn_fixed', 'csn_learned') if point(summary, m, budget)]
-    if task is None or not csns:
-        return 'inconclusive', 'the task-specific networks or both CSNs are missing'
-    results = []
-    for m in csns:
-        w, why = compare(point(summary, m, budget), task)
-        if w == 'inconclusive' and 'single seed' not in why:
-            w = 'holds'  # "at least as good": a tie within one standard deviation counts
-        results.append((m, w, why))
-    ratio = summary['task'][budget]['parameters'] / summary[csns[0]][budget]['parameters']
-    text = ('; '.join(f'{TITLE[m]} {pct(point(summary, m, budget))} vs {pct(task)} % ({why}): {w}' for m, w, why in results)
-            + f'; parameters: task-specific {summary["task"][budget]["parameters"]:,}, CSN '
-              f'{summary[csns[0]][budget]["parameters"]:,} ({ratio:.2f}x)')
-    return combine([w for _, w, _ in results]), text
-
-
-def claim_c(summary, budgets):
-    """(c) learned masks need more triplets than fixed ones and catch up with them or pass them as the budget grows."""
-    have = [b for b in budgets if point(summary, 'csn_fixed', b) and point(summary, 'csn_learned', b)]
-    if len(have) < 2:
-        return 'inconclusive', 'needs both CSNs at two budgets or more'
-    small, large = have[0], have[-1]
-    w_small, why_small = compare(point(summary, 'csn_fixed', small), point(summary, 'csn_learned', small))
-    w_large, why_large = compare(point(summary, 'csn_learned', large), point(summary, 'csn_fixed', large))
-    gaps = ', '.join(f'{b:,}: {(summary["csn_learned"][b]["accuracy_mean"] - summary["csn_fixed"][b]["accuracy_mean"]) * 100:+.2f}'
-                     for b in have)
-    text = (f'learned minus fixed, by training triplets: {gaps} points; fewest triplets, fixed above learned: '
-            f'{w_small} ({why_small}); most triplets, learned above fixed: {w_large} ({why_large})')
-    if w_small == 'does not hold' or w_large == 'does not hold':
-        return 'does not hold', text  # learned ahead with the fewest triplets, or still behind with the most
-    if w_small == 'holds' and 'single seed' not in why_large:
-        return 'holds', text  # behind with the fewest triplets, caught up (within one sd) or ahead with the most
-    return 'inconclusive', text
-
-
-def claim_d(rows, budget):
-    """(d) learned masks are sparse and share dimensions between notions."""
-    stats = [mask_stats(r['masks']) for (m, b, _), r in rows.items() if m == 'csn_learned' and b == budget]
-    if not stats:
-        return 'inconclusive', 'no CSN with learned masks at this budget', None
-    sparse = mean_std([s['sparse'] for s in stats])
-    shared = mean_std([s['overlap'] for s in stats])
-    fixed = f'(fixed disjoint masks: {1 - 1 / len(stats[0]["active"]):.2f} under, overlap 0)'
-    text = (f'fraction of mask weights under 0.1 of their row\'s maximum {sparse[0]:.2f} ± {sparse[1]:.2f}; overlap '
-            f'(Jaccard of the dimensions at or above 0.1 of the maximum) between notions {shared[0]:.2f} ± {shared[1]:.2f} '
-            f'{fixed}; rule: sparse = at least half the weights under, shared = overlap above 0.05')
-    words = ['holds' if s['sparse'] >= 0.5 and s['overlap'] > 0.05 else 'does not hold' for s in stats]
-    return combine(words), text, {'sparse': sparse, 'overlap': shared, 'per_seed': stats}
+def summarise(rows, models, budgets):
+    """{model: {budget: {seeds, accuracy, accuracy_mean, accuracy_std, per_notion_mean, ..., stopped, epochs_trained,
+    best_epoch, masks, masks_start, masks_change}}} of what finished."""
+    out = {}
+    for model in models:
+        for b in budgets:
+            rs = sorted(((s, r) for (m, bb, s), r in rows.items() if m == model and bb == b), key=lambda t: t[0])
+            if not rs:
+                continue
+            acc = [r['test']['accuracy'] for _, r in rs]
+            mu, sd = mean_std(acc)
+            notions = list(rs[0][1]['test']['per_notion'])
+            maps = [r['test']['mAP'] for _, r in rs if r['test'].get('mAP') is not None]
+            d = out.setdefault(model, {})[b] = {
+                'seeds': [s for s, _ in rs], 'accuracy': acc, 'accuracy_mean': mu, 'accuracy_std': sd,
+                'per_notion_mean': {n: float(np.mean([r['test']['per_notion'][n] for _, r in rs])) for n in notions},
+                'per_notion_std': {n: mean_std([r['test']['per_notion'][n] for _, r in rs])[1] for n in notions},
+                'mAP_mean': float(np.mean(maps)) if maps else None, 'mAP_std': mean_std(maps)[1] if maps else None,
+                'parameters': rs[0][1]['parameters'], 'epochs': max(r['epochs_trained'] for _, r in rs),
+                'stopped': [r['stopped'] for _, r in rs], 'epochs_trained': [r['epochs_trained'] for _, r in rs],
+                'best_epoch': [r['best_epoch'] for _, r in rs], 'lr': rs[0][1]['lr'],
+                'masks': None, 'masks_start': None, 'masks_change': None}
+            if rs[0][1].get('masks') is not None and model == 'csn_learned':
+                d['masks'] = mask_summary([mask_stats(r['masks']) for _, r in rs])
+                d['masks_start'] = mask_summary([mask_stats(r['masks_start']) for _, r in rs])
+                d['masks_change'] = [mask_change(r['masks'], r['masks_start']) for _, r in rs]
+    return out
 
 
 def mask_stats(masks):
@@ -344,17 +446,138 @@ def mask_stats(masks):
             'active': active.sum(1).tolist()}
 
 
+def mask_summary(stats):
+    """The form of reproduce.json's "masks": mean and sd of the fraction under and of the overlap, and each seed's."""
+    return {'sparse': mean_std([s['sparse'] for s in stats]), 'overlap': mean_std([s['overlap'] for s in stats]),
+            'per_seed': stats}
+
+
+def mask_change(masks, start):
+    """Mean absolute change of the masks from their start, and the start's mean absolute value."""
+    m, s = np.asarray(masks, dtype=float), np.asarray(start, dtype=float)
+    return {'mean_abs_change': float(np.abs(m - s).mean()), 'start_mean_abs': float(np.abs(s).mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------- claims
+
+def claim_a(summary, budget):
+    """(a) the standard triplet network is the worst model."""
+    t = point(summary, 'triplet', budget)
+    others = [m for m in ('task', 'csn_fixed', 'csn_learned') if point(summary, m, budget)]
+    if t is None or not others:
+        return 'inconclusive', 'the standard triplet network or every other model is missing', []
+    results = [(m, *compare(point(summary, m, budget), t)) for m in others]
+    text = '; '.join(f'{TITLE[m]} {pct(point(summary, m, budget))} vs {pct(t)} % ({why}): {w}'
+                     for m, w, why, _ in results)
+    cis = [ci_entry([m, 'triplet'], pair) for m, _, _, pair in results if pair]
+    return combine([w for _, w, _, _ in results]), text, cis
+
+
+def claim_b(summary, budget):
+    """(b) a CSN is at least as good as the task-specific networks, with a quarter of their parameters."""
+    task = point(summary, 'task', budget)
+    csns = [m for m in ('csn_fixed', 'csn_learned') if point(summary, m, budget)]
+    if task is None or not csns:
+        return 'inconclusive', 'the task-specific networks or both CSNs are missing', []
+    results = [(m, *compare(point(summary, m, budget), task)) for m in csns]
+    ratio = summary['task'][budget]['parameters'] / summary[csns[0]][budget]['parameters']
+    text = ('; '.join(f'{TITLE[m]} {pct(point(summary, m, budget))} vs {pct(task)} % ({why}): {w}'
+                      for m, w, why, _ in results)
+            + f'; parameters: task-specific {summary["task"][budget]["parameters"]:,}, CSN '
+              f'{summary[csns[0]][budget]["parameters"]:,} ({ratio:.2f}x)')
+    cis = [ci_entry([m, 'task'], pair) for m, _, _, pair in results if pair]
+    return combine([w for _, w, _, _ in results]), text, cis
+
+
+def claim_c(summary, budgets):
+    """(c) learned masks need more triplets than fixed ones and catch up with them or pass them as the budget grows:
+    fixed ahead with the fewest triplets, the gap narrowing (paired by seed), and learned not behind with the most."""
+    have = [b for b in budgets if point(summary, 'csn_fixed', b) and point(summary, 'csn_learned', b)]
+    if len(have) < 2:
+        return 'inconclusive', 'needs both CSNs at two budgets or more', []
+    small, large = have[0], have[-1]
+    fixed_s, learned_s = point(summary, 'csn_fixed', small), point(summary, 'csn_learned', small)
+    fixed_l, learned_l = point(summary, 'csn_fixed', large), point(summary, 'csn_learned', large)
+    w_small, why_small, p_small = compare(fixed_s, learned_s)
+    w_large, why_large, p_large = compare(learned_l, fixed_l)
+    gap = lambda f, learned: {'seeds': f['seeds'], 'values': [  # fixed minus learned, per seed both have
+        dict(zip(f['seeds'], f['values']))[s] - dict(zip(learned['seeds'], learned['values'])).get(s, np.nan)
+        for s in f['seeds']]}
+    g_small, g_large = gap(fixed_s, learned_s), gap(fixed_l, learned_l)
+    for g in (g_small, g_large):
+        keep = [i for i, v in enumerate(g['values']) if np.isfinite(v)]
+        g['seeds'], g['values'] = [g['seeds'][i] for i in keep], [g['values'][i] for i in keep]
+    w_narrow, why_narrow, p_narrow = compare({**g_small, 'mean': float(np.mean(g_small['values']))},
+                                             {**g_large, 'mean': float(np.mean(g_large['values']))})
+    gaps = ', '.join(f'{b:,}: {(summary["csn_learned"][b]["accuracy_mean"] - summary["csn_fixed"][b]["accuracy_mean"]) * 100:+.2f}'
+                     for b in have)
+    text = (f'learned minus fixed, by training triplets: {gaps} points; fewest triplets, fixed above learned: '
+            f'{w_small} ({why_small}); the gap narrows from {small:,} to {large:,}: {w_narrow} ({why_narrow}); most '
+            f'triplets, learned above fixed: {w_large} ({why_large})')
+    cis = [ci_entry(['csn_fixed', 'csn_learned'], p_small, budget=small) if p_small else None,
+           ci_entry(['csn_learned', 'csn_fixed'], p_large, budget=large) if p_large else None,
+           ci_entry(['gap at ' + str(small), 'gap at ' + str(large)], p_narrow) if p_narrow else None]
+    cis = [c for c in cis if c]
+    if w_small == 'does not hold' or w_large == 'does not hold':
+        return 'does not hold', text, cis  # learned ahead with the fewest triplets, or still behind with the most
+    if w_small == 'holds' and w_narrow == 'holds' and p_large is not None:
+        return 'holds', text, cis  # behind with the fewest triplets, the gap closed, not behind with the most
+    return 'inconclusive', text, cis
+
+
+def claim_d(rows, budget):
+    """(d) learned masks are sparse and share dimensions between notions, judged against their own start: sparser than
+    the start (paired by seed) and sharing a small subset (overlap above 0.05 and below the start's, paired)."""
+    rs = sorted(((s, r) for (m, b, s), r in rows.items() if m == 'csn_learned' and b == budget), key=lambda t: t[0])
+    if not rs:
+        return 'inconclusive', 'no CSN with learned masks at this budget', None, [], None
+    seeds = [s for s, _ in rs]
+    stats = [mask_stats(r['masks']) for _, r in rs]
+    starts = [mask_stats(r['masks_start']) for _, r in rs]
+    change = [mask_change(r['masks'], r['masks_start']) for _, r in rs]
+    rel = [c['mean_abs_change'] / max(c['start_mean_abs'], 1e-12) for c in change]
+    val = lambda xs, key: {'seeds': seeds, 'values': [x[key] for x in xs], 'mean': float(np.mean([x[key] for x in xs]))}
+    w_sparse, why_sparse, p_sparse = compare(val(stats, 'sparse'), val(starts, 'sparse'))
+    w_less, why_less, p_less = compare(val(starts, 'overlap'), val(stats, 'overlap'))
+    sparse, shared = mean_std([s['sparse'] for s in stats]), mean_std([s['overlap'] for s in stats])
+    sparse0, shared0 = mean_std([s['sparse'] for s in starts]), mean_std([s['overlap'] for s in starts])
+    fixed = f'(fixed disjoint masks: {1 - 1 / len(stats[0]["active"]):.2f} under, overlap 0)'
+    text = (f'fraction of mask weights under 0.1 of their row\'s maximum {sparse[0]:.2f} ± {sparse[1]:.2f} (at their '
+            f'start {sparse0[0]:.2f} ± {sparse0[1]:.2f}); overlap (Jaccard of the dimensions at or above 0.1 of the '
+            f'maximum) between notions {shared[0]:.2f} ± {shared[1]:.2f} (at their start {shared0[0]:.2f} ± '
+            f'{shared0[1]:.2f}) {fixed}; mean absolute change from the start '
+            f'{np.mean([c["mean_abs_change"] for c in change]):.3f} ({np.mean(rel) * 100:.1f} % of the start\'s mean '
+            f'absolute value); sparser than the start: {w_sparse} ({why_sparse}); overlap below the start\'s: '
+            f'{w_less} ({why_less}); rule: sparse = sparser than the start by the interval, shared = overlap above 0.05 '
+            f'and below the start\'s by the interval')
+    cis = [ci_entry(['trained', 'start'], p_sparse, what='sparse') if p_sparse else None,
+           ci_entry(['start', 'trained'], p_less, what='overlap') if p_less else None]
+    masks = mask_summary(stats)
+    extra = {'masks_start': mask_summary(starts), 'masks_change': change}
+    if max(rel) < MOVED:
+        return 'inconclusive', text, masks, [c for c in cis if c], extra | {'reason': 'the masks did not train'}
+    if w_sparse == 'holds' and w_less == 'holds' and shared[0] > 0.05:
+        word = 'holds'
+    elif w_sparse == 'does not hold' or shared[0] <= 0.05 or w_less == 'does not hold':
+        word = 'does not hold'
+    else:
+        word = 'inconclusive'
+    return word, text, masks, [c for c in cis if c], extra
+
+
 def claim_e(probe):
     """(e) the CSN's features make better off-the-shelf features than the standard triplet network's."""
     if not probe:
-        return 'inconclusive', 'the probe was not run'
+        return 'inconclusive', 'the probe was not run', []
     t = probe.get('triplet')
     csns = [m for m in ('csn_fixed', 'csn_learned') if m in probe]
     if t is None or not csns:
-        return 'inconclusive', 'the standard triplet network or both CSNs are missing'
+        return 'inconclusive', 'the standard triplet network or both CSNs are missing', []
     results = [(m, *compare(probe[m], t)) for m in csns]
-    text = '; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}): {w}' for m, w, why in results)
-    return combine([w for _, w, _ in results]), text + untrained(probe.get('random'), [t, *(probe[m] for m in csns)])
+    text = '; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}): {w}' for m, w, why, _ in results)
+    cis = [ci_entry([m, 'triplet'], pair) for m, _, _, pair in results if pair]
+    return (combine([w for _, w, _, _ in results]), text + untrained(probe.get('random'), [t, *(probe[m] for m in csns)]),
+            cis)
 
 
 def untrained(random, trained):
@@ -371,28 +594,101 @@ def untrained(random, trained):
     return f'; randomly initialised backbone (untrained) {pct(random)} %, {where}'
 
 
-# ----------------------------------------------------------------------------------------------------------- report
+def false_verdict_rate(n):
+    """The rule's rate of a verdict ("holds" or "does not hold") for one comparison of two equal models, with n seeds:
+    the interval's 1 - CONFIDENCE when the seed differences are normal (half of it each way); none below two seeds."""
+    return 1 - CONFIDENCE if n >= 2 else 0.0
 
-def run_probe(args, rows, budget):
-    """Claim (e): the linear probe on each run's frozen backbone at `budget`, and on a random backbone per seed."""
+
+# ----------------------------------------------------------------------------------------------------------- probes
+
+NO_LABEL = 'no label for a probe in this dataset (fonts: the test families and the pitch; Zappos: the brand)'
+
+
+def ensure_probes(args, rows, budget):
+    """Claim (e)'s probes on every run at `budget` but the task-specific networks (a backbone per notion), and on a
+    random backbone per seed: read from the records, computed and added to them where a checkpoint is there (a record's
+    "probe" is {} where the dataset has no label to probe). Returns ({probe: {model: point}} or None, a note)."""
+    out, tasks, info = {}, None, None
+    runs = [(k, r) for k, r in sorted(rows.items()) if k[1] == budget and k[0] != 'task']
+    for (model, _, seed), r in runs:
+        if 'probe' not in r:
+            best = os.path.join(args.runs, r['run'], 'model_best.pth.tar')
+            if args.data is None or not os.path.exists(best):
+                continue
+            if tasks is None:
+                info, tasks = probe_setup(args)
+            from csnlib import probe
+            from csnlib.checkpoint import load_checkpoint
+            r['probe'] = probe.probe_checkpoint_all(load_checkpoint(best), info, tasks) if tasks else {}
+            write_json(record_path(args, r['run']), r)
+        for name, acc in r['probe'].items():
+            out.setdefault(name, {}).setdefault(model, {})[seed] = acc
+    if runs and all(r.get('probe') == {} for _, r in runs):
+        return None, NO_LABEL
+    for seed in sorted({k[2] for k, _ in runs}) if out else []:
+        rargs = runs[0][1]['args']
+        name = f'{args.prefix}_untrained_s{seed}_size{rargs["image_size"]}_d{rargs["dim_embed"]}'
+        rec = read_record(record_path(args, name))
+        if rec is None:
+            if args.data is None:
+                continue
+            if tasks is None:
+                info, tasks = probe_setup(args)
+            from csnlib import probe
+            rec = {'run': name, 'seed': seed, 'image_size': rargs['image_size'], 'dim_embed': rargs['dim_embed'],
+                   'probe': probe.probe_random_all(rargs, info, tasks, seed)}
+            write_json(record_path(args, name), rec)
+        for pname, acc in rec['probe'].items():
+            out.setdefault(pname, {}).setdefault('random', {})[seed] = acc
+    if not out:
+        return None, 'no probe: no record holds one, and no checkpoint or dataset is here to compute it'
+    points = {pname: {m: {'seeds': sorted(v), 'values': [v[s] for s in sorted(v)],
+                          **dict(zip(('mean', 'std'), mean_std([v[s] for s in sorted(v)]))), 'n': len(v)}
+                      for m, v in per.items()} for pname, per in out.items()}
+    return points, None
+
+
+def probe_setup(args):
     from csnlib import probe
     from triplet_image_loader import load_dataset_info
     info = load_dataset_info(args.data)
-    task = probe.probe_task(info)
-    if task is None:
-        return None, 'no label for a probe in this dataset (fonts: the test families; Zappos: the brand)'
-    acc = {}
-    for (model, b, seed), r in sorted(rows.items()):
-        if b == budget and model != 'task':
-            ck = torch.load(os.path.join(r['run'], 'model_best.pth.tar'), map_location='cpu', weights_only=True)
-            acc.setdefault(model, []).append(probe.probe_checkpoint(ck, info, task))
-    seeds = sorted({s for (_, b, s) in rows if b == budget})
-    if seeds:
-        any_run = next(r for (_, b, _), r in rows.items() if b == budget)
-        ck = torch.load(os.path.join(any_run['run'], 'model_best.pth.tar'), map_location='cpu', weights_only=True)
-        acc['random'] = [probe.probe_random(ck['args'], info, task, seed) for seed in seeds]
-    out = {m: dict(zip(('mean', 'std'), mean_std(v)), n=len(v), values=v) for m, v in acc.items()}
-    return out, task['description']
+    return info, probe.probe_tasks(info)
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+
+def collect(args, grid_runs):
+    """The records of the grid's runs: {(model, budget, seed): record}."""
+    rows = {}
+    for model, budget, seed, lr in grid_runs:
+        rec = read_record(record_path(args, run_name(args, model, budget, seed, lr)))
+        if rec is not None and record_done(rec, epochs_for(args, budget)):
+            rows[(model, budget, seed)] = rec
+    return rows
+
+
+def sweep_table(args):
+    """The sweep's records: ({lr: {model: record}}, the chosen rate or None, why)."""
+    if not args.sweep_lrs:
+        return {}, None, 'no sweep'
+    table = {}
+    for model, budget, seed, lr in sweep_grid(args):
+        rec = read_record(record_path(args, run_name(args, model, budget, seed, lr)))
+        if rec is not None:
+            table.setdefault(lr, {})[model] = rec
+    models = [m for m in (x[0] for x in MODELS) if m in args.models]
+    complete = {lr: per for lr, per in table.items() if all(m in per for m in models)}
+    if len(complete) < len(args.sweep_lrs):
+        return table, None, f'the sweep is not finished ({len(complete)} of {len(args.sweep_lrs)} rates)'
+    score = {lr: float(np.mean([per[m]['best_val_acc'] for m in models])) for lr, per in complete.items()}
+    best = max(score, key=score.get)
+    own = {m: max(complete, key=lambda lr, m=m: complete[lr][m]['best_val_acc']) for m in models}
+    why = (f'the best mean validation accuracy over the {len(models)} models ({score[best] * 100:.2f} %) at '
+           f'{args.sweep_budget:,} triplets, seed {args.seeds[0]}; one rate for every model, so that no model is tuned '
+           f'more than another; each model\'s own best: '
+           + ', '.join(f'{TITLE[m]} {lr_tag(lr)}' for m, lr in own.items()))
+    return table, best, why
 
 
 def write_curve(summary, budgets, path):
@@ -421,21 +717,23 @@ def write_curve(summary, budgets, path):
 
 
 def write_mask_figure(rows, budget, notions, path):
-    """The learned masks of every seed at `budget` beside the fixed disjoint ones, one heat map each."""
+    """Each learned-mask run's start and trained masks at `budget` (and a fixed-mask run's), one heat map each."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    found = sorted(((m, s), r['masks']) for (m, b, s), r in rows.items() if b == budget and r['masks'] is not None)
+
+    from csnlib.pictures import draw_masks
+    found = []
+    for (m, b, s), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+        if b == budget and r.get('masks') is not None:
+            if m == 'csn_learned':
+                found.append((f'{TITLE[m]}, seed {s}, start', r['masks_start']))
+            found.append((f'{TITLE[m]}, seed {s}' + (', trained' if m == 'csn_learned' else ''), r['masks']))
     if not found:
         return False
     fig, axes = plt.subplots(len(found), 1, figsize=(8, 1.0 + 0.45 * len(notions) * len(found)), squeeze=False)
-    for ax, ((model, seed), masks) in zip(axes[:, 0], found):
-        m = np.asarray(masks)
-        im = ax.imshow(m, aspect='auto', cmap='viridis', interpolation='nearest')
-        ax.set_yticks(range(len(notions)), notions)
-        ax.set_title(f'{TITLE[model]}, seed {seed}', fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.02)
-    axes[-1, 0].set_xlabel('embedding dimension')
+    for ax, (title, masks) in zip(axes[:, 0], found):
+        draw_masks(ax, masks, notions, title, xlabel=ax is axes[-1, 0], title_size=9, fraction=0.02)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -447,19 +745,29 @@ def pm(mean, std, n):
     return f'{mean * 100:.2f}' if n < 2 else f'{mean * 100:.2f} ± {std * 100:.2f}'
 
 
+CLAIMS = {'a': 'the standard triplet network is the worst model',
+          'b': 'a CSN is at least as good as the task-specific networks, with a quarter of their parameters',
+          'c': 'learned masks need more triplets than fixed ones and catch up with them or pass them as the budget grows',
+          'd': 'learned masks are sparse and share dimensions between notions',
+          'e': 'the CSN\'s features are better off-the-shelf features than the standard triplet network\'s'}
+
+
 def markdown(rep):
     budgets = rep['budgets']
     top = str(budgets[-1])
     models = [m for m in (x[0] for x in MODELS) if top in rep['models'].get(m, {})]
     notions = list(rep['models'][models[0]][top]['per_notion_mean']) if models else []
     s = rep['settings']
-    L = [f'# The CSN paper\'s claims on {rep["data"]}', '',
-         f'Triplet prediction accuracy (%) on the test triplets, from each run\'s best checkpoint (by validation '
-         f'accuracy): mean ± standard deviation over the seeds of the last column (asked for: '
-         f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
-         f'{int(top):,} training triplets. The paper\'s error is on Zappos50k (64-d, 200k triplets), for the ordering only.',
-         '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | paper error (Zappos50k) | seeds |',
-         '|---|' + '---:|' * (len(notions) + 5)]
+    forwards = ('three backbone calls per step, as the original' if s.get('three_forwards') else
+                'one backbone call per step for anchors, fars and closes (main.py\'s default; the original makes three)')
+    L = [f'# The CSN paper\'s claims on {rep["data"]}', '']
+    L += sweep_markdown(rep)
+    L += [f'Triplet prediction accuracy (%) on the test triplets, from each run\'s best checkpoint (by validation '
+          f'accuracy): mean ± standard deviation over the seeds of the last column (asked for: '
+          f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
+          f'{int(top):,} training triplets. The paper\'s error is on Zappos50k (64-d, 200k triplets), for the ordering only.',
+          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | paper error (Zappos50k) | seeds |',
+          '|---|' + '---:|' * (len(notions) + 5)]
     for m in models:
         d = rep['models'][m][top]
         k = len(d['seeds'])
@@ -469,8 +777,7 @@ def markdown(rep):
                    f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {dict((x[0], x[3]) for x in MODELS)[m]:.2f} | '
                    f'{", ".join(map(str, d["seeds"]))} |')
     L += ['', 'Test error (%) against training triplets (mean ± sd over seeds; the number of seeds in brackets):', '',
-          '| model | ' + ' | '.join(f'{b:,} ({rep["epochs"][str(b)]} ep.)' for b in budgets) + ' |',
-          '|---|' + '---:|' * len(budgets)]
+          '| model | ' + ' | '.join(f'{b:,}' for b in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
     for m, title, _, _ in MODELS:
         if m not in rep['models']:
             continue
@@ -480,93 +787,222 @@ def markdown(rep):
             cells.append(f'{pm(1 - d["accuracy_mean"], d["accuracy_std"], len(d["seeds"]))} ({len(d["seeds"])})'
                          if d else '')
         L.append(f'| {title} | ' + ' | '.join(cells) + ' |')
-    L += ['', '![error against training triplets](curve.png)', '', '## The claims', '',
-          'Rule: a difference within one standard deviation over seeds (the larger of the two models\') is '
-          '"inconclusive", and so is a difference from a single seed. Nothing was tuned per model.', '']
-    names = {'a': 'the standard triplet network is the worst model',
-             'b': 'a CSN is at least as good as the task-specific networks, with a quarter of their parameters',
-             'c': 'learned masks need more triplets than fixed ones and catch up with them or pass them as the budget grows',
-             'd': 'learned masks are sparse and share dimensions between notions',
-             'e': 'the CSN\'s features are better off-the-shelf features than the standard triplet network\'s'}
+    L += ['', '![error against training triplets](curve.png)', '',
+          'How each run stopped, per seed: epochs trained / best epoch / reason (plateau: no better validation accuracy '
+          f'for {rep["patience"]} epochs; cap: still improving at --epochs {rep["epochs_cap"]}; seen: the equal-compute '
+          'budget of --seen):', '', '| model | budget | seeds | epochs trained | best epoch | stopped |',
+          '|---|---:|---|---|---|---|']
+    for m, title, _, _ in MODELS:
+        for b in budgets:
+            d = rep['models'].get(m, {}).get(str(b))
+            if d:
+                L.append(f'| {title} | {b:,} | {", ".join(map(str, d["seeds"]))} | '
+                         f'{", ".join(map(str, d["epochs_trained"]))} | {", ".join(map(str, d["best_epoch"]))} | '
+                         f'{", ".join(d["stopped"])} |')
+    L += ['', '## The claims', '',
+          f'Rule: models are compared paired by seed (a seed gives every model the same triplets): the mean difference '
+          f'with its {CONFIDENCE:.0%} confidence interval over the seeds (t distribution) and a paired t-test. A claim '
+          f'"holds" or "does not hold" only when the interval excludes zero; otherwise, or from a single seed, it is '
+          f'"inconclusive". For one comparison of two equal models the rule gives a false verdict '
+          f'{false_verdict_rate(2):.0%} of the time ({false_verdict_rate(2) / 2:.1%} each way), whatever the number of '
+          f'seeds; more seeds narrow the interval, so that real differences are found. A claim that rests on a run '
+          f'stopped by the cap is "inconclusive: not converged". Nothing was tuned per model.', '']
     for k in 'abcde':
-        L.append(f'- **({k}) {names[k]}: {rep["claims"][k]}.** {rep["claims_detail"][k]}.')
+        why = rep['claims_reason'].get(k)
+        L.append(f'- **({k}) {CLAIMS[k]}: {rep["claims"][k]}{": " + why if why else ""}.** {rep["claims_detail"][k]}.')
+    for pname, p in (rep.get('probes') or {}).items():
+        L.append(f'- (e) on {p["description"]}: ' + '; '.join(f'{TITLE.get(m, "randomly initialised backbone")} {pct(v)} %'
+                                                             for m, v in p['points'].items()) + '.')
     if rep.get('probe_task'):
         L += ['', f'Probe of claim (e): {rep["probe_task"]}.']
     if rep.get('masks_figure'):
         L += ['', '![masks](masks.png)']
     L += ['', f'Command: `{rep["command"]}`', '',
-          f'Settings (the same for every model): {s["dim_embed"]}-d embedding, batch {s["batch_size"]}, lr {s["lr"]}, '
-          f'margin {s["margin"]}, image size {s["image_size"]}, backbone '
-          f'{"random init" if s["no_pretrained"] else "ImageNet ResNet-18"}, horizontal flips {s["hflip"]}'
-          + (f'; main.py flags: `{shlex.join(rep["passed_to_main"])}`' if rep['passed_to_main'] else '') + '.', '',
+          f'Settings (the same for every model): {s["dim_embed"]}-d embedding, batch {s["batch_size"]} (main.py\'s '
+          f'default, the original\'s, is 256), lr {lr_tag(s["lr"])} ({rep["lr_choice"]}), margin {s["margin"]}, image '
+          f'size {s["image_size"]}, backbone {"random init" if s["no_pretrained"] else "ImageNet ResNet-18"}, horizontal '
+          f'flips {s["hflip"]}, {forwards}; the '
+          f'task-specific networks train in one optimizer, each on its notion\'s share of every batch (about a quarter '
+          f'with four notions)' + (f'; main.py flags: `{shlex.join(rep["passed_to_main"])}`' if rep['passed_to_main']
+                                   else '') + '.', '',
           f'Runs finished: {rep["runs_finished"]} of {rep["runs_planned"]}; training and testing took '
           f'{rep["wall_s"] / 3600:.2f} h of this machine in all (as run, summed over runs).', '']
     return '\n'.join(L)
 
 
-def report(args, passthrough, settings, t_start):
+def sweep_markdown(rep):
+    sw = rep.get('sweep')
+    if not sw or not sw['table']:
+        return []
+    models = [m for m in (x[0] for x in MODELS) if any(m in per for per in sw['table'].values())]
+    L = [f'Learning-rate sweep: best validation accuracy (%) at {sw["budget"]:,} training triplets, seed {sw["seed"]} '
+         f'(epochs trained, stop reason):', '', '| lr | ' + ' | '.join(TITLE[m] for m in models) + ' | mean |',
+         '|---|' + '---:|' * (len(models) + 1)]
+    for lr, per in sorted(sw['table'].items(), key=lambda kv: float(kv[0])):
+        cells = [f'{per[m]["best_val_acc"] * 100:.2f} ({per[m]["epochs_trained"]}, {per[m]["stopped"]})' if m in per
+                 else '' for m in models]
+        mean = f'{np.mean([per[m]["best_val_acc"] for m in models]) * 100:.2f}' if all(m in per for m in models) else ''
+        L.append(f'| {lr_tag(float(lr))} | ' + ' | '.join(cells) + f' | {mean} |')
+    return L + ['', f'The study uses lr {lr_tag(sw["chosen"]) if sw["chosen"] else "(none yet)"}: {sw["why"]}.', '']
+
+
+def rests_on_cap(rows, keys):
+    return any(rows[k]['stopped'] == 'cap' for k in keys if k in rows)
+
+
+def report(args, passthrough, settings, lr, lr_choice, t_start):
     budgets = sorted(args.budgets)
     models = [m for m in (x[0] for x in MODELS) if m in args.models]
-    rows = collect(args, lambda b: epochs_for(args, b))
+    rows = collect(args, grid(args, lr)) if lr is not None else {}
     summary = summarise(rows, models, budgets)
     top = max([b for b in budgets if any(b in summary.get(m, {}) for m in models)], default=budgets[-1])
-    probe, probe_task = (None, 'not run (--no-probe)') if args.no_probe else run_probe(args, rows, top)
-    claims, detail = {}, {}
-    claims['a'], detail['a'] = claim_a(summary, top)
-    claims['b'], detail['b'] = claim_b(summary, top)
-    claims['c'], detail['c'] = claim_c(summary, budgets)
-    claims['d'], detail['d'], masks = claim_d(rows, top)
-    claims['e'], detail['e'] = claim_e(probe)
+    probes, probe_note = (None, 'not run (--no-probe)') if args.no_probe else ensure_probes(args, rows, top)
+    probe = None
+    if probes:
+        from csnlib.probe import PROBE_FOR_CLAIM
+        probe = probes.get(PROBE_FOR_CLAIM) or next(iter(probes.values()))
+    claims, detail, cis, reason = {}, {}, {}, {}
+    claims['a'], detail['a'], cis['a'] = claim_a(summary, top)
+    claims['b'], detail['b'], cis['b'] = claim_b(summary, top)
+    claims['c'], detail['c'], cis['c'] = claim_c(summary, budgets)
+    claims['d'], detail['d'], masks, cis['d'], mask_extra = claim_d(rows, top)
+    claims['e'], detail['e'], cis['e'] = claim_e(probe)
+    have = [b for b in budgets if b in summary.get('csn_fixed', {}) and b in summary.get('csn_learned', {})]
+    rests = {'a': [k for k in rows if k[1] == top], 'b': [k for k in rows if k[1] == top and k[0] != 'triplet'],
+             'c': [k for k in rows if k[0] in ('csn_fixed', 'csn_learned') and have and k[1] in (have[0], have[-1])],
+             'd': [k for k in rows if k[0] == 'csn_learned' and k[1] == top],
+             'e': [k for k in rows if k[1] == top and k[0] != 'task']}
+    for k in 'abcde':
+        if cis[k] and rests_on_cap(rows, rests[k]):  # a claim with numbers behind it, one of them from a capped run
+            claims[k], reason[k] = 'inconclusive', 'not converged'
+    if mask_extra and mask_extra.get('reason'):
+        reason['d'] = mask_extra['reason']
     out_dir = args.out_dir or os.path.join(args.runs, 'reproduce')
     os.makedirs(out_dir, exist_ok=True)
-    from triplet_image_loader import load_dataset_info
-    notions = load_dataset_info(args.data).notions
-    rep = {'command': shlex.join(['python', 'reproduce.py', *sys.argv[1:]]), 'data': args.data, 'budgets': budgets,
-           'seeds': args.seeds, 'epochs': {str(b): epochs_for(args, b) for b in budgets}, 'settings': settings,
-           'passed_to_main': passthrough,
+    notions = next((r['notions'] for r in rows.values() if r.get('notions')), None) or []
+    table, _, _ = sweep_table(args)
+    probe_descriptions = {}
+    if probes:
+        from csnlib.probe import DESCRIPTIONS
+        probe_descriptions = DESCRIPTIONS
+    rep = {'command': args.command, 'data': args.data or args.study_data,
+           'budgets': budgets, 'seeds': args.seeds + args.more_seeds, 'epochs': {str(b): epochs_for(args, b) for b in budgets},
+           'epochs_cap': args.epochs, 'patience': 0 if args.seen else args.patience, 'seen': args.seen,
+           'settings': {**settings, 'lr': lr}, 'lr_choice': lr_choice, 'passed_to_main': passthrough,
+           'sweep': {'budget': args.sweep_budget, 'seed': args.seeds[0], 'lrs': args.sweep_lrs, 'chosen': lr,
+                     'why': lr_choice,
+                     'table': {str(k): {m: {f: r[f] for f in ('best_val_acc', 'epochs_trained', 'best_epoch', 'stopped')}
+                                        for m, r in per.items()} for k, per in table.items()}},
            'models': {m: {str(b): v for b, v in d.items()} for m, d in summary.items()},
-           'claims': claims, 'claims_detail': detail, 'masks': masks, 'probe': probe, 'probe_task': probe_task,
-           'runs': {run_name(args, *k): v | {'masks': None} for k, v in sorted(rows.items())},
-           'runs_finished': len(rows), 'runs_planned': len(grid(args)),
+           'claims': claims, 'claims_detail': detail, 'claims_reason': reason, 'claims_ci': cis,
+           'false_verdict_rate': false_verdict_rate(2), 'masks': masks,
+           'masks_start': mask_extra and mask_extra['masks_start'], 'masks_change': mask_extra and mask_extra['masks_change'],
+           'probe': probe, 'probes': {p: {'description': probe_descriptions.get(p, p), 'points': v}
+                                      for p, v in (probes or {}).items()},
+           'probe_task': probe_note or (probe_descriptions.get('family') if probes else None),
+           'runs': {r['run']: {k: v for k, v in r.items() if k not in ('masks', 'masks_start', 'metrics')}
+                    for _, r in sorted(rows.items())},
+           'runs_finished': len(rows), 'runs_planned': len(grid(args, lr)),
            'wall_s': round(sum(r['train_s'] + r['test_s'] for r in rows.values()), 1),
            'this_call_s': round(time.time() - t_start, 1)}
     if summary:
         write_curve(summary, budgets, os.path.join(out_dir, 'curve.png'))
     rep['masks_figure'] = write_mask_figure(rows, top, notions, os.path.join(out_dir, 'masks.png'))
-    with open(os.path.join(out_dir, 'reproduce.json'), 'w') as f:
-        json.dump(rep, f, indent=2)
-    text = markdown(rep) if summary else f'# No finished run yet in {args.runs}\n'
-    with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+    write_json(os.path.join(out_dir, 'reproduce.json'), rep, indent=2)
+    text = markdown(rep) if summary else ('\n'.join([f'# No finished run of the study yet in {args.results}', '',
+                                                     *sweep_markdown(rep)]) + '\n')
+    with atomic_open(os.path.join(out_dir, 'report.md')) as f:
         f.write(text)
-    print(f'\n{text}\nwrote {out_dir}/report.md, reproduce.json, curve.png'
-          f'{", masks.png" if rep["masks_figure"] else ""} ({rep["this_call_s"]:.0f} s)')
+    print(f'\n{text}\nwrote {out_dir}/report.md, reproduce.json'
+          f'{", curve.png" if summary else ""}{", masks.png" if rep["masks_figure"] else ""} ({rep["this_call_s"]:.0f} s)')
     return rep
+
+
+def study_file(args):
+    return os.path.join(args.results, 'study.json')
 
 
 def reproduce(args, passthrough):
     t_start = time.time()
-    settings = main_settings(args, passthrough)
+    settings, lr_given = main_settings(args, passthrough)
     if not args.report_only:
-        top = max(args.budgets)
-        first_seed = args.seeds[0]
-        for model, budget, seed in grid(args):
-            train_and_test(args, passthrough, settings, model, budget, seed, budget == top and seed == first_seed)
-    report(args, passthrough, settings, t_start)
+        write_json(study_file(args), {'command': args.command, 'data': args.data, 'budgets': args.budgets, 'seeds': args.seeds, 'more_seeds': args.more_seeds,
+                                  'models': args.models,
+                                      'prefix': args.prefix, 'sweep_lrs': args.sweep_lrs,
+                                      'sweep_budget': args.sweep_budget, 'patience': args.patience,
+                                      'epochs': args.epochs, 'seen': args.seen, 'passed_to_main': passthrough,
+                                      'lr_given': lr_given, 'lr': settings['lr'], 'settings': settings}, indent=2)
+    if lr_given:
+        lr, why = settings['lr'], 'passed to main.py (--lr), no sweep'
+        args.sweep_lrs = []
+    else:
+        if not args.report_only:
+            for model, budget, seed, sweep_lr in sweep_grid(args):
+                train_and_test(args, passthrough, settings, model, budget, seed, sweep_lr, False)
+        _, lr, why = sweep_table(args)
+    if not args.report_only and not args.sweep_only and lr is not None:
+        top, first_seed = max(args.budgets), args.seeds[0]
+        for model, budget, seed, run_lr in grid(args, lr):
+            train_and_test(args, passthrough, settings, model, budget, seed, run_lr, budget == top and seed == first_seed)
+    report(args, passthrough, {**settings, 'lr': lr}, lr, why, t_start)
     return 0
+
+
+def fill_from_study(args, passthrough):
+    """--report-only: the grid, flags and main.py settings of the study that wrote --results (study.json), where the
+    command line does not give them. Returns the passed-through flags."""
+    study = read_record(study_file(args))
+    if study is None:
+        if args.budgets is None:
+            raise UserError(f'--report-only: {study_file(args)} not found; give --results the study\'s records folder '
+                            f'or the study\'s --budgets and --seeds')
+        return passthrough
+    for k in ('budgets', 'seeds', 'models', 'sweep_budget'):
+        if getattr(args, k) is None:
+            setattr(args, k, study[k])
+    args.more_seeds = args.more_seeds or study.get('more_seeds', [])
+    for k in ('patience', 'epochs', 'seen', 'sweep_lrs'):
+        setattr(args, k, study[k])
+    args.prefix, args.command = study['prefix'], study.get('command', args.command)
+    args.study_data = study.get('data', args.results)
+    return passthrough or study['passed_to_main']
 
 
 def main(argv=None):
     from csnlib.options import main_parser
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args, passthrough = parser.parse_known_args(argv)
-    if len(set(args.budgets)) != len(args.budgets) or len(set(args.seeds)) != len(args.seeds):
+    args.command, args.study_data = shlex.join(['python', 'reproduce.py', *argv]), args.results
+    if args.report_only:
+        if args.results is None and args.data is None:
+            parser.error('--report-only needs --results DIR (the records, e.g. results/fonts) or --data')
+        if args.results is None:
+            args.results = default_results(args.data)
+        passthrough = fill_from_study(args, passthrough)
+    elif args.data is None:
+        parser.error('--data DIR is needed to train (or --report-only --results DIR)')
+    args.budgets = args.budgets or [100000]
+    args.seeds = args.seeds if args.seeds is not None else [1]
+    args.models = args.models or [m[0] for m in MODELS]
+    if len(set(args.budgets)) != len(args.budgets) or len(set(args.seeds + args.more_seeds)) != len(args.seeds +
+                                                                                                    args.more_seeds):
         parser.error('--budgets and --seeds take distinct values')
+    args.sweep_budget = args.sweep_budget or sorted(args.budgets)[len(args.budgets) // 2]
+    if args.results is None:
+        args.results = default_results(args.data)
     # main.py's flags are checked now, with its own ranges, not when the first run starts
     passed_on = main_parser()
     passed_on.error = lambda message: parser.error(f'{message} (passed on to main.py)')
-    passed_on.parse_args(['--data', args.data, *passthrough])
+    passed_on.parse_args(['--data', args.data or 'data', *passthrough])
     return reproduce(args, passthrough)
 
 
+def default_results(data):
+    """results/DATASET (the dataset's name in its dataset.json, e.g. fonts)."""
+    from triplet_image_loader import load_dataset_info
+    return os.path.join('results', load_dataset_info(data).name)
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, in_process
+from conftest import REPO, error_line, in_process
 
 # main.py flags for a tiny budget: 64 training triplets (2 steps of 32), 40 val and 40 test triplets, 32 px images
 TINY = ['--no-pretrained', '--image-size', '32', '--batch-size', '32', '--num_valtriplets', '40',
@@ -65,92 +65,223 @@ def test_plan_reads_the_run_folder(tmp_path):
     assert plan(str(run), 3)[0] == 'reuse'
     os.utime(run / 'model_best.pth.tar', (t + 5, t + 5))  # a newer best checkpoint than the results
     assert plan(str(run), 3)[0] == 'test'
+    torch.save({'next_epoch': 4, 'next_step': 0, 'args': {}, 'stopped': 'plateau'}, run / 'checkpoint.pth.tar')
+    assert plan(str(run), 10)[0] == 'test'                              # stopped at a plateau: not trained on
 
 
 @pytest.mark.slow
 def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(shapes_data, tmp_path, monkeypatch):
-    runs = tmp_path / 'runs'
-    common = ['--data', shapes_data, '--runs', runs, '--budgets', 64, 32, '--seeds', 1, 2, '--seen', 64, *TINY]
+    runs, results = tmp_path / 'runs', tmp_path / 'results'
+    common = ['--data', shapes_data, '--runs', runs, '--results', results, '--budgets', 64, 32, '--seeds', 1, 2,
+              '--seen', 64, *TINY]
     p = reproduce(*common, monkeypatch=monkeypatch)
     cmds = launched(p.stdout)
     assert len(cmds) == 32 and sum('--test' in c for c in cmds) == 16
     train = [c for c in cmds if '--test' not in c]
     # seed by seed, the largest budget first, the four models at each: the same triplets, epochs and seed for every
-    # model at a budget
+    # model at a budget; --lr passed on: no sweep, every run at that rate
     assert ['--seed 1' in c for c in train] == [True] * 8 + [False] * 8
     assert all('--num_traintriplets 64 ' in c and '--epochs 1' in c for c in train[:4])
     assert all('--num_traintriplets 32 ' in c and '--epochs 2' in c for c in train[4:8])
+    assert all('--patience 0' in c and '--lr 0.001' in c for c in train)  # --seen: equal compute, no plateau rule
     assert '--model task' in train[1] and '--learned' in train[3]
     pictures = [c for c in cmds if '--test' in c and '--pictures' in c.split()]
-    assert len(pictures) == 4 and all('_n64_s1/' in c for c in pictures)  # the largest budget's first seed only
+    assert len(pictures) == 4 and all('_n64_s1_lr1e-3/' in c for c in pictures)  # the largest budget's first seed
     rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
     assert set(rep['models']) == {'triplet', 'task', 'csn_fixed', 'csn_learned'}
     for model, per_budget in rep['models'].items():
         assert set(per_budget) == {'32', '64'}
         for b, d in per_budget.items():
-            accs = [json.load(open(runs / f'repro_{model}_n{b}_s{s}' / 'test_results.json'))['accuracy'] for s in (1, 2)]
+            name = f'repro_{model}_n{b}_s{{}}_lr1e-3'
+            accs = [json.load(open(runs / name.format(s) / 'test_results.json'))['accuracy'] for s in (1, 2)]
             assert d['seeds'] == [1, 2] and d['accuracy'] == accs
             assert d['accuracy_mean'] == pytest.approx(np.mean(accs))
             assert d['accuracy_std'] == pytest.approx(np.std(accs, ddof=1))
             assert set(d['per_notion_mean']) == {'colour', 'shape'}
-    assert set(rep['claims']) == set('abcde')
+            assert d['stopped'] == ['seen', 'seen'] and d['epochs_trained'] == [64 // int(b)] * 2
+            for s_, best in zip((1, 2), d['best_epoch']):                # the record says what the run did
+                rec = json.load(open(results / f'{name.format(s_)}.json'))
+                metrics = [json.loads(x) for x in open(runs / name.format(s_) / 'metrics.jsonl')]
+                assert rec['metrics'] == metrics and rec['test']['accuracy'] == accs[s_ - 1]
+                assert best == max(metrics, key=lambda m: m['val_acc'])['epoch']
+                assert (rec['masks'] is None) == (model in ('triplet', 'task'))
+            learned = model == 'csn_learned'
+            assert (d['masks_start'] is not None) == learned and (d['masks_change'] is not None) == learned
+    assert set(rep['claims']) == set('abcde') and set(rep['claims_ci']) == set('abcde')
     assert all(v in ('holds', 'does not hold', 'inconclusive') for v in rep['claims'].values())
+    for entry in rep['claims_ci']['a']:                                # in points, from the per-seed accuracies
+        a, b = (rep['models'][m]['64']['accuracy'] for m in entry['models'])
+        assert entry['difference'] == pytest.approx(100 * (np.mean(a) - np.mean(b)))
+        assert entry['ci95'][0] <= entry['difference'] <= entry['ci95'][1]
     assert rep['claims']['e'] == 'inconclusive' and 'no label for a probe' in rep['probe_task']
     assert rep['masks']['per_seed'] and len(rep['masks']['per_seed']) == 2
+    assert len(rep['masks_start']['per_seed']) == 2 and len(rep['masks_change']) == 2
     ratio = rep['models']['task']['64']['parameters'] / rep['models']['csn_fixed']['64']['parameters']
     assert 1.9 < ratio < 2.1                                            # two notions: two backbones against one
     for f in ('report.md', 'curve.png', 'masks.png'):
         assert os.path.getsize(runs / 'reproduce' / f) > 500
     text = (runs / 'reproduce' / 'report.md').read_text()
-    for s in ('standard triplet network', 'CSN, learned masks', '| colour | shape | overall |', '(a) the standard',
-              '(e) the CSN', 'Runs finished: 16 of 16', '| 1, 2 |', ' ± '):
-        assert s in text, text
+    for s_ in ('standard triplet network', 'CSN, learned masks', '| colour | shape | overall |', '(a) the standard',
+               '(e) the CSN', 'Runs finished: 16 of 16', '| 1, 2 |', ' ± ', '95 % CI', 'seen, seen',
+               'false verdict 5%'):
+        assert s_ in text, text
 
-    name = 'repro_task_n32_s2'
-    stamps = {d: os.stat(runs / d / 'test_results.json').st_mtime_ns for d in os.listdir(runs) if d.startswith('repro_')}
+    # a fresh clone: the records alone rebuild the same report, with no dataset, run or checkpoint
+    clone = tmp_path / 'clone'
+    clone.mkdir()
+    os.rename(results, clone / 'results')
+    p = reproduce('--report-only', '--results', clone / 'results', '--out-dir', clone / 'report', monkeypatch=monkeypatch)
+    assert launched(p.stdout) == []
+    assert (clone / 'report' / 'report.md').read_text() == text
+    assert all(os.path.getsize(clone / 'report' / f) > 500 for f in ('curve.png', 'masks.png'))
+    os.rename(clone / 'results', results)
+
+    # the same command again: the recorded runs are not trained again, even with their run folders gone (a study
+    # continued on another machine)
+    name = 'repro_task_n32_s2_lr1e-3'
+    os.rename(runs, tmp_path / 'runs_aside')
     p = reproduce(*common, monkeypatch=monkeypatch)
-    assert launched(p.stdout) == [] and p.stdout.count('finished, reused') == 16
+    assert launched(p.stdout) == [] and p.stdout.count('recorded, not trained again') == 16
+    os.rename(runs, tmp_path / 'report_aside')
+    os.rename(tmp_path / 'runs_aside', runs)
+    stamps = {d: os.stat(runs / d / 'test_results.json').st_mtime_ns for d in os.listdir(runs) if d.startswith('repro_')}
+    # a run without a record or test results is only tested
+    os.remove(results / f'{name}.json')
     os.remove(runs / name / 'test_results.json')
     p = reproduce(*common, monkeypatch=monkeypatch)
     cmds = launched(p.stdout)
     assert len(cmds) == 1 and '--test' in cmds[0] and f'{name}/model_best.pth.tar' in cmds[0]
     assert all(os.stat(runs / d / 'test_results.json').st_mtime_ns == t for d, t in stamps.items() if d != name)
+    assert (results / f'{name}.json').exists()
 
     # more compute for the same budgets: every run continues from its checkpoint, only the new epochs are trained
-    p = reproduce('--data', shapes_data, '--runs', runs, '--budgets', 64, 32, '--seeds', 1, '--seen', 128, *TINY,
-                  '--models', 'csn_fixed', monkeypatch=monkeypatch)
+    p = reproduce('--data', shapes_data, '--runs', runs, '--results', results, '--budgets', 64, 32, '--seeds', 1,
+                  '--seen', 128, *TINY, '--models', 'csn_fixed', monkeypatch=monkeypatch)
     cmds = launched(p.stdout)
     assert len(cmds) == 4 and all('--resume' in c for c in cmds[::2])
-    assert 'repro_csn_fixed_n64_s1/checkpoint.pth.tar' in cmds[0] and 'repro_csn_fixed_n32_s1/checkpoint.pth.tar' in cmds[2]
-    with open(runs / 'repro_csn_fixed_n32_s1' / 'metrics.jsonl') as f:
+    assert 'repro_csn_fixed_n64_s1_lr1e-3/checkpoint.pth.tar' in cmds[0]
+    assert 'repro_csn_fixed_n32_s1_lr1e-3/checkpoint.pth.tar' in cmds[2]
+    with open(runs / 'repro_csn_fixed_n32_s1_lr1e-3' / 'metrics.jsonl') as f:
         assert [json.loads(line)['epoch'] for line in f] == [1, 2, 3, 4]
+    assert json.load(open(results / 'repro_csn_fixed_n32_s1_lr1e-3.json'))['epochs_trained'] == 4
+
+
+@pytest.mark.slow
+def test_the_sweep_picks_the_best_common_rate_and_runs_train_until_plateau(shapes_data, tmp_path, monkeypatch):
+    """Two rates for two models at the larger budget, until plateau (patience 1, cap 2); then the study at the chosen
+    rate, reusing the sweep's runs at that rate."""
+    runs, results = tmp_path / 'runs', tmp_path / 'results'
+    tiny = [f for f in TINY if f not in ('--lr', '1e-3')]
+    p = reproduce('--data', shapes_data, '--runs', runs, '--results', results, '--budgets', 64, 32, '--seeds', 1,
+                  '--models', 'triplet', 'csn_fixed', '--sweep-lrs', 1e-3, 3e-3, '--sweep-budget', 64, '--patience', 1,
+                  '--epochs', 2, '--no-probe', *tiny, monkeypatch=monkeypatch)
+    train = [c for c in launched(p.stdout) if '--test' not in c]
+    assert len(train) == 6 and all('--patience 1' in c and '--epochs 2' in c for c in train)
+    assert [c.split('--lr ')[1].split()[0] for c in train[:4]] == ['0.001', '0.001', '0.003', '0.003']
+    recs = {f[:-5]: json.load(open(results / f)) for f in os.listdir(results) if f.startswith('repro_')}
+    assert len(recs) == 6
+    for r in recs.values():                                            # the stop reason follows the plateau rule
+        assert r['stopped'] in ('plateau', 'cap') and r['epochs_trained'] == len(r['metrics'])
+        assert (r['stopped'] == 'plateau') == (r['epochs_trained'] - r['best_epoch'] >= 1)
+        assert r['metrics'][-1]['stopped'] == r['stopped'] and r['best_val_acc'] == max(m['val_acc'] for m in r['metrics'])
+    mean = {lr: np.mean([recs[f'repro_{m}_n64_s1_lr{lr}']['best_val_acc'] for m in ('triplet', 'csn_fixed')])
+            for lr in ('1e-3', '3e-3')}
+    chosen = max(mean, key=mean.get)
+    assert all(f'--lr {float(chosen)}' in c for c in train[4:]) and all('--num_traintriplets 32 ' in c for c in train[4:])
+    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    assert rep['settings']['lr'] == float(chosen) and rep['sweep']['chosen'] == float(chosen)
+    text = (runs / 'reproduce' / 'report.md').read_text()
+    assert f'The study uses lr {chosen}' in text and '| 1e-3 |' in text and '| 3e-3 |' in text
+    assert f'{mean[chosen] * 100:.2f} |' in text
+
+
+@pytest.mark.slow
+def test_masks_that_did_not_move_match_their_rebuilt_start(shapes_data, tmp_path, monkeypatch):
+    """A learned-mask run at a learning rate too small to move anything: its record's trained masks are the start
+    rebuilt from the seed, and claim (d) says the masks did not train."""
+    runs, results = tmp_path / 'runs', tmp_path / 'results'
+    tiny = [f for f in TINY if f not in ('--lr', '1e-3')]
+    reproduce('--data', shapes_data, '--runs', runs, '--results', results, '--budgets', 32, '--seeds', 1, 2, '--epochs',
+              1, '--models', 'csn_learned', '--no-probe', *tiny, '--lr', '1e-9', monkeypatch=monkeypatch)
+    for seed in (1, 2):
+        rec = json.load(open(results / f'repro_csn_learned_n32_s{seed}_lr1e-9.json'))
+        trained, start = np.array(rec['masks']), np.array(rec['masks_start'])
+        assert trained.shape == (2, 64) and np.abs(trained - start).max() < 1e-5
+    assert not np.allclose(json.load(open(results / 'repro_csn_learned_n32_s1_lr1e-9.json'))['masks_start'],
+                           json.load(open(results / 'repro_csn_learned_n32_s2_lr1e-9.json'))['masks_start'])
+    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    assert rep['claims']['d'] == 'inconclusive' and rep['claims_reason']['d'] == 'the masks did not train'
+    assert rep['masks_change'][0]['mean_abs_change'] < 1e-5
+    assert 'inconclusive: the masks did not train' in (runs / 'reproduce' / 'report.md').read_text()
 
 
 @pytest.mark.slow
 def test_the_real_command_line_trains_and_tests_in_child_processes(shapes_data, tmp_path):
     """The path the study above replaces: reproduce.py in a new Python, main.py in child processes, output kept."""
     runs = tmp_path / 'runs'
-    p = reproduce('--data', shapes_data, '--runs', runs, '--budgets', 32, '--seeds', 1, '--epochs', 1, '--models',
-                  'csn_fixed', '--no-probe', *TINY)
+    p = reproduce('--data', shapes_data, '--runs', runs, '--results', tmp_path / 'results', '--budgets', 32, '--seeds',
+                  1, '--epochs', 1, '--models', 'csn_fixed', '--no-probe', *TINY)
     cmds = launched(p.stdout)
     assert len(cmds) == 2 and all(c.startswith(os.path.join(REPO, 'main.py') + ' ') for c in cmds), cmds
-    run = runs / 'repro_csn_fixed_n32_s1'
+    run = runs / 'repro_csn_fixed_n32_s1_lr1e-3'
     res = json.load(open(run / 'test_results.json'))
     assert set(res['per_notion']) == {'colour', 'shape'}
     log = (run / 'reproduce.log').read_text()
     assert 'epoch   1' in log and 'test results of' in log  # the children's output, shown and kept
     assert 'Runs finished: 1 of 1' in (runs / 'reproduce' / 'report.md').read_text()
+    assert json.load(open(tmp_path / 'results' / 'repro_csn_fixed_n32_s1_lr1e-3.json'))['stopped'] == 'cap'
 
 
 def test_a_run_trained_with_other_settings_is_not_reused(shapes_data, tmp_path):
-    runs = tmp_path / 'runs' / 'repro_triplet_n64_s1'
+    runs = tmp_path / 'runs' / 'repro_triplet_n64_s1_lr1e-3'
     runs.mkdir(parents=True)
     torch.save({'next_epoch': 2, 'next_step': 0, 'args': {'num_traintriplets': 999, 'seed': 1}},
                runs / 'checkpoint.pth.tar')
     p = subprocess.run([sys.executable, os.path.join(REPO, 'reproduce.py'), '--data', shapes_data, '--runs',
-                        tmp_path / 'runs', '--epochs', '1', '--budgets', '64', '--models', 'triplet', *TINY],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0 and 'num_traintriplets 999' in p.stderr and 'another --prefix' in p.stderr
+                        tmp_path / 'runs', '--results', tmp_path / 'results', '--epochs', '1', '--budgets', '64',
+                        '--models', 'triplet', *TINY], capture_output=True, text=True, timeout=300)
+    line = error_line(p)                                                 # exit status 2, one line, no traceback
+    assert 'num_traintriplets 999' in line and 'another --prefix' in line
+    # a record made with other settings is refused the same way
+    (tmp_path / 'results').mkdir(exist_ok=True)
+    (tmp_path / 'results' / 'repro_triplet_n64_s1_lr1e-3.json').write_text(json.dumps(
+        {'args': {'num_traintriplets': 64, 'seed': 1, 'image_size': 64}, 'stopped': 'plateau', 'epochs_cap': 1}))
+    import reproduce as rp
+    line = error_line(in_process(rp.main, ['--data', shapes_data, '--runs', tmp_path / 'runs', '--results',
+                                           tmp_path / 'results', '--epochs', '1', '--budgets', '64', '--models',
+                                           'triplet', *TINY]))
+    assert 'repro_triplet_n64_s1_lr1e-3.json was trained with --image_size 64 (asked: 32)' in line
+    line = error_line(in_process(rp.main, ['--report-only', '--results', tmp_path / 'nothing']))
+    assert 'study.json not found' in line
+    line = error_line(in_process(rp.main, ['--data', shapes_data, '--results', tmp_path / 'r', '--name', 'x']))
+    assert '--name is set by reproduce.py itself' in line
+
+
+def test_signals_reach_main_and_its_mid_epoch_checkpoint(shapes_data, tmp_path):
+    """SIGTERM to reproduce.py (what a scheduler sends) is passed on to main.py, which saves its checkpoint and exits;
+    reproduce.py then exits 130 and leaves no process behind."""
+    import signal
+    cmd = [sys.executable, os.path.join(REPO, 'reproduce.py'), '--data', shapes_data, '--runs', tmp_path / 'runs',
+           '--results', tmp_path / 'results', '--budgets', '640', '--epochs', '50', '--patience', '0', '--models',
+           'csn_fixed', '--no-probe', *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    for line in proc.stdout:                                            # wait until main.py is training
+        if line.startswith('epoch 1 step'):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and 'SIGTERM passed on to main.py' in err, (out, err)
+    ck = torch.load(tmp_path / 'runs' / 'repro_csn_fixed_n640_s1_lr1e-3' / 'checkpoint.pth.tar', weights_only=True)
+    assert ck['stopped'] == 'interrupted' and ck['next_epoch'] == 1 and ck['next_step'] > 0
+    assert 'stopped: interrupted at epoch 1' in out
+    assert not (tmp_path / 'results' / 'repro_csn_fixed_n640_s1_lr1e-3.json').exists()
+
+
+def point_of(accs, seeds=None):
+    from reproduce import mean_std
+    seeds = seeds or list(range(1, len(accs) + 1))
+    return dict(zip(('mean', 'std'), mean_std(accs)), n=len(accs), seeds=seeds, values=list(accs))
 
 
 def summary_of(**models):
@@ -160,32 +291,83 @@ def summary_of(**models):
     for m, per in models.items():
         for b, accs in per.items():
             mu, sd = mean_std(accs)
-            out.setdefault(m, {})[b] = {'seeds': list(range(1, len(accs) + 1)), 'accuracy_mean': mu, 'accuracy_std': sd,
+            out.setdefault(m, {})[b] = {'seeds': list(range(1, len(accs) + 1)), 'accuracy': list(accs),
+                                        'accuracy_mean': mu, 'accuracy_std': sd,
                                         'parameters': 4_000_000 if m == 'task' else 1_000_000}
     return out
 
 
-def test_claims_follow_the_one_standard_deviation_rule():
-    from reproduce import claim_a, claim_b, claim_c, claim_e, compare, mean_std
-    p = lambda accs: dict(zip(('mean', 'std'), mean_std(accs)), n=len(accs))
+def test_the_paired_interval_and_test_against_the_arithmetic_written_out():
+    import math
+
+    from reproduce import paired
+    t975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}                           # the t table's 97.5 % points
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5):
+        a, b = rng.uniform(0.6, 0.8, n), rng.uniform(0.6, 0.8, n)
+        seeds = list(range(10, 10 + n))
+        shuffled = rng.permutation(n)                                   # pairing follows the seeds, not the order
+        got = paired(point_of(a, seeds), point_of(b[shuffled], [seeds[i] for i in shuffled]))
+        d = [a[i] - b[i] for i in range(n)]
+        mean = sum(d) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+        if n - 1 in t975:
+            half = t975[n - 1] * sd / math.sqrt(n)
+            assert got['ci95'] == pytest.approx([mean - half, mean + half], abs=1e-5)
+        assert got['difference'] == pytest.approx(mean) and got['n'] == n
+        # the two-sided p of the paired t-test: the t density integrated beyond |t| (trapezoids)
+        t, k = abs(mean) / (sd / math.sqrt(n)), n - 1
+        c = math.gamma((k + 1) / 2) / (math.sqrt(k * math.pi) * math.gamma(k / 2))
+        xs = t + np.linspace(0, 200, 200_001) ** 2                      # dense near t, out to t + 40000
+        ys = c * (1 + xs * xs / k) ** (-(k + 1) / 2)
+        tail = float(((ys[1:] + ys[:-1]) / 2 * np.diff(xs)).sum())
+        assert got['p'] == pytest.approx(2 * tail, abs=2e-4)
+    assert paired(point_of([0.7]), point_of([0.6])) is None             # one seed: no interval
+    assert paired(point_of([0.7, 0.8], [1, 2]), point_of([0.6, 0.5], [3, 4])) is None  # no seed in common
+
+
+def test_the_rule_gives_a_false_verdict_five_percent_of_the_time():
+    """Two equal models (seed differences normal around 0): the interval excludes zero in about 5 % of studies, half
+    each way, whatever the number of seeds; the one-standard-deviation rule it replaced, about one time in five."""
+    from reproduce import false_verdict_rate, paired, verdict
+    rng = np.random.default_rng(1)
+    for n in (3, 5):
+        words = [verdict(paired(point_of(a), point_of(b)))
+                 for a, b in zip(rng.normal(0.7, 0.01, (4000, n)), rng.normal(0.7, 0.01, (4000, n)))]
+        rate = sum(w != 'inconclusive' for w in words) / len(words)
+        assert abs(rate - 0.05) < 0.012 and abs(words.count('holds') - words.count('does not hold')) < 80, rate
+        assert false_verdict_rate(n) == pytest.approx(0.05)
+    old = [abs(a.mean() - b.mean()) > max(a.std(ddof=1), b.std(ddof=1))
+           for a, b in zip(rng.normal(0, 1, (4000, 3)), rng.normal(0, 1, (4000, 3)))]
+    assert 0.1 < np.mean(old) < 0.3
+
+
+def test_claims_follow_the_paired_interval_rule():
+    from reproduce import claim_a, claim_b, claim_c, claim_e, compare
+    p = point_of
     assert compare(p([0.80, 0.82, 0.81]), p([0.70, 0.71, 0.69]))[0] == 'holds'
     assert compare(p([0.70, 0.71, 0.69]), p([0.80, 0.82, 0.81]))[0] == 'does not hold'
-    assert compare(p([0.80, 0.70, 0.75]), p([0.74, 0.73, 0.75]))[0] == 'inconclusive'      # within one sd
-    assert compare(p([0.90]), p([0.50]))[0] == 'inconclusive'                              # one seed: no error bar
+    assert compare(p([0.80, 0.70, 0.75]), p([0.74, 0.73, 0.75]))[0] == 'inconclusive'      # the interval spans zero
+    assert compare(p([0.90]), p([0.50]))[0] == 'inconclusive'                              # one seed: no interval
+    assert compare(p([0.71, 0.72, 0.73]), p([0.70, 0.71, 0.72]))[0] == 'holds'             # small but paired
     worst = summary_of(triplet={9: [0.60, 0.61, 0.62]}, task={9: [0.80, 0.81, 0.79]},
                        csn_fixed={9: [0.82, 0.80, 0.81]}, csn_learned={9: [0.81, 0.80, 0.83]})
-    assert claim_a(worst, 9)[0] == 'holds' and claim_b(worst, 9)[0] == 'holds'   # CSN ties task within one sd
-    assert '4.00x' in claim_b(worst, 9)[1]
+    assert claim_a(worst, 9)[0] == 'holds'
+    assert claim_b(worst, 9)[0] == 'inconclusive'                   # a tie is not evidence either way
+    assert '4.00x' in claim_b(worst, 9)[1] and len(claim_b(worst, 9)[2]) == 2
     not_worst = summary_of(triplet={9: [0.90, 0.91, 0.92]}, task={9: [0.80, 0.81, 0.79]},
                            csn_fixed={9: [0.82, 0.80, 0.81]})
     assert claim_a(not_worst, 9)[0] == 'does not hold'
     below = summary_of(task={9: [0.90, 0.91, 0.92]}, csn_fixed={9: [0.80, 0.81, 0.79]}, csn_learned={9: [0.8, 0.8, 0.81]})
     assert claim_b(below, 9)[0] == 'does not hold'
+    ci = claim_b(below, 9)[2][0]
+    assert ci['models'] == ['csn_fixed', 'task'] and ci['difference'] == pytest.approx(-11.0)
+    assert ci['ci95'][0] < -11.0 < ci['ci95'][1] < 0
     mixed = summary_of(task={9: [0.80, 0.81, 0.79]}, csn_fixed={9: [0.90, 0.91, 0.92]}, csn_learned={9: [0.7, 0.71, 0.72]})
     assert claim_b(mixed, 9)[0] == 'inconclusive'                       # the two CSNs disagree
     catch_up = summary_of(csn_fixed={1: [0.70, 0.71, 0.72], 2: [0.80, 0.81, 0.79]},
                           csn_learned={1: [0.60, 0.61, 0.62], 2: [0.80, 0.82, 0.81]})
-    assert claim_c(catch_up, [1, 2])[0] == 'holds'
+    assert claim_c(catch_up, [1, 2])[0] == 'holds'                      # behind, the gap closes, not behind at the end
     never = summary_of(csn_fixed={1: [0.70, 0.71, 0.72], 2: [0.80, 0.81, 0.79]},
                        csn_learned={1: [0.60, 0.61, 0.62], 2: [0.70, 0.71, 0.69]})
     assert claim_c(never, [1, 2])[0] == 'does not hold'
@@ -204,7 +386,7 @@ def test_claims_follow_the_one_standard_deviation_rule():
     assert claim_e(None)[0] == 'inconclusive'
 
 
-def test_mask_stats_tell_disjoint_from_shared_masks():
+def test_mask_stats_tell_disjoint_from_shared_masks_and_judge_them_against_their_start():
     from reproduce import claim_d, mask_stats
     disjoint = np.kron(np.eye(4), np.ones(16))                          # the fixed masks: (4, 64)
     s = mask_stats(disjoint)
@@ -212,10 +394,20 @@ def test_mask_stats_tell_disjoint_from_shared_masks():
     shared = np.tile(np.r_[np.ones(8), np.zeros(56)], (4, 1))           # every notion on the same 8 dimensions
     s = mask_stats(shared)
     assert s['sparse'] == pytest.approx(56 / 64) and s['overlap'] == pytest.approx(1.0)
-    rows = {('csn_learned', 9, 1): {'masks': shared.tolist()}, ('csn_learned', 9, 2): {'masks': shared.tolist()}}
-    assert claim_d(rows, 9)[0] == 'holds'
-    rows = {('csn_learned', 9, 1): {'masks': disjoint.tolist()}}
-    assert claim_d(rows, 9)[0] == 'does not hold'                       # sparse, but nothing shared
+    rng = np.random.default_rng(0)
+    starts = [np.maximum(rng.normal(0.9, 0.7, (4, 64)), 0) for _ in range(3)]  # the --learned start
+    assert all(0.1 < mask_stats(m)['sparse'] < 0.3 and mask_stats(m)['overlap'] > 0.5 for m in starts)
+    subset = disjoint * 0.9
+    subset[:, 60:] = 1.0                                                # each notion's own block and 4 shared dims
+    rows = lambda masks: {('csn_learned', 9, k + 1): {'masks': m.tolist(), 'masks_start': st.tolist()}
+                          for k, (m, st) in enumerate(zip(masks, starts))}
+    word, text, masks, cis, extra = claim_d(rows([subset + 0.001 * k for k in range(3)]), 9)
+    assert word == 'holds' and 0.05 < masks['overlap'][0] < 0.5 and {c['what'] for c in cis} == {'sparse', 'overlap'}
+    assert 'at their start' in text and len(extra['masks_change']) == 3
+    assert claim_d(rows([disjoint] * 3), 9)[0] == 'does not hold'        # sparse, but nothing shared
+    assert claim_d(rows([shared] * 3), 9)[0] == 'does not hold'          # shared, but more than at the start
+    word, _, _, _, extra = claim_d(rows([st + 1e-4 for st in starts]), 9)
+    assert word == 'inconclusive' and extra['reason'] == 'the masks did not train'
 
 
 def test_probe_reads_features_of_the_trained_backbone_and_learns_a_visible_label(shapes_data):
@@ -248,3 +440,27 @@ def test_probe_reads_features_of_the_trained_backbone_and_learns_a_visible_label
     shuffled = np.random.default_rng(0).permutation(task['labels'])
     assert probe.linear_probe(feats, shuffled, task['fit']) < 0.8             # labels unrelated to the images
     assert probe.probe_task(load_dataset_info(shapes_data)) is not None
+
+    # the pitch probe: families of glyphs, each of one pitch (here the colour, which shows); fitted on half of the
+    # families of each pitch, scored on the others by balanced accuracy
+    with open(info.labels_file, 'w') as f:
+        f.write('image,character,font,split,pitch\n' + ''.join(
+            f'{r[0]},{r[2]},{r[1]}{i % 6},{"val" if i % 3 else "train"},{"fixed" if r[1] == "red" else "proportional"}\n'
+            for i, r in enumerate(rows)))
+    info = load_dataset_info(shapes_data)
+    tasks = probe.probe_tasks(info)
+    assert set(tasks) == {'pitch'}                                      # no test split: no family probe
+    t = tasks['pitch']
+    fams = np.array([f'{rows[i][1]}{i % 6}' for i in t['images']])
+    assert t['balanced'] and not set(fams[t['fit']]) & set(fams[~t['fit']])   # no family on both sides
+    assert set(t['labels'][t['fit']]) == set(t['labels'][~t['fit']]) == {'fixed', 'proportional'}
+    feats = probe.pooled_features(net, info, t['images'], 32)
+    assert probe.linear_probe(feats, t['labels'], t['fit'], balanced=True) > 0.9
+    acc = probe.probe_all(net, 32, info, tasks)
+    assert acc['pitch'] == pytest.approx(probe.linear_probe(feats, t['labels'], t['fit'], balanced=True))
+    one = np.array(['a'] * 30 + ['b'] * 10)                             # balanced accuracy: the mean of per-class
+    fit = np.r_[np.ones(15, bool), np.zeros(15, bool), np.ones(5, bool), np.zeros(5, bool)]
+    x = np.r_[np.zeros(30), np.ones(10)][:, None] + np.r_[np.zeros(30), np.zeros(5), np.zeros(5) - 1][:, None]
+    # class b's scored half looks like class a: per-class accuracy 1 and 0, balanced 0.5, plain 0.75
+    assert probe.linear_probe(x, one, fit, balanced=True) == pytest.approx(0.5)
+    assert probe.linear_probe(x, one, fit) == pytest.approx(0.75)
