@@ -42,7 +42,8 @@ QUERY_SIZE = 160  # the query as the model crops it, drawn at this size
 
 def build_parser():
     p = argparse.ArgumentParser(description='A local web page of a trained model: the nearest images of a query under '
-                                            'each trained notion, one row per notion, with its masks and test accuracy.',
+                                            'each trained notion, one row per notion, with its masks '
+                                            'and test accuracy.',
                                 allow_abbrev=False)
     a = p.add_argument
     a('--resume', required=True, metavar='CKPT', help='checkpoint of main.py, any --model (e.g. '
@@ -51,7 +52,8 @@ def build_parser():
     a('--port', type=port, default=7860, help='port of the page (default: 7860)')
     a('--host', default='127.0.0.1', help='address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 '
                                           'opens the page to the network)')
-    a('--k', type=int_range(1, 50), default=8, help='neighbours per notion at the start; a slider changes it (default: 8)')
+    a('--k', type=int_range(1, 50), default=8,
+      help='neighbours per notion at the start; a slider changes it (default: 8)')
     a('--sample', type=int_range(1, 200), default=24, help='test images offered to click on (default: 24)')
     add_device_flag(p, help='device that embeds the dataset and the uploads (default: auto = CUDA, then MPS, then CPU)')
     return p
@@ -292,8 +294,8 @@ def build_page(demo, a):
     first = demo.sample(a.sample, np.random.default_rng(0))
     title = f'{describe(demo.args)} on {demo.info.name}'
     with gr.Blocks(title=f'CSN demo: {title}', analytics_enabled=False) as page:
-        gr.Markdown(f'## Conditional Similarity Network: {html.escape(title)}\nThe nearest images of a query under each '
-                    f'notion the model was trained on, one row per notion (distance d under that notion\'s mask).')
+        gr.Markdown(f'## Conditional Similarity Network: {html.escape(title)}\nThe nearest images of a query under '
+                    f'each notion the model was trained on, one row per notion (distance d under that notion\'s mask).')
         query, sample = gr.State(None), gr.State(first)
         with gr.Row():
             with gr.Column(scale=1, min_width=220):
@@ -324,7 +326,7 @@ def build_page(demo, a):
                         gr.Image(masks, label='masks m_c: notion x embedding dimension', show_label=False,
                                  interactive=False, elem_id='masks', buttons=[])
                     else:
-                            gr.Markdown(f'{describe(demo.args)}: no masks (one embedding for every notion, or one network '
+                        gr.Markdown(f'{describe(demo.args)}: no masks (one embedding for every notion, or one network '
                                     f'per notion)')
         out = [query, query_image, status, *rows]
 

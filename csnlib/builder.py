@@ -53,7 +53,8 @@ def build_model(args, n_notions, pretrained=None):
         mask_type = 'prein' if args.prein else 'learned' if args.learned else 'fixed'
         if args.dim_embed < n_notions:
             raise UserError(f'--dim_embed {args.dim_embed} is smaller than the number of notions ({n_notions})')
-        net = ConditionalSimNet(backbone(), n_notions, args.dim_embed, mask_type, getattr(args, 'learned_rows', None) or ())
+        net = ConditionalSimNet(backbone(), n_notions, args.dim_embed, mask_type,
+                                getattr(args, 'learned_rows', None) or ())
     elif args.model == 'triplet':
         net = TripletEmbedNet(backbone())
     elif args.model in ('asen', 'scenet'):
@@ -67,9 +68,9 @@ def build_model(args, n_notions, pretrained=None):
 def refuse_successor_flags(args):
     """What ASEN and SCE-Net cannot do, refused before anything runs."""
     if getattr(args, 'add_notion', None):
-        raise UserError(f'--add-notion: --model {args.model} conditions shared layers on the notion (ASEN\'s attention, '
-                        f'SCE-Net\'s mask weights), so a new notion would change the old ones\' distances; add it to a '
-                        f'CSN (--model csn) or task-specific networks (--model task), or train a new model')
+        raise UserError(f'--add-notion: --model {args.model} conditions shared layers on the notion (ASEN\'s '
+                        f'attention, SCE-Net\'s mask weights), so a new notion would change the old ones\' distances; '
+                        f'add it to a CSN (--model csn) or task-specific networks (--model task), or train a new model')
     if args.model == 'scenet' and getattr(args, 'export_embeddings', False):
         raise UserError('--export-embeddings: SCE-Net (--model scenet) weighs its masks per triplet and has no '
                         'embedding per notion to export or retrieve with; leave the flag out')
@@ -79,13 +80,15 @@ def load_model(ckpt_path, data=None, device='auto', amp=None, batch_size=256):
     """The checkpoint's model, ready to embed: (model, checkpoint, Runtime with args as main.py would see them).
     Images are embedded batch_size at a time, read in this process (workers 0)."""
     parser = main_parser()
-    argv = ['--resume', ckpt_path, '--device', device] + (['--data', data] if data else []) + (['--amp', amp] if amp else [])
+    argv = (['--resume', ckpt_path, '--device', device] + (['--data', data] if data else [])
+            + (['--amp', amp] if amp else []))
     ckpt = load_checkpoint(ckpt_path)
     args = merge_checkpoint_args(parser.parse_args(argv), ckpt, explicit_flags(parser, argv), ckpt_path)
     device = choose_device(args)
     amp_dtype, _ = choose_amp(args, device)
     rt = Runtime(args, device, amp_dtype, workers=0, eval_batch_size=batch_size, resume=ckpt_path)
-    n_notions = len(ckpt.get('notions') or []) or ckpt['state_dict'].get('embednet.masks.weight', torch.zeros(0)).shape[0]
+    n_notions = (len(ckpt.get('notions') or [])
+                 or ckpt['state_dict'].get('embednet.masks.weight', torch.zeros(0)).shape[0])
     model = build_model(args, n_notions, pretrained=False)
     model.load_state_dict(ckpt['state_dict'])
     model.to(device).eval()

@@ -48,8 +48,9 @@ def load_checkpoint(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         msg = (str(e).strip().splitlines() or [''])[0][:300] or 'no message; the file is truncated or not a checkpoint'
-        raise CheckpointError(f'--resume {path}: refused to load it ({type(e).__name__}: {msg}). Checkpoints are loaded with '
-                        f'weights_only=True, so files holding arbitrary Python objects are not executed.') from None
+        raise CheckpointError(f'--resume {path}: refused to load it ({type(e).__name__}: {msg}). Checkpoints are '
+                              f'loaded with weights_only=True, so files holding arbitrary Python '
+                              f'objects are not executed.') from None
 
 
 def merge_checkpoint_args(args, ckpt, explicit, path):
@@ -59,8 +60,9 @@ def merge_checkpoint_args(args, ckpt, explicit, path):
         raise CheckpointError(f'--resume {path}: not a checkpoint of this code (no args/state_dict in it)')
     for k in MODEL_FLAGS:
         if k in explicit and k in stored and getattr(args, k) != stored[k]:
-            raise CheckpointError(f'--resume {path}: the checkpoint is a {describe(stored)} model, but the command line asks '
-                            f'for --{k.replace("_", "-")} {getattr(args, k)}; drop the flag or use a matching checkpoint')
+            raise CheckpointError(f'--resume {path}: the checkpoint is a {describe(stored)} model, but the command '
+                                  f'line asks for --{k.replace("_", "-")} {getattr(args, k)}; drop the flag or use a '
+                                  f'matching checkpoint')
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items()
                                                   if k not in explicit and (k in vars(args) or k in RECORDED)
                                                   and k not in THIS_CALL}})
@@ -77,7 +79,8 @@ def describe(a):
     a = a if isinstance(a, dict) else vars(a)
     if a['model'] != 'csn':
         return f'--model {a["model"]}, {a["dim_embed"]}-d'
-    return f'CSN ({"prein" if a.get("prein") else "learned" if a.get("learned") else "fixed"} masks), {a["dim_embed"]}-d'
+    return (f'CSN ({"prein" if a.get("prein") else "learned" if a.get("learned") else "fixed"} masks), '
+            f'{a["dim_embed"]}-d')
 
 
 def trained_conditions(ckpt, notions):

@@ -212,8 +212,8 @@ def safe_extract(zip_path, target, log=print, max_bytes=None):
         if declared > max_bytes:
             raise GetDataError(f'{zip_path}: its directory says it unpacks to {_mib(declared)}, over the limit of '
                                f'{_mib(max_bytes)} (--max-unpacked-gb, and at most {MAX_RATIO} times the archive\'s '
-                               f'size); nothing was extracted. The archive is not the expected one: fetch it again from '
-                               f'its source, or raise --max-unpacked-gb if it is')
+                               f'size); nothing was extracted. The archive is not the expected one: fetch it again '
+                               f'from its source, or raise --max-unpacked-gb if it is')
         made = []                                                       # what this call created, to remove on failure
         try:
             _make_dirs(target, made)
@@ -407,7 +407,8 @@ def images_on_disk(images_dir):
 
 
 LEFT_OUT_REASONS = {'no_path': 'without an image path', 'no_image': 'whose image is not in {images_dir}',
-                    'ambiguous': 'whose file name is under several folders of {images_dir} and not under the listed one',
+                    'ambiguous': 'whose file name is under several folders of {images_dir} and not under the '
+                                 'listed one',
                     'cid': 'whose CID is not the image\'s file name (7965307-5291 is 7965307.5291.jpg)',
                     'no_cid': 'without a CID', 'repeated': 'repeating an earlier image'}
 
@@ -557,10 +558,11 @@ def install_metadata(zip_path, out, args, log=print):
         said = left_out_summary(left, images_dir)
         share = len(left) / len(paths)
         if left and share > args.max_left_out:
-            raise GetDataError(f'{csv_path}: {len(left)} of {len(paths)} metadata rows ({share:.1%}) would be left out, '
-                               f'more than --max-left-out {args.max_left_out:g} allows: {said}. Check that the images '
-                               f'and metadata archives belong together (delete {images_dir} to extract the images '
-                               f'again), or pass --max-left-out {math.ceil(share * 100) / 100:g} to build without them')
+            raise GetDataError(f'{csv_path}: {len(left)} of {len(paths)} metadata rows ({share:.1%}) would be left '
+                               f'out, more than --max-left-out {args.max_left_out:g} allows: {said}. Check that the '
+                               f'images and metadata archives belong together (delete {images_dir} to extract the '
+                               f'images again), or pass --max-left-out {math.ceil(share * 100) / 100:g} to build '
+                               f'without them')
         if left:
             log(f'left out {len(left)} of {len(paths)} metadata rows: {said} (each listed in {LEFT_OUT})')
         with open(os.path.join(tmp, LEFT_OUT), 'w', newline='') as f:
@@ -573,7 +575,8 @@ def install_metadata(zip_path, out, args, log=print):
         split_of = split_groups(filenames, parse_split(args.split), args.seed)
         sizes = {'train': args.train_triplets, 'val': args.val_triplets, 'test': args.test_triplets}
         counts = write_all_triplets(tmp, ZAPPOS_NOTIONS, labels, split_of, sizes, args.seed, log)
-        write_layout(tmp, 'zappos50k', ZAPPOS_IMAGES, filenames, ZAPPOS_NOTIONS, labels, [str(s) for s in split_of], True,
+        write_layout(tmp, 'zappos50k', ZAPPOS_IMAGES, filenames, ZAPPOS_NOTIONS, labels,
+                     [str(s) for s in split_of], True,
                      {'triplets': 'drawn from the UT-Zappos50k metadata (get_data.py --triplets metadata)',
                       'heel': 'flat, low (under 2 in), mid (2 to under 4 in), high (4 in and over)'})
         _put_triplets(tmp, out, ['filenames.json', 'labels.csv', 'dataset.json', LEFT_OUT])
