@@ -16,7 +16,8 @@ class EmbeddingNet(nn.Module):
 
     def load_backbone(self, state_dict):
         """Copy a torchvision resnet18 state dict's conv layers (conv1..layer3) in; layer4 and fc are not used."""
-        wanted = {k: v for k, v in state_dict.items() if k.split('.')[0] in ('conv1', 'bn1', 'layer1', 'layer2', 'layer3')}
+        wanted = {k: v for k, v in state_dict.items()
+                  if k.split('.')[0] in ('conv1', 'bn1', 'layer1', 'layer2', 'layer3')}
         own = {k for k in self.state_dict() if not k.startswith('fc.')}
         missing = sorted(own - set(wanted))
         if missing:

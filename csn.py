@@ -1,4 +1,5 @@
-"""Conditional Similarity Network: one shared embedding, one mask per notion of similarity, and the paper's baselines."""
+"""Conditional Similarity Network: one shared embedding, one mask per notion of similarity, and the paper's
+baselines."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -7,7 +8,8 @@ import torch.nn.functional as F
 class ConditionalSimNet(nn.Module):
     """f(x) * m_c. Masks: fixed disjoint 0/1 blocks ('fixed'), learned from N(0.9, 0.7) ('learned'), or learned from
     the disjoint blocks with 0.1 elsewhere ('prein'). Learned masks go through ReLU. learned_rows: rows learned on top
-    of fixed masks (main.py --add-notion); then every row goes through ReLU, which leaves the fixed 0/1 rows as they are."""
+    of fixed masks (main.py --add-notion); then every row goes through ReLU, which leaves the fixed 0/1
+    rows as they are."""
 
     per_notion_backbone = False
 

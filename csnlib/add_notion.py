@@ -25,8 +25,8 @@ def prepare(args, ckpt, info, explicit, resume):
     if ckpt is None:
         raise UserError(f'--add-notion {name} needs --resume CHECKPOINT: the trained model to teach')
     if args.model == 'triplet':
-        raise UserError(f'--add-notion: {resume} is a standard triplet network: one embedding serves every notion, so it '
-                        f'cannot learn {name} without changing the distances of the others; add it to a CSN '
+        raise UserError(f'--add-notion: {resume} is a standard triplet network: one embedding serves every notion, so '
+                        f'it cannot learn {name} without changing the distances of the others; add it to a CSN '
                         f'(--model csn) or a set of task-specific networks (--model task)')
     notions = ckpt.get('notions')
     if not notions:
@@ -62,7 +62,8 @@ def prepare(args, ckpt, info, explicit, resume):
         state.update({key: v for key, v in old.items() if not key.startswith(f'embednet.nets.{k}.')})
     else:  # the checkpoint's rows, and the new one from the learned masks' start N(0.9, 0.7)
         w = old['embednet.masks.weight']  # (old notions, D)
-        row = torch.empty(1, w.shape[1], dtype=w.dtype).normal_(0.9, 0.7, generator=torch.Generator().manual_seed(args.seed))
+        row = torch.empty(1, w.shape[1], dtype=w.dtype).normal_(0.9, 0.7,
+                                                                generator=torch.Generator().manual_seed(args.seed))
         state.update(old)
         state['embednet.masks.weight'] = torch.cat([w[:k], row, w[k + 1:]])  # (notions, D)
     ckpt = {**ckpt, 'state_dict': state, 'notions': list(info.notions), 'conditions': sorted({*trained, k})}

@@ -5,7 +5,8 @@ ASEN's layout, under DIR:
   meta.json                            {NAME: {"ATTRIBUTES": [names], "ATTRIBUTES_NUM": {name: count} or [counts],
                                         "ATTRIBUTES_VALUES": {name: [value names]} (optional)}, ...}
   NAME/filenames_{train,valid,test}.txt  an image path per line, relative to DIR/NAME; line i is image i of the split
-  NAME/label_train.txt                 `img attr val [attr val ...]`: image of filenames_train, attribute and value index
+  NAME/label_train.txt                 `img attr val [attr val ...]`: image of filenames_train,
+                                       attribute and value index
   NAME/{query,candidate}_{valid,test}.txt  `img attr val`, images of filenames_{valid,test}
 What build writes to OUT:
   filenames.json (train, then valid, then test images), images -> DIR/NAME (a link: nothing is copied),

@@ -26,9 +26,9 @@ FORMAT_RANK = {'.otf': 0, '.ttf': 1, '.ttc': 2, '.otc': 2, '.woff2': 3, '.woff':
 
 # Words that name a weight, width or slope; stripped from the end of a family name ("Clear Sans Light" -> "Clear Sans").
 STYLE_WORDS = {'thin', 'hairline', 'extralight', 'ultralight', 'light', 'book', 'regular', 'normal', 'medium', 'demi',
-               'demibold', 'semibold', 'bold', 'extrabold', 'ultrabold', 'black', 'heavy', 'extrablack', 'ultra', 'extra',
-               'semi', 'condensed', 'semicondensed', 'cond', 'narrow', 'compressed', 'extended', 'expanded', 'wide',
-               'italic', 'oblique', 'slanted', 'inclined'}
+               'demibold', 'semibold', 'bold', 'extrabold', 'ultrabold', 'black', 'heavy', 'extrablack', 'ultra',
+               'extra', 'semi', 'condensed', 'semicondensed', 'cond', 'narrow', 'compressed', 'extended', 'expanded',
+               'wide', 'italic', 'oblique', 'slanted', 'inclined'}
 BOLD_WORDS = re.compile(r'bold|black|heavy|demi|negrita|gras|fett', re.I)   # semibold, extrabold, demibold included
 NOT_BOLD_WORDS = re.compile(r'thin|hairline|light|regular|book|roman|normal|medium|standard', re.I)
 ITALIC_WORDS = re.compile(r'italic|oblique|slanted|inclined|kursiv|cursiva', re.I)
@@ -36,8 +36,8 @@ CAPS_NAME = re.compile(r'small ?caps|smallcaps|all ?sc\b|\bsc\b|\bcaps\b|unicase
 SYMBOL_NAME = re.compile(r'last ?resort|dingbat|wingding|webding|^(cmex|cmsy|msam|msbm|esint|wasy|stmary)\d', re.I)
 # Letters whose lower case is not a small copy of the upper case in ordinary fonts: used to catch small caps.
 DISTINCT_CASE = 'abdeghnqrt'
-# capital_lookalikes() at or above this drops a face: 10 of the 1,042 faces the other filters keep reach it (0.7 to 1.0),
-# the next ordinary face is at 0.5
+# capital_lookalikes() at or above this drops a face: 10 of the 1,042 faces the other filters keep reach it
+# (0.7 to 1.0), the next ordinary face is at 0.5
 CAPITAL_LOOKALIKES = 0.7
 
 
@@ -76,7 +76,8 @@ def sha256(path):
 
 def family_and_style(name_table):
     """(family, style) of a face. The typographic family (name 16) is used only when the legacy family (name 1)
-    starts with it: a few files carry a wrong name 16 (GFS Artemisia Bold Italic says 'GFS Didot', Aerial says 'sans')."""
+    starts with it: a few files carry a wrong name 16 (GFS Artemisia Bold Italic says 'GFS Didot', Aerial says
+    'sans')."""
     fam1 = (name_table.getDebugName(1) or '').strip()
     fam16 = (name_table.getDebugName(16) or '').strip()
     if fam16 and key(fam1).startswith(key(fam16)):

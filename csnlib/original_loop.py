@@ -14,7 +14,8 @@ from triplet_image_loader import IMAGENET_MEAN, IMAGENET_STD, DataError
 
 
 def original_transform(size, train):
-    """The release's torchvision transforms (Resize, CenterCrop, RandomHorizontalFlip for training, ToTensor, Normalize)."""
+    """The release's torchvision transforms (Resize, CenterCrop, RandomHorizontalFlip for training, ToTensor,
+    Normalize)."""
     from torchvision import transforms as T
     flip = [T.RandomHorizontalFlip()] if train else []
     return T.Compose([T.Resize(size), T.CenterCrop(size), *flip, T.ToTensor(),
@@ -72,7 +73,8 @@ class OriginalTripletnet(nn.Module):
 
 
 def original_loss(tnet, criterion, batch, args, device):
-    """The release's train() step up to the loss, with its per-step reads of the loss and accuracy. (loss, dista, distb)."""
+    """The release's train() step up to the loss, with its per-step reads of the loss and accuracy.
+    (loss, dista, distb)."""
     data1, data2, data3, c = (t.to(device) for t in batch)
     dista, distb, mask_norm, embed_norm, _ = tnet(data1, data2, data3, c)
     target = torch.ones_like(dista)  # 1: dista should be larger than distb

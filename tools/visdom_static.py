@@ -6,8 +6,10 @@ holds visdom's version and every file exists. This script puts the same files th
 from, then writes `version.built`.
 
     python tools/visdom_static.py                    # npm pack the packages (needs npm and the npm registry), install
-    python tools/visdom_static.py --download DIR     # only fetch the package tarballs into DIR, to carry to another machine
-    python tools/visdom_static.py --from DIR         # install offline from tarballs in DIR (or a .tar/.tar.gz bundle of them)
+    python tools/visdom_static.py --download DIR     # only fetch the package tarballs into DIR, to carry
+                                                     # to another machine
+    python tools/visdom_static.py --from DIR         # install offline from tarballs in DIR (or a
+                                                     # .tar/.tar.gz bundle of them)
     python tools/visdom_static.py --check            # exit 1 if anything is missing
 """
 import argparse
@@ -100,8 +102,9 @@ def missing_files(static_dir, version):
 def npm_pack(dest_dir):
     """Fetch every package tarball into dest_dir with `npm pack` (which checks the registry's integrity hash)."""
     if shutil.which('npm') is None:
-        raise UserError('npm is not installed. Install it (apt-get install npm), or fetch the tarballs on '
-                 'a machine that has it (python tools/visdom_static.py --download DIR) and pass that folder with --from DIR')
+        raise UserError('npm is not installed. Install it (apt-get install npm), or fetch the tarballs on a machine '
+                        'that has it (python tools/visdom_static.py --download DIR) and pass that folder '
+                        'with --from DIR')
     os.makedirs(dest_dir, exist_ok=True)
     cmd = ['npm', 'pack', '--silent', '--pack-destination', dest_dir, *PACKAGES]
     r = subprocess.run(cmd, capture_output=True, text=True)
