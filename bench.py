@@ -148,7 +148,7 @@ def measure(opts, impl, mode):
     """One figure in this process: build, warm up, time opts.steps batches (repo eval: the whole test split)."""
     args = repo_args(opts, impl)
     rt = runtime.start(args)  # device, AMP, workers and seed as main.py chooses them
-    device, amp_dtype, use_scaler = rt.device, rt.amp_dtype, rt.use_scaler
+    device = rt.device
     info = load_dataset_info(args.data)
     conditions = list(range(len(info.notions)))
     quiet = lambda *a, **k: None
@@ -161,47 +161,16 @@ def measure(opts, impl, mode):
     trip, cond = load_triplets(info, split, conditions, 10 ** 9, args.seed, log=quiet)  # the whole split, shuffled
     if mode == 'train' and len(trip) < (W + N) * B:
         raise DataError(f'{args.data}: {len(trip)} training triplets, fewer than (--warmup + --steps) x --batch-size = '
-                        f'{(W + N) * B}; make a larger set with --make-data DIR --images N')
+                        f'{(W + N) * B}; make a larger set with get_data.py --dataset synthetic --synthetic-images N')
     warm, timed = slice(0, W * B), slice(W * B, (W + N) * B)
     settings = {'batch_size': B, 'image_size': args.image_size, 'threads': torch.get_num_threads(),
                 'cores': len(os.sched_getaffinity(0))}
     gpu = GpuBusy(device)
 
     if impl == 'original':
-        settings.update(amp='off', channels_last=False, forwards_per_step=3, decode='PIL per triplet',
-                        workers=4 if device.type == 'cuda' else 0, pin_memory=device.type == 'cuda',
-                        grad_in_eval=True)
-        if device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True  # as the release sets it
-        tnet = OriginalTripletnet(model.embednet)
-        dataset = lambda sl: OriginalTriplets(info, trip[sl], cond[sl], original_transform(args.image_size, mode == 'train'))
-        if mode == 'train':
-            optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
-            run = lambda sl, on_step=None: original_train(tnet, optimizer, original_loader(dataset(sl), B, device), args,
-                                                          device, on_step)
-        else:
-            run = lambda sl, on_step=None: original_eval(tnet, original_loader(dataset(sl), B, device), args, device,
-                                                         len(info.notions), on_step)
+        run = original_runner(args, info, model, trip, cond, mode, device, settings)
     else:
-        malloc = runtime.keep_freed_memory(args, device)
-        settings.update(amp=str(amp_dtype).replace('torch.', '') if amp_dtype else 'off', grad_scaler=use_scaler,
-                        channels_last=args.channels_last, compile=args.compile,
-                        forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
-                        workers=rt.workers, pin_memory=device.type == 'cuda',
-                        malloc=malloc, flags=impl_flags(opts, impl)[0])
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
-        hflip = choose_hflip(args, info)[0]  # as main.py mirrors this dataset's training images
-        if mode == 'train':
-            optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, device)
-            scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-            train_model = torch.compile(model) if args.compile else model
-            run = lambda sl, on_step=None: train_epoch(model, train_model, optimizer, scaler,
-                                                       (trip[sl], cond[sl], store, hflip), rt, 1, on_step=on_step)
-        else:
-            run = lambda sl, on_step=None: evaluate(model, trip[sl], cond[sl], store, rt, info.notions)
-            timed = slice(0, len(trip))  # embed-once evaluation: its speed depends on the triplets per image
+        run, timed = repo_runner(args, rt, info, model, trip, cond, mode, settings, opts, impl, timed)
     clock = {}
 
     def start_clock(step):
@@ -234,6 +203,57 @@ def measure(opts, impl, mode):
     if device.type == 'cuda':
         out['peak_gpu_mb'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     return out
+
+
+def original_runner(args, info, model, trip, cond, mode, device, settings):
+    """The original release's loop on this model's backbone and masks: run(triplet slice, on_step) and its settings."""
+    B = args.batch_size
+    settings.update(amp='off', channels_last=False, forwards_per_step=3, decode='PIL per triplet',
+                    workers=4 if device.type == 'cuda' else 0, pin_memory=device.type == 'cuda', grad_in_eval=True)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # as the release sets it
+    tnet = OriginalTripletnet(model.embednet)
+
+    def loader(sl):
+        dataset = OriginalTriplets(info, trip[sl], cond[sl], original_transform(args.image_size, mode == 'train'))
+        return original_loader(dataset, B, device)
+
+    if mode == 'train':
+        optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
+
+        def run(sl, on_step=None):
+            original_train(tnet, optimizer, loader(sl), args, device, on_step)
+    else:
+        def run(sl, on_step=None):
+            original_eval(tnet, loader(sl), args, device, len(info.notions), on_step)
+    return run
+
+
+def repo_runner(args, rt, info, model, trip, cond, mode, settings, opts, impl, timed):
+    """This repo's path as main.py runs it (uint8 cache, one forward, AMP as chosen): (run, the timed slice; eval
+    times the whole test split, as its embed-once speed depends on the triplets per image)."""
+    device = rt.device
+    malloc = runtime.keep_freed_memory(args, device)
+    settings.update(amp=str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off', grad_scaler=rt.use_scaler,
+                    channels_last=args.channels_last, compile=args.compile,
+                    forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
+                    workers=rt.workers, pin_memory=device.type == 'cuda', malloc=malloc, flags=impl_flags(opts, impl)[0])
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    quiet = lambda *a, **k: None
+    store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
+    if mode == 'eval':
+        def run(sl, on_step=None):
+            evaluate(model, trip[sl], cond[sl], store, rt, info.notions)
+        return run, slice(0, len(trip))
+    hflip = choose_hflip(args, info)[0]  # as main.py mirrors this dataset's training images
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=rt.use_scaler)
+    train_model = torch.compile(model) if args.compile else model
+
+    def run(sl, on_step=None):
+        train_epoch(model, train_model, optimizer, scaler, (trip[sl], cond[sl], store, hflip), rt, 1, on_step=on_step)
+    return run, timed
 
 
 def run_child(opts, impl, mode):
