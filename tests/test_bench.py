@@ -61,7 +61,8 @@ def test_bench_prints_a_json_line_per_figure_of_both_implementations(zappos):
             next(g['triplets_per_s'] for g in figs if g['impl'] == 'repo' and g['mode'] == f['mode'])
             / next(g['triplets_per_s'] for g in figs if g['impl'] == 'original' and g['mode'] == f['mode']), rel=0.01)
     by = {(f['impl'], f['mode']): f for f in figs}
-    assert by['original', 'train']['settings']['forwards_per_step'] == 3 and by['original', 'train']['settings']['amp'] == 'off'
+    assert (by['original', 'train']['settings']['forwards_per_step'] == 3
+            and by['original', 'train']['settings']['amp'] == 'off')
     assert by['repo', 'train']['settings']['forwards_per_step'] == 1
     assert by['original', 'train']['triplets_timed'] == 4  # --steps x --batch-size, after the warm-up
     assert by['repo', 'eval']['settings']['eval_triplets'] == 36  # the whole test split
@@ -159,7 +160,8 @@ def test_baseline_flags_measure_a_second_setting_of_this_repo_in_the_same_run(za
 
 @pytest.mark.slow
 def test_bad_baseline_flags_are_named_before_anything_runs(zappos):
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--data', zappos, '--baseline-flags=--no-such-flag'],
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--data', zappos,
+                        '--baseline-flags=--no-such-flag'],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "--baseline-flags '--no-such-flag'" in p.stderr and 'round' not in p.stdout
 

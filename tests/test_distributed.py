@@ -27,7 +27,8 @@ def test_torchrun_trains_writes_one_run_and_tests_like_one_process(shapes_data, 
     p = torchrun('--data', shapes_data, '--runs', runs, '--name', 'ddp', '--epochs', 2, *FAST)
     assert p.stdout.count('done: best val accuracy') == 1  # only rank 0 prints
     assert sorted(os.listdir(runs)) == ['ddp']
-    assert sorted(os.listdir(runs / 'ddp')) == ['args.json', 'checkpoint.pth.tar', 'metrics.jsonl', 'model_best.pth.tar']
+    assert sorted(os.listdir(runs / 'ddp')) == ['args.json', 'checkpoint.pth.tar', 'metrics.jsonl',
+                                                'model_best.pth.tar']
     with open(runs / 'ddp' / 'metrics.jsonl') as f:
         assert [json.loads(line)['epoch'] for line in f] == [1, 2]
     ck = torch.load(runs / 'ddp' / 'checkpoint.pth.tar', weights_only=True)
@@ -131,7 +132,8 @@ def test_every_process_evaluates_with_rank_0s_batchnorm_statistics(shapes_data, 
 def test_a_rank_that_hangs_takes_the_job_down_with_a_clear_message(shapes_data, tmp_path):
     script = tmp_path / 'hang.py'
     script.write_text(HANG.format(repo=REPO))
-    args = ['--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'hang', '--epochs', 2, '--dist-timeout', 15, *FAST]
+    args = ['--data', shapes_data, '--runs', tmp_path / 'runs', '--name', 'hang', '--epochs', 2,
+            '--dist-timeout', 15, *FAST]
     p = subprocess.run([*TORCHRUN, str(script), *map(str, args)], capture_output=True, text=True,
                        timeout=240, env={**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'})
     assert p.returncode != 0

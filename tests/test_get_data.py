@@ -1,4 +1,5 @@
-"""get_data.py: the triplet rule, the fonts dataset from real installed fonts (filters, labels, splits) and your own images."""
+"""get_data.py: the triplet rule, the fonts dataset from real installed fonts (filters, labels, splits) and your own
+images."""
 import csv
 import hashlib
 import json
@@ -289,8 +290,8 @@ def test_an_image_path_or_link_out_of_images_is_refused(tmp_path):
             csv.writer(f).writerows([['path', 'colour', 'shape']] + rows + [[bad, 'red', 'round']])
         with pytest.raises(GetDataError, match='shop.csv: 1 image') as e:
             get_data.main(attributes(tmp_path))
-        assert ('outside --images (a symbolic link)' if bad.endswith('link.jpg') else 'must be a path inside --images') \
-            in str(e.value)
+        assert ('outside --images (a symbolic link)' if bad.endswith('link.jpg')
+                else 'must be a path inside --images') in str(e.value)
     assert not (tmp_path / 'ds').exists()
 
 

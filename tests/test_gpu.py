@@ -46,8 +46,9 @@ def rt(gpu_data):
 def test_device_and_amp(rt):
     d = rt.device
     print(f'{torch.cuda.device_count()} x {torch.cuda.get_device_name(d)}, compute capability '
-          f'{torch.cuda.get_device_capability(d)}, torch {torch.__version__} (CUDA {torch.version.cuda}); --amp auto -> '
-          f'{str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off"}{" + grad scaler" if rt.use_scaler else ""}')
+          f'{torch.cuda.get_device_capability(d)}, torch {torch.__version__} (CUDA {torch.version.cuda}); --amp auto '
+          f'-> {str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off"}'
+          f'{" + grad scaler" if rt.use_scaler else ""}')
     assert d.type == 'cuda'
     want = torch.bfloat16 if torch.cuda.get_device_capability(d) >= (8, 0) else torch.float16
     assert rt.amp_dtype == want and rt.use_scaler == (want == torch.float16)

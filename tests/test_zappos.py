@@ -32,7 +32,8 @@ FOLDERS = [('Shoes/Oxfords/Neil M.', 'Shoes/Oxfords/Neil M'), ('Boots/Ankle/T.U.
            ('Sandals/Flat/W.A.G.', 'Sandals/Flat/W.A.G'), ('Shoes/Heels/L.A.M.B.', 'Shoes/Heels/L.A.M.B'),
            ("Shoes/Sneakers and Athletic Shoes/Levi's Kids", "Shoes/Sneakers and Athletic Shoes/Levi's&#174; Kids"),
            ('Boots/Mid-Calf/Aquatalia by Marvin K.', 'Boots/Mid-Calf/Aquatalia by Marvin K'),
-           ('Boots/Ankle/A. Testoni', 'Boots/Ankle/A. Testoni'), ('Slippers/Slipper Flats/X.', 'Slippers/Slipper Flats/X.')]
+           ('Boots/Ankle/A. Testoni', 'Boots/Ankle/A. Testoni'),
+           ('Slippers/Slipper Flats/X.', 'Slippers/Slipper Flats/X.')]
 MOVED = 13                          # an image in another folder on disk than listed: found by its file name alone
 HEELS = ['Flat', 'Under 1in', '1in - 1 3/4in', '2in - 2 3/4in', '3in - 3 3/4in', '4in - 4 3/4in', '5in & over']
 N_IMAGES = 48
@@ -315,7 +316,8 @@ def test_read_metadata_pairs_rows_with_paths_whatever_the_mat_variable_is_called
     assert labels['gender'][5] == '' and labels['closure'][11] == '' and labels['heel'][7] == ''   # that notion only
     assert (labels['class'][5], labels['gender'][4], labels['heel'][0]) == ('Boots', 'Women', 'flat')
     scipy.io.savemat(str(tmp_path / 'image-path.mat'), {'imagepath': np.array(['a.jpg'], dtype=object).reshape(1, 1)})
-    with pytest.raises(dataset_writer.GetDataError, match=r'image-path.mat lists 1 image paths but .*meta-data.csv has 50'):
+    with pytest.raises(dataset_writer.GetDataError,
+                       match=r'image-path.mat lists 1 image paths but .*meta-data.csv has 50'):
         zappos.read_metadata(str(tmp_path / 'meta-data.csv'), str(tmp_path / 'image-path.mat'))
     (tmp_path / 'meta-data.csv').write_text('CID,Category,Closure\n1,Shoes,Buckle\n')
     with pytest.raises(dataset_writer.GetDataError, match=r'meta-data.csv:1: no column\(s\) Gender, HeelHeight'):
@@ -504,7 +506,8 @@ CSV_HEADER = ['CID', 'Category', 'SubCategory', 'HeelHeight', 'Insole', 'Closure
 def test_a_cid_that_is_not_its_image_name_leaves_the_row_out_and_says_why(tmp_path):
     write_images(tmp_path, image_paths())
     rows = [dict(zip(CSV_HEADER, r)) for _, r in metadata_rows()[:N_IMAGES]]
-    assert rows[3]['CID'] == '1003-21' and listed_paths()[3].endswith('/1003.21.jpg')      # 7965307-5291 is 7965307.5291.jpg
+    # 7965307-5291 is 7965307.5291.jpg
+    assert rows[3]['CID'] == '1003-21' and listed_paths()[3].endswith('/1003.21.jpg')
     rows[3]['CID'], rows[4]['CID'] = rows[4]['CID'], rows[3]['CID']                     # two rows swapped
     paths = listed_paths() + [listed_paths()[0]]                                        # and one image listed twice
     rows.append(dict(rows[0]))
@@ -512,8 +515,8 @@ def test_a_cid_that_is_not_its_image_name_leaves_the_row_out_and_says_why(tmp_pa
     assert [(i, why) for i, why, _ in left] == [(3, 'cid'), (4, 'cid'), (N_IMAGES, 'repeated')]
     assert len(keep) == N_IMAGES - 2 and 'CID 1004-28 with' in left[0][2]
     said = zappos.left_out_summary(left, 'IMG')
-    assert said == ("2 whose CID is not the image's file name (7965307-5291 is 7965307.5291.jpg) (e.g. CID 1004-28 with "
-                    f"{listed_paths()[3]}, CID 1003-21 with {listed_paths()[4]}); 1 repeating an earlier image "
+    assert said == ("2 whose CID is not the image's file name (7965307-5291 is 7965307.5291.jpg) (e.g. CID 1004-28 "
+                    f"with {listed_paths()[3]}, CID 1003-21 with {listed_paths()[4]}); 1 repeating an earlier image "
                     f"(e.g. {listed_paths()[0]} (row 2 of meta-data.csv))")
 
 
@@ -543,13 +546,13 @@ def metadata_from(tmp_path, archives, rows=None):
 
 def test_more_rows_left_out_than_max_left_out_allows_stop_the_build(archives, tmp_path, capsys):
     rows = metadata_rows()[:N_IMAGES]
-    for i in range(0, 6):                                   # the CIDs of six rows shifted by one: rows and paths disagree
+    for i in range(0, 6):                                 # the CIDs of six rows shifted by one: rows and paths disagree
         rows[i][1][0] = rows[i + 1][1][0]
     hand = metadata_from(tmp_path, archives, rows)
     out = tmp_path / 'data'
     with pytest.raises(GetDataError, match=r'meta-data.csv: 6 of 48 metadata rows \(12\.5%\) would be left out, more '
-                                           r'than --max-left-out 0\.01 allows: 6 whose CID is not the image\'s file name'
-                                           r'.*or pass --max-left-out 0\.13 to build without them'):
+                                           r'than --max-left-out 0\.01 allows: 6 whose CID is not the image\'s file '
+                                           r'name.*or pass --max-left-out 0\.13 to build without them'):
         get(out, dead_url, '--from', str(hand), '--triplets', 'metadata')
     assert not (out / 'filenames.json').exists() and not (out / 'tripletlists').exists()
     get(out, dead_url, '--from', str(hand), '--triplets', 'metadata', '--max-left-out', '0.13', '--seed', '2')
@@ -599,7 +602,8 @@ def test_an_archive_that_says_it_unpacks_to_too_much_is_refused_before_writing(t
     assert os.path.getsize(zpath) < 1 << 20
     target = tmp_path / 'box'
     with pytest.raises(GetDataError, match=r'bomb.zip: its directory says it unpacks to 100\.0 MiB, over the limit of '
-                                           r'64\.0 MiB \(--max-unpacked-gb, and at most 200 times.*nothing was extracted'):
+                                           r'64\.0 MiB \(--max-unpacked-gb, and at most 200 times'
+                                           r'.*nothing was extracted'):
         zappos.safe_extract(str(zpath), str(target), log=lambda m: None)
     assert not target.exists()
     with pytest.raises(GetDataError, match=r'unpacks to 100\.0 MiB, over the limit of 50\.0 MiB'):
