@@ -211,8 +211,8 @@ def test_workers_are_sized_by_the_cores_the_processes_of_a_machine_share_and_by_
 
 
 @pytest.mark.parametrize('text, shm', [
-    ('DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader\'s workers are out of '
-     'shared memory. Please try to raise your shared memory limit.', True),
+    ('DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader\'s workers are out '
+     'of shared memory. Please try to raise your shared memory limit.', True),
     ('Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  ...\n'
      'RuntimeError: unable to write to file </torch_123_456_0>: No space left on device (28)', True),
     ('unable to allocate shared memory(shm) for file </torch_1_2>: Resource temporarily unavailable (11)', True),
@@ -426,8 +426,9 @@ def test_a_cache_that_does_not_match_is_rebuilt_with_a_note(shapes_data, damage,
         ImageStore(info, 16, path)                                  # never read as it is
     said.clear()
     assert build_image_cache(info, 16, workers=1, log=said.append) == path
-    assert said[0] == f'note: the image cache {path} does not match ({note}); building it again' if damage != 'truncated' \
-        else said[0].startswith(f'note: the image cache {path} does not match (it is truncated (')
+    assert (said[0] == f'note: the image cache {path} does not match ({note}); building it again'
+            if damage != 'truncated'
+            else said[0].startswith(f'note: the image cache {path} does not match (it is truncated ('))
     assert np.array_equal(ImageStore(info, 16, path).get(np.arange(40)), fresh(info))
 
 

@@ -113,7 +113,8 @@ def test_the_ranges_of_main_py_flags_the_issue_names():
 def test_valid_values_parse_to_numbers():
     args = options.main_parser().parse_args(['--workers', '0', '--seed', '0', '--margin', '0', '--lr', '1e-4',
                                             '--visdom-port', '65535', '--batch-size', '3'])
-    assert (args.workers, args.seed, args.margin, args.lr, args.visdom_port, args.batch_size) == (0, 0, 0.0, 1e-4, 65535, 3)
+    assert (args.workers, args.seed, args.margin, args.lr, args.visdom_port, args.batch_size) == \
+        (0, 0, 0.0, 1e-4, 65535, 3)
     assert isinstance(args.batch_size, int) and isinstance(args.margin, float)
 
 
@@ -125,8 +126,8 @@ def test_get_data_split_is_checked_at_parse_time(capsys):
             get_data.build_parser().parse_args(['--split', bad])
         assert e.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1] == (
-            f'{get_data.build_parser().prog}: error: argument --split: expected three fractions train,val,test such as 0.7,0.15,0.15 '
-            f'(train > 0, none < 0), got {bad!r}')
+            f'{get_data.build_parser().prog}: error: argument --split: expected three fractions train,val,test such as '
+            f'0.7,0.15,0.15 (train > 0, none < 0), got {bad!r}')
 
 
 def test_reproduce_checks_the_flags_it_passes_on_to_main_py(capsys, tmp_path, monkeypatch):

@@ -20,7 +20,8 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid_and_a_dead_holder_fr
     holder = subprocess.Popen([sys.executable, '-c', HOLD, REPO, str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'held'
-        with pytest.raises(UserError, match=rf'{run_dir} is in use: process {holder.pid} trains it now.*another --name'):
+        with pytest.raises(UserError,
+                           match=rf'{run_dir} is in use: process {holder.pid} trains it now.*another --name'):
             with RunLock(str(run_dir), 'trains'):
                 pass
     finally:

@@ -98,7 +98,8 @@ def test_loss_is_csns_against_a_hand_computation_and_backward_reaches_every_part
     d_far, d_close, emb_norm, mask_norm = model(x, c)
     raw = net.embed(x).detach()  # the same batch in train mode: the same BatchNorm statistics
     fro = sum(float(part.norm()) for part in raw.chunk(3)) / 3  # Frobenius norm of each image's (B, D), averaged
-    l1 = float(torch.relu(net.masks.weight.detach()).abs().sum(1).mean()) * B  # SCE-Net: sum over the batch of the mean mask L1
+    # SCE-Net: sum over the batch of the mean mask L1
+    l1 = float(torch.relu(net.masks.weight.detach()).abs().sum(1).mean()) * B
     rank = sum(max(0.0, margin - (float(d_far[i].detach()) - float(d_close[i].detach()))) for i in range(B)) / B
     want = rank + 5e-3 * fro / math.sqrt(B) + 5e-4 * l1 / B
     assert net.norm_penalties is True

@@ -119,7 +119,8 @@ def test_task_specific_nets_route_each_notion_to_its_own_network():
     for i in range(6):
         assert torch.allclose(out[i], nets.nets[c[i]](x[i:i + 1])[0], atol=1e-6)
     model = TripletNet(nets)
-    csn_loss(*model(torch.cat([x, x.roll(1, 0), x.roll(2, 0)]), torch.tensor([0, 0, 0, 0, 0, 0])), 0.2, 5e-3, 5e-4).backward()
+    csn_loss(*model(torch.cat([x, x.roll(1, 0), x.roll(2, 0)]), torch.tensor([0, 0, 0, 0, 0, 0])),
+             0.2, 5e-3, 5e-4).backward()
     assert nets.nets[0].fc.weight.grad is not None  # trained only on its own notion's triplets
     assert nets.nets[1].fc.weight.grad is None and nets.nets[2].fc.weight.grad is None
 
@@ -143,7 +144,8 @@ def test_one_forward_equals_three_separate_forwards():
     assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(out1, out3))
     model.train(), three.train()                                          # batch statistics: over 3B or over each B
     with torch.no_grad():
-        assert not torch.allclose(model(torch.cat([a, f, c_]), cond)[0], three(torch.cat([a, f, c_]), cond)[0], atol=1e-4)
+        assert not torch.allclose(model(torch.cat([a, f, c_]), cond)[0], three(torch.cat([a, f, c_]), cond)[0],
+                                  atol=1e-4)
 
 
 def test_backbone_is_resnet18_up_to_layer3_and_loads_torchvision_weights():
