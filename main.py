@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from csnlib import add_notion, options, runtime
+from csnlib.asen_data import protocol_results
 from csnlib.atomic import atomic_open
 from csnlib.builder import build_model
 from csnlib.checkpoint import (
@@ -279,6 +280,11 @@ def retrieval_and_pictures(res, model, info, trip, store, rt, out_dir, embedded=
             + f'  overall {r["mAP"] * 100:.2f} %')
     else:
         log(f'  no retrieval mAP: {info.root} has no labels.csv (the paper\'s Zappos triplets come without labels)')
+    if info.extra.get('protocol') and getattr(model.embednet, 'per_notion_embedding', True):
+        p = protocol_results(model, info, rt, 'test', store)  # ASEN's retrieval protocol (get_data.py --dataset asen)
+        res['protocol_mAP'], res['protocol_mAP_per_notion'] = p['mAP'], p['per_notion']
+        log('  protocol mAP (queries against candidates, weighted by queries): '
+            + ' '.join(f'{n} {v * 100:.1f}' for n, v in p['per_notion'].items()) + f'  overall {p["mAP"] * 100:.2f} %')
     if args.pictures:
         write_pictures(model, info, store, labels, rt, out_dir, images=images, emb=emb, log=log)
     if args.export_embeddings:

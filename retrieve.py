@@ -6,7 +6,7 @@
     python retrieve.py --resume runs/csn/model_best.pth.tar                  (only compute and cache the embeddings)
 
 The embeddings of every image in filenames.json are computed once and cached next to the checkpoint (embeddings.npy,
-masks.npy, images.txt, embeddings.json: see retrieval.py for their layout).
+masks.npy, images.txt, embeddings.json: see csnlib/search.py for their layout and what keys them).
 """
 import argparse
 import os
@@ -17,15 +17,17 @@ import time
 from PIL import Image
 
 from csnlib.checkpoint import describe, trained_conditions
-from csnlib.errors import run_script
+from csnlib.errors import UserError, run_script
 from csnlib.evaluate import subspace
-from csnlib.onnx_export import export_onnx
-from csnlib.options import add_device_flag, positive_int
+from csnlib.onnx_export import check_target, export_onnx
+from csnlib.options import add_device_flag, int_range, positive_int
 from csnlib.pictures import plot_retrieval, short
 from csnlib.runtime import keep_freed_memory
 from csnlib.search import export_embeddings, load_cached_embeddings, nearest
 from csnlib.trained_csn import load_trained
-from triplet_image_loader import DataError, load_dataset_info, load_image, read_labels
+from triplet_image_loader import DataError, load_dataset_info, load_image, notion_index, read_labels
+
+MAX_K = 100  # neighbours in one picture: a row of 1 + k thumbnails, about 150 px each (15,000 px wide at most)
 
 
 def build_parser():
@@ -38,7 +40,8 @@ def build_parser():
     a('--query', default=None, help='an image index (row of filenames.json), a path listed in filenames.json, or any '
                                     'image file')
     a('--notion', default=None, help='the notion of similarity, by name or index (e.g. character, font, 0)')
-    a('--k', type=positive_int, default=10, help='number of neighbours')
+    a('--k', type=int_range(1, MAX_K), default=10, help=f'number of neighbours: at most {MAX_K} (the picture is one '
+                                                       f'row of them) and at most the other images of the dataset')
     a('--index', choices=['exact', 'ivf', 'hnsw'], default='exact',
       help='search: exact (faiss IndexFlatL2 when faiss-cpu is installed, else numpy: the same neighbours), or faiss\'s '
            'approximate ivf or hnsw index for galleries of millions (building one costs more than an exact search of '
@@ -73,33 +76,35 @@ def resolve_query(query, info):
     try:
         with Image.open(path) as im:
             im.verify()
+    except Image.DecompressionBombError as e:
+        raise DataError(f'--query {query!r}: the image is too large to open safely ({e}); shrink it first') from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f'--query {query!r}: the file is not an image that PIL can read ({e})') from None
     rel = os.path.relpath(os.path.realpath(path), os.path.realpath(info.images_dir))
     return index.get(rel), path
 
 
-def resolve_notion(notion, notions, trained):
-    """--notion (a name or an index) -> its index, refused when unknown or when the checkpoint never trained it."""
-    known = ', '.join(f'{i}={name}' for i, name in enumerate(notions))
-    if notion.isdigit() and int(notion) < len(notions):
-        c = int(notion)
-    elif notion in notions:
-        c = notions.index(notion)
-    else:
-        raise DataError(f'--notion {notion!r}: unknown notion; this dataset has {known}')
-    if c not in trained:
-        raise DataError(f'--notion {notions[c]}: the checkpoint was not trained on it (its --conditions were '
-                        f'{", ".join(notions[t] for t in trained)}), so its mask or network is untrained; use one of these')
-    return c
+def safe_name(text):
+    """text as one file name: no folder separators, no leading dot (a notion name from a checkpoint is data)."""
+    return re.sub(r'_+', '_', re.sub(r'[^\w.=+-]|\.\.+', '_', str(text))).lstrip('.')[:100] or '_'
+
+
+def check_k(k, n, q_index):
+    """--k against the images that can be neighbours (all of them but the query itself)."""
+    candidates = n - (q_index is not None)
+    if k > candidates:
+        raise UserError(f'--k {k}: the dataset has {candidates} {"other " if q_index is not None else ""}images to '
+                        f'choose from; use --k {max(candidates, 1)} or fewer')
 
 
 def run(a):
     t_start = time.time()
+    if a.export_onnx:
+        check_target(a.export_onnx, a.resume)  # before the minutes a large checkpoint may take to load
     trained, ckpt, rt = load_trained(a.resume, device=a.device, amp=a.amp, data=a.data, batch_size=a.batch_size)
     model, args, device = trained.model, rt.args, rt.device
     if a.export_onnx:
-        export_onnx(trained, a.export_onnx)
+        export_onnx(trained, a.export_onnx, source=a.resume)
         print(f'wrote {a.export_onnx}: {describe(args)}, images (B, 3, {args.image_size}, {args.image_size}), notions '
               f'{", ".join(f"{i}={n}" for i, n in enumerate(trained.notions))}')
         return 0
@@ -109,8 +114,10 @@ def run(a):
     # the notion and the query are checked before anything is embedded (embedding a dataset takes minutes)
     if a.query is not None and a.notion is None:
         raise DataError(f'--query needs --notion, one of {", ".join(info.notions)}')
-    c = resolve_notion(a.notion, info.notions, trained_conditions(ckpt, info.notions)) if a.notion is not None else None
+    c = notion_index(a.notion, info.notions, trained_conditions(ckpt, info.notions)) if a.notion is not None else None
     q_index, q_path = resolve_query(a.query, info) if a.query is not None else (None, None)
+    if a.query is not None:
+        check_k(a.k, len(info.filenames), q_index)
     cache_dir = os.path.dirname(os.path.abspath(a.resume))
     cached = None if a.recompute else load_cached_embeddings(cache_dir, a.resume, info, args)
     if cached is not None:
@@ -141,7 +148,7 @@ def run(a):
         print(f'{r:>4} {j:>7} {d:>9.4f}  {(lab[j] if lab else ""):<16} {info.filenames[j]}')
     size = max(args.image_size, 64)
     q_tag = str(q_index) if q_index is not None else os.path.splitext(os.path.basename(q_path))[0]
-    out = a.out or os.path.join(cache_dir, 'retrieval', f'{name}_{q_tag}.png')
+    out = a.out or os.path.join(cache_dir, 'retrieval', f'{safe_name(name)}_{safe_name(q_tag)}.png')  # in the run's folder
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     neigh = [(load_image(info.image_path(j), size), f'{j}' + (f'\n{short(lab[j])}' if lab else '') + f'\n{d:.3f}',
               (lab[j] == q_lab) if lab and q_lab and lab[j] else None) for j, d in zip(idx, dist)]

@@ -398,11 +398,8 @@ def mask_image(masks, notions):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 0.4 * len(notions) + 1.2), dpi=80)
     canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    im = ax.imshow(masks, aspect='auto', cmap='viridis', interpolation='nearest')
-    ax.set_yticks(range(len(notions)), notions)
-    ax.set_xlabel('embedding dimension')
-    fig.colorbar(im, ax=ax)
+    from csnlib.pictures import draw_masks
+    draw_masks(fig.add_subplot(), masks, notions)
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -5,9 +5,12 @@ The cache (written by export_embeddings, read by load_cached_embeddings):
   embeddings.npy  (N, D) raw embeddings f(x), or (C, N, D) for --model task (one network per notion)
   masks.npy       (C, D) the masks m_c (ones for models without masks)
   images.txt      filenames.json's paths: row i is image i
-  embeddings.json the checkpoint's size and mtime (a changed checkpoint recomputes), the image list's hash, the shapes
+  embeddings.json the stamp, written last: what the arrays were computed from (the checkpoint's name, size, mtime_ns
+                  and SHA-256; the data folder's real path; a SHA-256 of the image list and of every image's size and
+                  mtime_ns; the image size) and the arrays' own shapes and SHA-256
 Image i under notion c is  emb[i] * masks[c]  (emb[c, i] * masks[c] for task-specific networks), and the distance is
-the Euclidean one the model was trained with.
+the Euclidean one the model was trained with. A cache whose stamp does not match this checkpoint and these images, or
+whose arrays are not the ones stamped, of the wrong shape or not finite, is not used (with a note) but computed again.
 """
 import hashlib
 import json
@@ -19,6 +22,7 @@ import torch
 
 from csnlib.atomic import atomic_open
 from csnlib.checkpoint import describe
+from csnlib.errors import CheckpointError
 from csnlib.evaluate import embed_dataset, subspace
 from csnlib.image_cache import make_store
 from csnlib.options import UserError
@@ -147,6 +151,36 @@ def mean_average_precision(space, labels):
     return float(np.nanmean(ap)) if np.isfinite(ap).any() else float('nan')
 
 
+def protocol_map(per_notion, similarity='dot'):
+    """ASEN's retrieval mAP (Ma et al., AAAI 2020; their mean_average_precision, with a stable sort). per_notion:
+    {notion: (query embeddings (Q, D), query values (Q,), candidate embeddings (N, D), candidate values (N,))}, all
+    under that notion. Each query ranks every candidate of its notion, by dot product (similarity 'dot', largest
+    first) or by Euclidean distance ('euclidean', smallest first), ties in candidate order; relevant = same value; AP
+    over the whole ranking, 0 for a query with no relevant candidate. Returns {'mAP': the mean AP over all queries
+    (each notion weighted by its queries), 'per_notion': {notion: mean AP over its queries}, 'queries': {notion: Q}}."""
+    if similarity not in ('dot', 'euclidean'):
+        raise UserError(f'protocol_map: unknown similarity {similarity!r}: use dot or euclidean')
+    per, counts, total = {}, {}, 0.0
+    for name, (q, q_val, cand, c_val) in per_notion.items():
+        q = torch.as_tensor(np.asarray(q, dtype=np.float32))  # (Q, D)
+        cand = torch.as_tensor(np.asarray(cand, dtype=np.float32))  # (N, D)
+        _, codes = np.unique(np.concatenate([np.asarray(q_val).reshape(-1), np.asarray(c_val).reshape(-1)]).astype(str),
+                             return_inverse=True)
+        q_code, c_code = torch.from_numpy(codes[:len(q)]), torch.from_numpy(codes[len(q):])
+        if similarity == 'dot':
+            key = -(q @ cand.T)  # (Q, N): smaller ranks first
+        else:
+            key = (q * q).sum(1)[:, None] + (cand * cand).sum(1)[None, :] - 2 * q @ cand.T  # (Q, N) squared distances
+        order = torch.sort(key, dim=1, stable=True).indices  # (Q, N)
+        rel = (c_code[order] == q_code[:, None]).double()  # (Q, N) relevant at each rank
+        ranks = torch.arange(1, len(cand) + 1, dtype=torch.float64)
+        ap = (rel.cumsum(1) / ranks * rel).sum(1) / rel.sum(1).clamp(min=1)  # (Q,), 0 without a relevant candidate
+        per[name], counts[name] = float(ap.mean()) if len(q) else float('nan'), len(q)
+        total += float(ap.sum())
+    n = sum(counts.values())
+    return {'mAP': total / n if n else float('nan'), 'per_notion': per, 'queries': counts}
+
+
 def notion_map(emb, masks, images, labels, notions, conditions):
     """{notion: mAP or None} over `images` (rows of emb); images with an unknown ('') label are left out."""
     per = {}
@@ -183,51 +217,178 @@ def retrieval_map(model, info, images, labels, rt, store=None, emb=None):
 
 # ----------------------------------------------------------------------------------------------- the cache
 
-def _stamp(checkpoint, info, args):
+CACHE_VERSION = 2  # embeddings.json's layout; a cache of another version is computed again
+
+
+def _file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _array_sha256(a):
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _images_stamp(info):
+    """What the embeddings were computed from on the data side: the folder, the image list, each image's size and
+    mtime_ns (a missing image stamps as -1)."""
+    h = hashlib.sha256()
+    for i, name in enumerate(info.filenames):
+        try:
+            st = os.stat(info.image_path(i))
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size = mtime = -1
+        h.update(f'{name}\0{size}\0{mtime}\n'.encode('utf-8', 'surrogateescape'))
+    names = hashlib.sha256('\n'.join(info.filenames).encode('utf-8', 'surrogateescape')).hexdigest()
+    return {'data': os.path.realpath(info.root), 'images_dir': os.path.realpath(info.images_dir),
+            'images': len(info.filenames), 'filenames_sha256': names, 'image_stats_sha256': h.hexdigest()}
+
+
+def _checkpoint_stamp(checkpoint, digest=True):
     st = os.stat(checkpoint)
-    names = hashlib.sha1('\n'.join(info.filenames).encode()).hexdigest()
-    return {'checkpoint': os.path.basename(checkpoint), 'checkpoint_size': st.st_size,
-            'checkpoint_mtime_ns': st.st_mtime_ns, 'images': len(info.filenames), 'filenames_sha1': names,
-            'image_size': args.image_size}
+    out = {'checkpoint': os.path.basename(checkpoint), 'checkpoint_size': st.st_size,
+           'checkpoint_mtime_ns': st.st_mtime_ns}
+    return {**out, 'checkpoint_sha256': _file_sha256(checkpoint)} if digest else out
 
 
-def load_cached_embeddings(out_dir, checkpoint, info, args):
-    """(emb, masks) from out_dir when they were computed from this very checkpoint file and image list, else None."""
+def _stale(meta, checkpoint, info, args):
+    """Why a stamp does not describe embeddings of this checkpoint and these images, or None when it does."""
+    if not isinstance(meta, dict) or meta.get('cache_version') != CACHE_VERSION:
+        return 'it was written by older code (no stamp of the images it embedded)'
+    cheap = _checkpoint_stamp(checkpoint, digest=False)
+    if meta.get('checkpoint') != cheap['checkpoint']:
+        return f'it was computed from {meta.get("checkpoint")!r}, not {cheap["checkpoint"]!r}'
+    if any(meta.get(k) != v for k, v in cheap.items()) or meta.get('checkpoint_sha256') != _file_sha256(checkpoint):
+        return f'the checkpoint {checkpoint} changed since (size, modification time or content)'
+    now = _images_stamp(info)
+    if meta.get('data') != now['data'] or meta.get('images_dir') != now['images_dir']:
+        return f'it was computed from the images of {meta.get("data")}, not {now["data"]}'
+    if meta.get('images') != now['images'] or meta.get('filenames_sha256') != now['filenames_sha256']:
+        return f'the image list {os.path.join(info.root, "filenames.json")} changed since'
+    if meta.get('image_stats_sha256') != now['image_stats_sha256']:
+        return f'an image under {info.images_dir} changed since (its size or modification time)'
+    if meta.get('image_size') != args.image_size:
+        return f'it was computed at --image-size {meta.get("image_size")}, not {args.image_size}'
+    return None
+
+
+def _bad_arrays(emb, masks, meta, info, args):
+    """Why the loaded arrays are not the ones stamped or cannot be searched, or None."""
+    if _array_sha256(emb) != meta.get('embeddings_sha256') or _array_sha256(masks) != meta.get('masks_sha256'):
+        return 'embeddings.npy or masks.npy is not the file its stamp describes (rewritten since?)'
+    n, c, d = len(info.filenames), len(info.notions), getattr(args, 'dim_embed', None)
+    want = (c, n, d) if getattr(args, 'model', None) == 'task' else (n, d)
+    if emb.shape != want or masks.shape != (c, d) or emb.dtype.kind != 'f' or masks.dtype.kind != 'f':
+        return (f'embeddings.npy is {emb.dtype} {tuple(emb.shape)} and masks.npy {masks.dtype} {tuple(masks.shape)}, '
+                f'not float {want} and {(c, d)}')
+    rows = int((~np.isfinite(emb.reshape(-1, n, d)).all((0, 2))).sum())  # images with a non-finite embedding
+    if rows or not np.isfinite(masks).all():
+        return f'{rows} of its {n} images have non-finite embeddings (NaN or inf)' if rows else 'its masks are not finite'
+    return None
+
+
+def load_cached_embeddings(out_dir, checkpoint, info, args, log=print):
+    """(emb, masks) from out_dir when its stamp says they were computed from this very checkpoint (name, size, mtime
+    and content) and these images (the folder, the list, each image's size and mtime), and the arrays are the ones
+    stamped, of the right shape and finite; else None, with a note saying why when a cache was there."""
+    stamp = os.path.join(out_dir, STAMP)
+    if not os.path.exists(stamp):
+        if os.path.exists(os.path.join(out_dir, 'embeddings.npy')):
+            log(f'note: {out_dir} holds embeddings.npy without its {STAMP} (an export that did not finish); they are '
+                f'computed again')
+        return None
     try:
-        with open(os.path.join(out_dir, STAMP)) as f:
+        with open(stamp, encoding='utf-8') as f:
             meta = json.load(f)
-    except (OSError, ValueError):
+        why = _stale(meta, checkpoint, info, args)
+        if why is None:
+            emb = np.load(os.path.join(out_dir, 'embeddings.npy'), allow_pickle=False)
+            masks = np.load(os.path.join(out_dir, 'masks.npy'), allow_pickle=False)
+            why = _bad_arrays(emb, masks, meta, info, args)
+    except (OSError, ValueError, EOFError) as e:
+        why = f'it cannot be read ({type(e).__name__}: {e})'
+    if why is not None:
+        log(f'note: the cached embeddings in {out_dir} are not used: {why}; they are computed again')
         return None
-    if {k: meta.get(k) for k in _stamp(checkpoint, info, args)} != _stamp(checkpoint, info, args):
-        return None
-    try:
-        emb, masks = np.load(os.path.join(out_dir, 'embeddings.npy')), np.load(os.path.join(out_dir, 'masks.npy'))
-    except (OSError, ValueError):
-        return None
-    return (emb, masks) if emb.shape[-2] == len(info.filenames) and masks.shape[0] == len(info.notions) else None
+    return emb, masks
 
 
 def export_embeddings(model, info, rt, out_dir, store=None, log=print):
     """Embed every image of the dataset and write embeddings.npy, masks.npy, images.txt and embeddings.json to
     out_dir (the checkpoint's folder, where retrieve.py looks). rt.resume names the checkpoint. Returns (emb, masks)."""
+    if not getattr(model.embednet, 'per_notion_embedding', True):  # SCE-Net: its masks are weighed per triplet
+        raise UserError(f'{rt.resume}: SCE-Net (--model scenet) weighs its masks per triplet and has no embedding per '
+                        f'notion, so its embeddings cannot be exported or searched by notion (retrieve.py, '
+                        f'--export-embeddings); evaluate it with main.py --test')
     t0, args = time.time(), rt.args
     store = store or make_store(info, rt)
+    ckpt_stamp, images_stamp = _checkpoint_stamp(rt.resume), _images_stamp(info)  # as they were when embedded
     emb, masks = embed_dataset(model, np.arange(len(info.filenames)), store, rt, len(info.notions))
-    os.makedirs(out_dir, exist_ok=True)
-    stamp_path = os.path.join(out_dir, STAMP)
-    if os.path.exists(stamp_path):
-        os.remove(stamp_path)  # the stamp goes last: files without it are never taken for a finished export
-    with atomic_open(os.path.join(out_dir, 'embeddings.npy'), 'wb') as f:
-        np.save(f, emb)
-    with atomic_open(os.path.join(out_dir, 'masks.npy'), 'wb') as f:
-        np.save(f, masks)
-    with atomic_open(os.path.join(out_dir, 'images.txt')) as f:
-        f.write('\n'.join(info.filenames) + '\n')
-    meta = {**_stamp(rt.resume, info, args), 'data': os.path.abspath(info.root), 'notions': list(info.notions),
-            'model': describe(args), 'embeddings_shape': list(emb.shape), 'masks_shape': list(masks.shape),
+    if not (np.isfinite(emb).all() and np.isfinite(masks).all()):
+        rows = np.flatnonzero(~np.isfinite(emb).reshape(-1, len(info.filenames), emb.shape[-1]).all((0, 2)))
+        raise CheckpointError(f'{rt.resume}: the model gives non-finite embeddings (NaN or inf) for {len(rows)} of '
+                              f'{len(info.filenames)} images (first: {info.filenames[rows[0]] if len(rows) else "the masks"}'
+                              f'); its weights are broken: use another checkpoint')
+    meta = {'cache_version': CACHE_VERSION, **ckpt_stamp, **images_stamp, 'image_size': args.image_size,
+            'notions': list(info.notions), 'model': describe(args), 'embeddings_shape': list(emb.shape),
+            'masks_shape': list(masks.shape), 'embeddings_sha256': _array_sha256(emb), 'masks_sha256': _array_sha256(masks),
             'layout': 'image i under notion c: emb[i] * masks[c] ((N, D) embeddings), emb[c, i] * masks[c] ((C, N, D))'}
-    with atomic_open(stamp_path) as f:
-        json.dump(meta, f, indent=2)
+    stamp_path = os.path.join(out_dir, STAMP)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.remove(stamp_path)  # the stamp goes last: files without it are never taken for a finished export
+        except FileNotFoundError:
+            pass
+        with atomic_open(os.path.join(out_dir, 'embeddings.npy'), 'wb') as f:
+            np.save(f, emb)
+        with atomic_open(os.path.join(out_dir, 'masks.npy'), 'wb') as f:
+            np.save(f, masks)
+        with atomic_open(os.path.join(out_dir, 'images.txt'), encoding='utf-8', errors='surrogateescape') as f:
+            f.write('\n'.join(info.filenames) + '\n')
+        with atomic_open(stamp_path, encoding='utf-8') as f:
+            json.dump(meta, f, indent=2)
+    except OSError as e:
+        log(f'WARNING: cannot cache the embeddings in {out_dir} ({e.strerror or e}); they are used now and computed '
+            f'again next time')
+        return emb, masks
     log(f'wrote the embeddings of {len(info.filenames)} images {tuple(emb.shape)} and masks {tuple(masks.shape)} to '
         f'{out_dir} ({time.time() - t0:.1f} s)')
     return emb, masks
+
+
+class _CountingStore:
+    """An image store that moves a progress bar by the images it hands out (embedding in this process, workers 0)."""
+
+    def __init__(self, store, bar):
+        self.store, self.bar = store, bar
+
+    def __getattr__(self, name):  # info, size, tracker, ... of the store it wraps
+        if name == 'store':
+            raise AttributeError(name)
+        return getattr(self.store, name)
+
+    def get(self, idx):
+        out = self.store.get(idx)
+        self.bar.update(len(idx))
+        return out
+
+
+def dataset_embeddings(model, info, rt, recompute=False, log=print):
+    """(emb, masks) of every image of the dataset for the checkpoint rt.resume: from the cache next to it when that
+    was computed from this checkpoint file and image list, else embedded (a tqdm bar on a terminal) and cached there."""
+    from tqdm import tqdm
+    cache_dir = os.path.dirname(os.path.abspath(rt.resume))
+    cached = None if recompute else load_cached_embeddings(cache_dir, rt.resume, info, rt.args)
+    if cached is not None:
+        log(f'using cached embeddings {os.path.join(cache_dir, "embeddings.npy")} {tuple(cached[0].shape)}')
+        return cached
+    log(f'embedding the {len(info.filenames)} images of {info.root} with {describe(rt.args)} on {rt.device}')
+    n = len(info.filenames) * (len(info.notions) if model.embednet.per_notion_backbone else 1)
+    with tqdm(total=n, desc='embedding', unit='image', disable=None) as bar:
+        return export_embeddings(model, info, rt, cache_dir, _CountingStore(make_store(info, rt), bar),
+                                 log if bar.disable else bar.write)  # lines above the bar, not through it

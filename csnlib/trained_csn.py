@@ -14,7 +14,7 @@ from csnlib.builder import load_model
 from csnlib.checkpoint import trained_conditions
 from csnlib.loader import to_input
 from csnlib.search import Index
-from triplet_image_loader import load_image
+from triplet_image_loader import DataError, load_image, notion_index
 
 
 class Transform:
@@ -66,19 +66,13 @@ class TrainedCSN(nn.Module):
         return next(self.parameters()).device
 
     def notion_index(self, notion):
-        """A notion's index from its name or index; unknown and untrained notions raise ValueError."""
-        known = ', '.join(f'{i}={n}' for i, n in enumerate(self.notions))
-        if isinstance(notion, str) and notion in self.notions:
-            c = self.notions.index(notion)
-        elif isinstance(notion, (int, np.integer)) and not isinstance(notion, bool) and 0 <= notion < len(self.notions):
-            c = int(notion)
-        else:
-            raise ValueError(f'unknown notion {notion!r}: this model has {known}')
-        if c not in self.conditions:
-            trained = ', '.join(self.notions[i] for i in self.conditions)
-            raise ValueError(f'notion {self.notions[c]!r} was not trained in this checkpoint (it was trained on '
-                             f'{trained}); its {"network" if self.net.per_notion_backbone else "mask"} is untrained')
-        return c
+        """A notion's index from its name or index; unknown and untrained notions raise ValueError (DataError)."""
+        c = notion_index(notion, self.notions, flag='notion', owner='this model')
+        if not getattr(self.net, 'per_notion_embedding', True):  # SCE-Net: its masks are weighed per triplet
+            raise DataError(f'notion {notion!r}: this model (SCE-Net) weighs its masks per triplet and has no embedding '
+                            f'per notion to embed, compare or search with; use a CSN, ASEN or task-specific networks')
+        return notion_index(c, self.notions, self.conditions, flag='notion',
+                            what='network' if self.net.per_notion_backbone else 'mask')
 
     def masks(self):
         """The masks m_c (C, D), float32; ones for models without masks."""
@@ -150,3 +144,10 @@ def load_trained(checkpoint, device='cpu', amp='off', data=None, batch_size=256)
          net.masks.num_embeddings if net.mask_weights() is not None else len(ckpt.get('notions') or []))
     notions = ckpt.get('notions') or [str(i) for i in range(n)]
     return TrainedCSN(tnet, notions, trained_conditions(ckpt, notions), rt.args.image_size, rt.amp_dtype), ckpt, rt
+
+
+def check_notions(ckpt, info, checkpoint):
+    """Refuse a dataset whose notions are not the checkpoint's, in the same order (its masks would mean others)."""
+    if ckpt.get('notions') and ckpt['notions'] != info.notions:
+        raise DataError(f'--resume {checkpoint} was trained on notions {ckpt["notions"]}, but {info.root} has '
+                        f'{info.notions}: pass the --data folder it was trained on')

@@ -187,3 +187,6 @@ def test_a_converted_dataset_trains_asen_and_gives_the_protocols_map(tmp_path):
     res = asen_data.protocol_results(model, load_dataset_info(str(tmp_path / 'out')), rt, 'test')
     assert set(res['per_notion']) == set(ATTRS) and res['queries'] == {'colour': 4, 'shape': 4}
     assert all(0 < v <= 1 for v in res['per_notion'].values())
+    run_main('--test', '--resume', runs / 'a' / 'model_best.pth.tar', '--no-pictures')  # main.py --test reports it too
+    test = json.load(open(runs / 'a' / 'test_results.json'))
+    assert test['protocol_mAP'] == pytest.approx(res['mAP']) and set(test['protocol_mAP_per_notion']) == set(ATTRS)

@@ -49,9 +49,10 @@ def retrieve(*args, check=True, subprocess_=False):
         rc, out, err = p.returncode, p.stdout, p.stderr
     else:
         import retrieve as r
+        from csnlib.errors import run_script
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = r.main(argv)
+            rc = run_script(r.main, argv)
         out, err = out.getvalue(), err.getvalue()
     if check and rc != 0:
         raise AssertionError(f'retrieve.py {argv} exited {rc}\n{out[-3000:]}\n{err[-3000:]}')
@@ -402,3 +403,156 @@ def test_the_real_command_line_refuses_a_query_out_of_range_at_once(untrained_ch
                  subprocess_=True)
     assert one_error_line(p) == 'error: --query 99999999: no such image index; the dataset has images 0..39'
     assert os.listdir(ckpt.parent) == ['checkpoint.pth.tar']
+
+
+# ---------------------------------------------------------------- real-world inputs: bounds, bombs, names, files
+
+def cli(*args):
+    """retrieve.py ARGS in this process as its command line runs it (argparse's exit included): (status, out, err)."""
+    import retrieve as r
+    from conftest import in_process
+    return in_process(r.main, args)
+
+
+def huge_png(path, side=30000):
+    """A valid 1-bit grey PNG of side x side pixels (about 110 KB), written row by row without decoding it whole."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    z, row, idat = zlib.compressobj(9), b'\0' * (1 + side // 8), []
+    for _ in range(side):
+        idat.append(z.compress(row))
+    idat.append(z.flush())
+    with open(path, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0))
+                + chunk(b'IDAT', b''.join(idat)) + chunk(b'IEND', b''))
+    return path
+
+
+def test_k_is_bounded_by_the_picture_and_by_the_images_there_are(untrained_checkpoint, no_embedding):
+    from conftest import error_line
+    data, ckpt = untrained_checkpoint
+    code, _, err = cli('--resume', ckpt, '--data', data, '--query', 3, '--notion', 'shape', '--k', 1000000000)
+    assert code == 2 and 'argument --k: must be an integer from 1 to 100, got 1000000000' in err
+    line = error_line(cli('--resume', ckpt, '--data', data, '--query', 3, '--notion', 'shape', '--k', 40))
+    assert line == 'error: --k 40: the dataset has 39 other images to choose from; use --k 39 or fewer'
+    assert os.listdir(ckpt.parent) == ['checkpoint.pth.tar']  # refused before embedding anything
+
+
+def test_a_30000_pixel_png_as_query_is_one_line_naming_it(untrained_checkpoint, no_embedding, tmp_path):
+    from conftest import error_line
+    data, ckpt = untrained_checkpoint
+    bomb = huge_png(tmp_path / 'huge.png')
+    line = error_line(cli('--resume', ckpt, '--data', data, '--query', bomb, '--notion', 'shape'))
+    assert line.startswith(f"error: --query '{bomb}': the image is too large to open safely (Image size (900000000 "
+                           f"pixels) exceeds limit"), line
+
+
+@pytest.mark.parametrize('script', ['retrieve.py', 'main.py --resume', 'main.py --test --resume'])
+def test_a_0_byte_checkpoint_is_one_clear_line(tmp_path, script, shapes_data):
+    from conftest import error_line
+    empty = tmp_path / 'run' / 'checkpoint.pth.tar'
+    empty.parent.mkdir()
+    empty.write_bytes(b'')
+    if script == 'retrieve.py':
+        p = cli('--resume', empty, '--query', 0, '--notion', 'shape')
+    else:
+        p = run_main(*script.split()[1:], empty, '--data', shapes_data, '--runs', tmp_path / 'runs', *FAST, check=False)
+    assert error_line(p) == (f'error: --resume {empty}: the file is empty (0 bytes), so a copy or download of it did '
+                             f'not finish; copy it again or use another checkpoint')
+
+
+def test_a_truncated_checkpoint_is_one_line_without_a_crash_in_the_handler(untrained_checkpoint, tmp_path):
+    from conftest import error_line
+    _, ckpt = untrained_checkpoint
+    cut = tmp_path / 'cut.pth.tar'
+    cut.write_bytes(ckpt.read_bytes()[:1000])
+    line = error_line(cli('--resume', cut))
+    assert line.startswith(f'error: --resume {cut}: refused to load it (') and 'weights_only=True' in line
+
+
+@pytest.fixture
+def fake_embeddings(monkeypatch):
+    """retrieve.py's embedding of the dataset replaced by fixed random embeddings (the search and picture stay real)."""
+    import retrieve as r
+    calls = []
+
+    def export(model, info, rt, out_dir, *a, **k):
+        calls.append(out_dir)
+        rng = np.random.default_rng(0)
+        return rng.standard_normal((len(info.filenames), 64)).astype(np.float32), np.ones((2, 64), np.float32)
+    monkeypatch.setattr(r, 'export_embeddings', export)
+    return calls
+
+
+@pytest.mark.parametrize('loader', ['dataset.json', 'past the data check'])
+def test_a_notion_name_that_climbs_out_never_puts_the_picture_outside_the_run(untrained_checkpoint, fake_embeddings,
+                                                                            tmp_path, loader, monkeypatch):
+    import dataclasses
+
+    import retrieve as r
+    data, ckpt = untrained_checkpoint
+    if loader == 'dataset.json':
+        meta = json.load(open(os.path.join(data, 'dataset.json')))
+        meta['notions'] = ['../../x', 'shape']
+        json.dump(meta, open(os.path.join(data, 'dataset.json'), 'w'))
+    else:  # the name reaches retrieve.py whatever the dataset loader checks: the picture's path is sanitised there
+        real = r.load_dataset_info
+        monkeypatch.setattr(r, 'load_dataset_info', lambda root: dataclasses.replace(real(root), notions=['../../x', 'shape']))
+    d = torch.load(ckpt, weights_only=True)
+    d['notions'], d['conditions'] = ['../../x', 'shape'], [0, 1]
+    torch.save(d, ckpt)
+    before = {p for p in tmp_path.rglob('*')}
+    code, out, err = cli('--resume', ckpt, '--data', data, '--query', 3, '--notion', '../../x', '--k', 3)
+    new = {p for p in tmp_path.rglob('*')} - before
+    assert all(str(p).startswith(str(ckpt.parent) + os.sep) for p in new), new  # nothing outside the run's folder
+    assert code == 0 or loader == 'dataset.json', err
+    if code == 0:  # sanitised: one picture under run/retrieval
+        pictures = [p for p in new if p.suffix == '.png']
+        assert [p.parent for p in pictures] == [ckpt.parent / 'retrieval'] and '..' not in pictures[0].name, pictures
+        assert f'wrote {pictures[0]}' in out
+    else:  # or refused as a name, with one line naming it
+        from conftest import error_line
+        assert '../../x' in error_line((code, out, err))
+
+
+def test_safe_name_keeps_one_plain_file_name():
+    from retrieve import safe_name
+    for text in ['../x', '../../etc/passwd', '/abs', '..', '.hidden', 'a\\b', 'a\0b', '']:
+        name = safe_name(text)
+        assert name and '/' not in name and '\\' not in name and '\0' not in name and not name.startswith('.'), name
+    assert safe_name('../../x') == '_x' and safe_name('font') == 'font' and safe_name('größe') == 'größe' and safe_name('my glyph') == 'my_glyph'
+
+
+@pytest.mark.slow
+def test_nan_rows_in_the_cache_are_recomputed_and_every_answer_is_a_real_image(untrained_checkpoint, tmp_path):
+    """A cache holding NaN rows (an old export of broken code) once answered index -1 at distance inf."""
+    from csnlib.search import _array_sha256
+    data, ckpt = untrained_checkpoint
+    retrieve('--resume', ckpt, '--data', data)  # computes the cache
+    run = ckpt.parent
+    emb = np.load(run / 'embeddings.npy')
+    emb[:20] = np.nan
+    np.save(run / 'embeddings.npy', emb)
+    meta = json.load(open(run / 'embeddings.json'))
+    meta['embeddings_sha256'] = _array_sha256(emb)  # the stamp describes the bad array: only the values are wrong
+    json.dump(meta, open(run / 'embeddings.json', 'w'))
+    p = retrieve('--resume', ckpt, '--data', data, '--query', 25, '--notion', 'shape', '--k', 10,
+                 '--out', tmp_path / 'p.png')
+    assert '20 of its 40 images have non-finite embeddings' in p.stdout and 'embedding the 40 images' in p.stdout
+    rows = neighbours(p.stdout)
+    assert len(rows) == 10 and all(0 <= i < 40 and np.isfinite(d) for i, d, _ in rows), p.stdout
+    assert np.isfinite(np.load(run / 'embeddings.npy')).all()
+
+
+def test_export_onnx_onto_the_checkpoint_itself_is_one_line_before_loading_it(untrained_checkpoint, monkeypatch):
+    import retrieve as r
+    from conftest import error_line
+    _, ckpt = untrained_checkpoint
+    before = ckpt.read_bytes()
+    monkeypatch.setattr(r, 'load_trained', lambda *a, **k: pytest.fail('the checkpoint was loaded before the check'))
+    line = error_line(cli('--resume', ckpt, '--export-onnx', ckpt))
+    assert line.startswith(f'error: --export-onnx {ckpt}: that is the checkpoint --resume {ckpt} it is made from')
+    assert ckpt.read_bytes() == before and os.listdir(ckpt.parent) == ['checkpoint.pth.tar']

@@ -1,5 +1,10 @@
 """retrieval.Index: exact numpy search against a full sort, faiss's exact search against numpy's, masked search with
-learned (non-binary) masks, the approximate indexes, and bench.py --search on a small gallery."""
+learned (non-binary) masks, the approximate indexes, bench.py --search on a small gallery, and the keys of the
+embeddings cache next to a checkpoint."""
+import argparse
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -96,8 +101,6 @@ def test_without_faiss_exact_search_is_numpy_and_approximate_is_refused(monkeypa
 
 
 def test_bench_search_prints_each_index_with_its_recall(capsys):
-    import json
-
     import bench
     from csnlib.search import faiss_or_none
     assert bench.search_speed(sizes=(2000,), dim=16, queries=120, min_s=0.01) == 0
@@ -106,3 +109,152 @@ def test_bench_search_prints_each_index_with_its_recall(capsys):
     assert [r['index'] for r in rows] == kinds
     assert all(r['images'] == 2000 and r['queries_per_s'] > 0 for r in rows)
     assert [r['recall_at_10'] for r in rows[:2]] == [1.0, 1.0][:len(rows)]  # numpy and faiss: the same neighbours
+
+
+# ----------------------------------------------------------------------------------- the embeddings cache's keys
+
+class FakeEmbedder:
+    """Stands in for csnlib.search.embed_dataset: counts the calls, returns fixed (N, D) embeddings and (C, D) masks."""
+
+    def __init__(self, n, c=2, d=64, value=None):
+        rng = np.random.default_rng(0)
+        self.emb = rng.standard_normal((n, d)).astype(np.float32) if value is None else np.full((n, d), value, np.float32)
+        self.masks = np.ones((c, d), np.float32)
+        self.calls = 0
+
+    def __call__(self, model, images, store, rt, n_notions):
+        self.calls += 1
+        return self.emb.copy(), self.masks.copy()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A shapes dataset, a checkpoint file next to which the cache goes, and export/load through a fake embedder."""
+    from conftest import make_dataset
+    from csnlib import search
+    from csnlib.options import main_parser
+    from triplet_image_loader import load_dataset_info
+    data = tmp_path / 'shapes'
+    make_dataset(str(data))
+    run = tmp_path / 'run'
+    run.mkdir()
+    ckpt = run / 'model_best.pth.tar'
+    ckpt.write_bytes(b'weights 1')
+    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32'])
+    fake = FakeEmbedder(40)
+    monkeypatch.setattr(search, 'embed_dataset', fake)
+    notes = []
+
+    def export(out=run, log=notes.append):
+        model = argparse.Namespace(embednet=argparse.Namespace())  # the fake embedder never looks into it
+        return search.export_embeddings(model, load_dataset_info(str(data)), argparse.Namespace(args=args, resume=str(ckpt)),
+                                        str(out), store=object(), log=log)
+
+    def load(root=data):
+        notes.clear()
+        got = search.load_cached_embeddings(str(run), str(ckpt), load_dataset_info(str(root)), args, log=notes.append)
+        return got, ' '.join(notes)
+    return argparse.Namespace(data=data, run=run, ckpt=ckpt, fake=fake, export=export, load=load, args=args)
+
+
+def test_the_cache_is_used_for_the_same_checkpoint_and_images(cache):
+    cache.export()
+    (emb, masks), note = cache.load()
+    assert note == '' and np.array_equal(emb, cache.fake.emb) and np.array_equal(masks, cache.fake.masks)
+    meta = json.loads((cache.run / 'embeddings.json').read_text())
+    assert meta['checkpoint'] == 'model_best.pth.tar' and meta['images'] == 40 and meta['embeddings_shape'] == [40, 64]
+    assert not [f for f in os.listdir(cache.run) if '.tmp' in f]  # atomic writes leave no temporary file
+
+
+def test_a_changed_image_recomputes_even_with_its_old_size(cache):
+    cache.export()
+    img = cache.data / 'images' / 'shapes' / 'red_circle_3.png'
+    st = img.stat()
+    img.write_bytes(img.read_bytes())  # the same bytes again, written later: its mtime changes
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    got, note = cache.load()
+    assert got is None and 'an image under' in note and 'changed since' in note and 'computed again' in note
+
+
+def test_a_checkpoint_of_the_same_size_and_mtime_but_other_weights_recomputes(cache):
+    cache.export()
+    st = cache.ckpt.stat()
+    cache.ckpt.write_bytes(b'weights 2')  # same size
+    os.utime(cache.ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime, as cp -p or rsync -a keep it
+    got, note = cache.load()
+    assert got is None and f'the checkpoint {cache.ckpt} changed since' in note
+
+
+def test_another_data_folder_with_the_same_file_names_recomputes(cache, tmp_path):
+    import shutil
+    cache.export()
+    other = tmp_path / 'copy'
+    shutil.copytree(cache.data, other)  # copy2: the same names, sizes and mtimes
+    got, note = cache.load(other)
+    assert got is None and f'computed from the images of {os.path.realpath(cache.data)}, not' in note
+    assert cache.load()[0] is not None  # the original folder still matches
+
+
+def rewrite_stamped(cache, emb):
+    """embeddings.npy replaced by emb, with the stamp's digest and shape updated to match (an export of older code that
+    wrote bad values, which the stamp then describes)."""
+    from csnlib.search import _array_sha256
+    np.save(cache.run / 'embeddings.npy', emb)
+    meta = json.loads((cache.run / 'embeddings.json').read_text())
+    meta['embeddings_sha256'], meta['embeddings_shape'] = _array_sha256(emb), list(emb.shape)
+    (cache.run / 'embeddings.json').write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize('stamped', [False, True])
+def test_nan_rows_in_the_cache_recompute_and_never_answer_minus_one(cache, stamped, monkeypatch):
+    from csnlib import search
+    cache.export()
+    emb = cache.fake.emb.copy()
+    emb[[3, 17]] = np.nan
+    if stamped:
+        rewrite_stamped(cache, emb)
+    else:
+        np.save(cache.run / 'embeddings.npy', emb)
+    got, note = cache.load()
+    assert got is None and ('2 of its 40 images have non-finite embeddings' if stamped else 'not the file its stamp describes') in note, note
+    # what retrieve.py then does: recompute, and search finite embeddings
+    emb, masks = cache.export()
+    idx, dist = search.nearest(emb * masks[0], emb[3] * masks[0], 10, exclude=3)
+    assert (idx >= 0).all() and np.isfinite(dist).all() and len(idx) == 10
+
+
+@pytest.mark.parametrize('bad', ['wrong shape', 'truncated', 'old stamp', 'no stamp'])
+def test_a_damaged_cache_recomputes_with_a_note_instead_of_crashing(cache, bad):
+    cache.export()
+    if bad == 'wrong shape':
+        rewrite_stamped(cache, np.zeros((40, 63), np.float32))
+        want = 'not float (40, 64)'
+    elif bad == 'truncated':
+        (cache.run / 'embeddings.npy').write_bytes((cache.run / 'embeddings.npy').read_bytes()[:300])
+        want = 'cannot be read'
+    elif bad == 'old stamp':  # embeddings.json as earlier code wrote it: no images' stamp
+        meta = json.loads((cache.run / 'embeddings.json').read_text())
+        del meta['cache_version']
+        (cache.run / 'embeddings.json').write_text(json.dumps(meta))
+        want = 'written by older code'
+    else:  # an export killed between its arrays and its stamp
+        (cache.run / 'embeddings.json').unlink()
+        want = 'without its embeddings.json'
+    got, note = cache.load()
+    assert got is None and want in note and 'computed again' in note, note
+
+
+def test_an_export_of_non_finite_embeddings_is_refused_and_an_unwritable_folder_only_warns(cache, monkeypatch, tmp_path):
+    from csnlib import search
+    from csnlib.errors import CheckpointError
+    cache.export()
+    monkeypatch.setattr(search, 'embed_dataset', FakeEmbedder(40, value=np.nan))
+    with pytest.raises(CheckpointError, match=r'non-finite embeddings \(NaN or inf\) for 40 of 40 images \(first: '
+                                              r'shapes/red_circle_0.png\)'):
+        cache.export()
+    assert cache.load()[0] is not None  # the good cache is left as it was
+    monkeypatch.setattr(search, 'embed_dataset', cache.fake)
+    (tmp_path / 'a_file').write_text('')
+    notes = []
+    emb, _ = cache.export(out=tmp_path / 'a_file' / 'sub', log=notes.append)  # a folder that cannot be made
+    assert emb.shape == (40, 64) and notes[0].startswith('WARNING: cannot cache the embeddings in ')

@@ -108,9 +108,10 @@ def test_unknown_and_untrained_notions_are_refused(tmp_path):
     model = hub_load(save_checkpoint(tmp_path / 'm.pth', ['--learned'], conditions=[1]))  # trained on shape only
     x = torch.stack([model.transform(im) for im in images(2)])
     model.embed(x, 'shape')
-    for bad, msg in [('size', "unknown notion 'size': this model has 0=colour, 1=shape"), (2, 'unknown notion 2'),
-                     (-1, 'unknown notion -1'), ('colour', "'colour' was not trained .*trained on shape.*mask"),
-                     (0, "'colour' was not trained")]:
+    for bad, msg in [('size', "notion 'size': unknown notion; this model has 0=colour, 1=shape"),
+                     (2, 'notion 2: unknown notion'), (-1, 'notion -1: unknown notion'),
+                     ('colour', 'notion colour: the checkpoint was not trained on it .*were shape.*its mask is untrained'),
+                     (0, 'notion colour: the checkpoint was not trained on it')]:
         with pytest.raises(ValueError, match=msg):
             model.embed(x, bad)
     with pytest.raises(ValueError, match='not trained'):
@@ -120,7 +121,7 @@ def test_unknown_and_untrained_notions_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r'expected images \(B, 3, S, S\)'):
         model.embed(torch.zeros(2, 32, 32))
     task = hub_load(save_checkpoint(tmp_path / 't.pth', ['--model', 'task'], conditions=[0]))
-    with pytest.raises(ValueError, match="'shape' was not trained.*network is untrained"):
+    with pytest.raises(ValueError, match='notion shape: the checkpoint was not trained on it.*its network is untrained'):
         task.embed(x, 'shape')
 
 
@@ -143,3 +144,15 @@ def test_embeddings_equal_those_main_py_exports(tmp_path, variant):
     for c in range(2):
         want = (exported[c] if exported.ndim == 3 else exported) * masks[c]
         np.testing.assert_allclose(model.embed(x, c).numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('content', [b'', b'PK\x03\x04 a zip cut short'])
+def test_an_empty_or_truncated_checkpoint_is_one_clear_error_from_the_hub(tmp_path, content):
+    from csnlib.errors import CheckpointError
+    bad = tmp_path / 'bad.pth.tar'
+    bad.write_bytes(content)
+    want = 'the file is empty \\(0 bytes\\)' if not content else 'refused to load it \\('
+    with pytest.raises(CheckpointError, match=f'^--resume {bad}: {want}'):
+        hub_load(str(bad))
+    with pytest.raises(CheckpointError, match='a folder, not a checkpoint file'):
+        hub_load(str(tmp_path))
