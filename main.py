@@ -220,6 +220,11 @@ def check_data(info, conditions):
             used.update(np.unique(t).tolist())
             print(f'{path}: {len(t)} good triplets, {len(bad)} bad lines')
     names = os.path.join(info.root, 'filenames.json')
+    for i in sorted(set(range(len(info.filenames))) - used):  # lines no triplet uses: their paths must stay inside too
+        try:
+            info.image_path(i)
+        except DataError as e:
+            problems.append((names, i + 1, str(e)))
     for i in tqdm(sorted(used), desc='reading images', leave=False, disable=None):
         try:
             load_image(info.image_path(i), 8)

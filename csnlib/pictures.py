@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 
+from csnlib.atomic import atomic_path
 from csnlib.checkpoint import describe
 from csnlib.evaluate import embed_dataset, subspace
 from csnlib.search import nearest, test_images
@@ -15,6 +16,12 @@ def _plt():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path, dpi=110):
+    """fig to path, whole or not at all (a temporary file renamed into place; the format from path's extension)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1].lstrip('.') or 'png')
 
 
 def draw_masks(ax, masks, notions, title=None, vmin=None, xlabel=True, **colorbar):
@@ -36,7 +43,7 @@ def plot_masks(masks, notions, path, title):
     fig, ax = plt.subplots(figsize=(max(6, masks.shape[1] * 0.14 + 2), 0.45 * len(notions) + 1.6))
     draw_masks(ax, masks, notions, title, vmin=0, pad=0.01, label='mask weight')
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -86,7 +93,7 @@ def plot_tsne(points, thumbs, labels, path, title, max_thumbs=90):
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -113,7 +120,7 @@ def plot_retrieval(rows, path, title):
                          fontweight='bold' if is_query else 'normal')
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -383,7 +383,7 @@ def dataset_embeddings(model, info, rt, recompute=False, log=print):
     was computed from this checkpoint file and image list, else embedded (a tqdm bar on a terminal) and cached there."""
     from tqdm import tqdm
     cache_dir = os.path.dirname(os.path.abspath(rt.resume))
-    cached = None if recompute else load_cached_embeddings(cache_dir, rt.resume, info, rt.args)
+    cached = None if recompute else load_cached_embeddings(cache_dir, rt.resume, info, rt.args, log=log)
     if cached is not None:
         log(f'using cached embeddings {os.path.join(cache_dir, "embeddings.npy")} {tuple(cached[0].shape)}')
         return cached

@@ -191,3 +191,17 @@ def test_a_dataloader_worker_that_dies_names_the_image(data_and_reference, tmp_p
     p = run([*args, '--name', 'worker', '--no-cache', '--workers', '1'], fault=f'kill_image {target}')
     assert p.returncode == 2, p.stderr
     assert 'DataLoader worker' in p.stderr and target in p.stderr and 'Traceback' not in p.stderr, p.stderr
+
+
+def test_check_data_names_an_image_path_outside_the_images_folder_even_on_a_line_no_triplet_uses(tmp_path):
+    from conftest import make_dataset, run_main
+    root = tmp_path / 'data'
+    make_dataset(str(root))
+    (tmp_path / 'secret.png').write_bytes(b'not for the dataset')
+    with open(root / 'filenames.json', 'a') as f:
+        f.write('../../secret.png\nshapes/../../../secret.png\n')  # lines 41 and 42: no triplet names them
+    p = run_main('--data', root, '--check-data', check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    for line in (41, 42):
+        assert f'(line {line} of {root / "filenames.json"})' in p.stdout and 'every image must be a file inside' in p.stdout
+    assert '2 problem(s) found' in p.stdout
