@@ -150,6 +150,7 @@ def run_main(argv, log_path):
                                     env={**os.environ, 'PYTHONUNBUFFERED': '1'})
             for line in proc.stdout:
                 sys.stdout.write(line)
+                sys.stdout.flush()
                 log.write(line)
             rc = proc.wait()
     finally:
@@ -260,7 +261,10 @@ def train_and_test(args, passthrough, settings, model, budget, seed, lr, picture
             raise UserError(f'testing {name} failed (exit status {rc}; see {log_path})')
         times['test_s'] = seconds
         write_json(times_path, times)
-    write_json(record_path(args, name), make_record(args, run_dir, model, budget, seed, lr, epochs))
+    rec = make_record(args, run_dir, model, budget, seed, lr, epochs)
+    write_json(record_path(args, name), rec)
+    if budget == max(args.budgets) and model != 'task' and not args.no_probe:
+        probe_record(args, rec)  # now, while its checkpoint is on this machine: claim (e) reads it from the record
     print(f'{name}: record {record_path(args, name)}', flush=True)
 
 
@@ -612,16 +616,8 @@ def ensure_probes(args, rows, budget):
     out, tasks, info = {}, None, None
     runs = [(k, r) for k, r in sorted(rows.items()) if k[1] == budget and k[0] != 'task']
     for (model, _, seed), r in runs:
-        if 'probe' not in r:
-            best = os.path.join(args.runs, r['run'], 'model_best.pth.tar')
-            if args.data is None or not os.path.exists(best):
-                continue
-            if tasks is None:
-                info, tasks = probe_setup(args)
-            from csnlib import probe
-            from csnlib.checkpoint import load_checkpoint
-            r['probe'] = probe.probe_checkpoint_all(load_checkpoint(best), info, tasks) if tasks else {}
-            write_json(record_path(args, r['run']), r)
+        if 'probe' not in r and not probe_record(args, r):
+            continue
         for name, acc in r['probe'].items():
             out.setdefault(name, {}).setdefault(model, {})[seed] = acc
     if runs and all(r.get('probe') == {} for _, r in runs):
@@ -647,6 +643,20 @@ def ensure_probes(args, rows, budget):
                           **dict(zip(('mean', 'std'), mean_std([v[s] for s in sorted(v)]))), 'n': len(v)}
                       for m, v in per.items()} for pname, per in out.items()}
     return points, None
+
+
+def probe_record(args, rec):
+    """Add the probes of a run's best checkpoint to its record ({} where the dataset has no label to probe); False
+    when its checkpoint or the dataset is not here."""
+    best = os.path.join(args.runs, rec['run'], 'model_best.pth.tar')
+    if args.data is None or not os.path.exists(best):
+        return False
+    from csnlib import probe
+    from csnlib.checkpoint import load_checkpoint
+    info, tasks = probe_setup(args)
+    rec['probe'] = probe.probe_checkpoint_all(load_checkpoint(best), info, tasks) if tasks else {}
+    write_json(record_path(args, rec['run']), rec)
+    return True
 
 
 def probe_setup(args):
@@ -922,8 +932,14 @@ def study_file(args):
     return os.path.join(args.results, 'study.json')
 
 
+def interrupt(signum, frame):
+    """SIGTERM between runs: stop as Ctrl-C does (every file is written whole or not at all)."""
+    raise KeyboardInterrupt
+
+
 def reproduce(args, passthrough):
     t_start = time.time()
+    signal.signal(signal.SIGTERM, interrupt)
     settings, lr_given = main_settings(args, passthrough)
     if not args.report_only:
         write_json(study_file(args), {'command': args.command, 'data': args.data, 'budgets': args.budgets, 'seeds': args.seeds, 'more_seeds': args.more_seeds,
