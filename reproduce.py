@@ -844,7 +844,7 @@ def sweep_markdown(rep):
     sw = rep.get('sweep')
     if not sw or not sw['table']:
         return []
-    models = [m for m in (x[0] for x in MODELS) if any(m in per for per in sw['table'].values())]
+    models = sw['models']
     L = [f'Learning-rate sweep: best validation accuracy (%) at {sw["budget"]:,} training triplets, seed {sw["seed"]} '
          f'(epochs trained, stop reason):', '', '| lr | ' + ' | '.join(TITLE[m] for m in models) + ' | mean |',
          '|---|' + '---:|' * (len(models) + 1)]
@@ -900,6 +900,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
            'epochs_cap': args.epochs, 'patience': 0 if args.seen else args.patience, 'seen': args.seen,
            'settings': {**settings, 'lr': lr}, 'lr_choice': lr_choice, 'passed_to_main': passthrough,
            'sweep': {'budget': args.sweep_budget, 'seed': args.seeds[0], 'lrs': args.sweep_lrs, 'chosen': lr,
+                     'models': [m for m in (x[0] for x in MODELS) if m in args.models],
                      'why': lr_choice,
                      'table': {str(k): {m: {f: r[f] for f in ('best_val_acc', 'epochs_trained', 'best_epoch', 'stopped')}
                                         for m, r in per.items()} for k, per in table.items()}},
