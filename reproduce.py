@@ -824,7 +824,7 @@ def markdown(rep):
         L.append(f'- (e) on {p["description"]}: ' + '; '.join(f'{TITLE.get(m, "randomly initialised backbone")} {pct(v)} %'
                                                              for m, v in p['points'].items()) + '.')
     if rep.get('probe_task'):
-        L += ['', f'Probe of claim (e): {rep["probe_task"]}.']
+        L += ['', f'Probe of claim (e)\'s verdict: {rep["probe_task"]}.']
     if rep.get('masks_figure'):
         L += ['', '![masks](masks.png)']
     L += ['', f'Command: `{rep["command"]}`', '',
@@ -867,10 +867,11 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
     summary = summarise(rows, models, budgets)
     top = max([b for b in budgets if any(b in summary.get(m, {}) for m in models)], default=budgets[-1])
     probes, probe_note = (None, 'not run (--no-probe)') if args.no_probe else ensure_probes(args, rows, top)
-    probe = None
+    probe, claim_probe = None, None
     if probes:
         from csnlib.probe import PROBE_FOR_CLAIM
-        probe = probes.get(PROBE_FOR_CLAIM) or next(iter(probes.values()))
+        claim_probe = PROBE_FOR_CLAIM if PROBE_FOR_CLAIM in probes else next(iter(probes))
+        probe = probes[claim_probe]
     claims, detail, cis, reason = {}, {}, {}, {}
     claims['a'], detail['a'], cis['a'] = claim_a(summary, top)
     claims['b'], detail['b'], cis['b'] = claim_b(summary, top)
@@ -910,7 +911,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
            'masks_start': mask_extra and mask_extra['masks_start'], 'masks_change': mask_extra and mask_extra['masks_change'],
            'probe': probe, 'probes': {p: {'description': probe_descriptions.get(p, p), 'points': v}
                                       for p, v in (probes or {}).items()},
-           'probe_task': probe_note or (probe_descriptions.get('family') if probes else None),
+           'probe_task': probe_note or (probe_descriptions.get(claim_probe) if probes else None),
            'runs': {r['run']: {k: v for k, v in r.items() if k not in ('masks', 'masks_start', 'metrics')}
                     for _, r in sorted(rows.items())},
            'runs_finished': len(rows), 'runs_planned': len(grid(args, lr)),
