@@ -1,8 +1,14 @@
-"""Tiny datasets built in the test: coloured shapes whose notions (colour, shape) can be seen in the pixels."""
+"""What the tests share: tiny datasets built in the test (coloured shapes whose notions, colour and shape, can be seen
+in the pixels), the tiny-run flags (FAST), main.py as a user runs it (run_main, in_process), the one line a user error
+prints (error_line), checkpoints untrained (checkpoint_of, save_checkpoint) and trained (the trained_run fixture), and
+headless Chromium (chromium_path, CHROMIUM_FLAGS)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -109,14 +115,24 @@ def in_process(entry, argv, escape_fails=False):
     return code, out.getvalue(), err.getvalue()
 
 
-def error_line(p):
-    """The one line a user error prints, from a CompletedProcess (or (status, stdout, stderr)) of a script that failed
-    as a user error must: exit status 2, `error: ...` alone on stderr, no traceback."""
+def error_line(p, match=None, alone=False):
+    """The user error a script printed, from a CompletedProcess (or (status, stdout, stderr)) of a script that failed
+    as a user error must: exit status 2, no traceback, `error: ...` last on stderr (with alone: the only line there).
+    Returns that line; with match, the message from its `error: ` line to the end (a DataError lists its bad lines
+    under it), which must contain match."""
     code, _, err = (p.returncode, p.stdout, p.stderr) if hasattr(p, 'returncode') else p
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and 'Traceback' not in err, (code, err)
-    assert lines and lines[-1].startswith('error: '), err
-    return lines[-1]
+    if match is None:
+        assert lines and lines[-1].startswith('error: '), err
+        start = len(lines) - 1
+    else:
+        start = max((i for i, ln in enumerate(lines) if ln.startswith('error: ')), default=None)
+        assert start is not None, err
+    message = '\n'.join(lines[start:])
+    assert match is None or match in message, (match, err)
+    assert not alone or len(lines) == 1, err
+    return message
 
 
 def run_main(*args, cwd=None, check=True, timeout=600, env=None, real=False):
@@ -141,6 +157,78 @@ def run_main(*args, cwd=None, check=True, timeout=600, env=None, real=False):
 # small and fast: 32 px, random init, batch 32
 FAST = ['--no-pretrained', '--image-size', '32', '--batch-size', '32', '--num_traintriplets', '240',
         '--num_valtriplets', '120', '--num_testtriplets', '120', '--lr', '1e-3', '--log-interval', '2']
+
+
+def checkpoint_of(args, notions=('colour', 'shape'), conditions=(0, 1)):
+    """An untrained model of args (main.py's parsed flags) as main.py saves a checkpoint's model parts: the dict."""
+    import torch
+
+    from csnlib.builder import build_model
+    torch.manual_seed(0)
+    return {'args': dict(vars(args)), 'state_dict': build_model(args, len(notions)).state_dict(), 'notions': list(notions),
+            'conditions': list(conditions)}
+
+
+def save_checkpoint(path, variant, notions=('colour', 'shape'), conditions=(0, 1)):
+    """An untrained 32-px model of main.py's flags + variant, saved as main.py saves a checkpoint's model parts."""
+    import torch
+
+    from csnlib.options import main_parser
+    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
+    ckpt = checkpoint_of(args, notions, conditions)
+    if variant == ['--learned']:  # some weights below zero: ReLU'd to 0, the rest non-binary
+        ckpt['state_dict']['embednet.masks.weight'][:, :8] = -1.0
+    torch.save({**ckpt, 'epoch': 1}, path)
+    return str(path)
+
+
+class Run(NamedTuple):
+    """A trained run: its data folder, its run folder (checkpoint.pth.tar, model_best.pth.tar, metrics.jsonl, ...) and,
+    on the fixture's own shapes, make_dataset's image names and labels (None on a dataset of the caller's)."""
+    data: str
+    run: Path
+    names: list = None
+    labels: list = None
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+    """trained_run(*flags, data=None, name=None) -> the Run of `main.py --data DATA --runs RUNS --name NAME FLAGS`,
+    trained in this process the first time a test module asks for these flags and kept for its other tests. DATA is a
+    coloured-shapes dataset of the fixture's own (make_dataset's defaults) unless data names another; anything but exit
+    status 0 fails the test that asked, a traceback that escapes included. Each test module gets its own runs (the
+    tests write into them: embeddings caches, pictures, test results)."""
+    import main
+    root = tmp_path_factory.mktemp('trained')
+    done, shapes = {}, {}
+
+    def train(*flags, data=None, name=None):
+        flags = [str(f) for f in flags]
+        key = (data, name, tuple(flags))
+        if key not in done:
+            if data is None and not shapes:
+                shapes['data'] = str(root / 'shapes')
+                shapes['names'], shapes['labels'] = make_dataset(shapes['data'])
+            run = root / 'runs' / (name or f'run{len(done)}')
+            argv = ['--data', data or shapes['data'], '--runs', str(run.parent), '--name', run.name, *flags]
+            code, out, err = in_process(main.main, argv, escape_fails=True)
+            assert code == 0, f'main.py {argv} exited {code}\n{out[-2000:]}\n{err[-2000:]}'
+            done[key] = Run(data, run) if data else Run(shapes['data'], run, shapes['names'], shapes['labels'])
+        return done[key]
+    return train
+
+
+# headless Chromium (test_loggers.py's dashboard, test_demo.py's page): no sandbox, nothing fetched on its own
+CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                  '--disable-component-update', '--disable-sync', '--no-first-run']
+
+
+def chromium_path():
+    for path in (os.environ.get('CHROMIUM'), shutil.which('chromium'), shutil.which('chromium-browser'),
+                 '/usr/bin/chromium'):
+        if path and os.path.exists(path):
+            return path
+    return None
 
 
 def pytest_collection_modifyitems(items):
