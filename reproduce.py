@@ -31,7 +31,11 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 MODELS = [('triplet', 'standard triplet network', ['--model', 'triplet'], 23.72),
           ('task', 'task-specific triplet networks', ['--model', 'task'], 11.35),
           ('csn_fixed', 'CSN, fixed disjoint masks', ['--model', 'csn'], 10.79),
-          ('csn_learned', 'CSN, learned masks', ['--model', 'csn', '--learned'], 10.73)]
+          ('csn_learned', 'CSN, learned masks', ['--model', 'csn', '--learned'], 10.73),
+          # CSN's successors, under the same protocol (on request: --models ... asen scenet; not in the paper's table)
+          ('asen', 'ASEN (attention conditioned on the notion)', ['--model', 'asen'], None),
+          ('scenet', 'SCE-Net (masks weighed per triplet)', ['--model', 'scenet'], None)]
+PAPER_MODELS = ('triplet', 'task', 'csn_fixed', 'csn_learned')  # the default: the models of the paper's table
 TITLE = {m[0]: m[1] for m in MODELS}
 # main.py flags that change what a run learns: a run or record made with other values is not reused
 SETTINGS = ('num_traintriplets', 'seed', 'dim_embed', 'batch_size', 'lr', 'margin', 'embed_loss', 'mask_loss',
@@ -78,7 +82,8 @@ def build_parser():
       help='folder of the runs\' records, meant to be committed (default: results/DATASET, e.g. results/fonts)')
     a('--prefix', default='repro', help='runs are named PREFIX_MODEL_nBUDGET_sSEED_lrLR (default: repro)')
     a('--models', nargs='+', default=None, choices=[m[0] for m in MODELS], metavar='MODEL',
-      help='which models to run: triplet task csn_fixed csn_learned (default: all four)')
+      help='which models to run: triplet task csn_fixed csn_learned, and CSN\'s successors asen scenet (default: '
+           'the paper\'s four)')
     a('--out-dir', default=None, metavar='DIR', help='report folder (default: RUNS/reproduce)')
     a('--report-only', action='store_true',
       help='train nothing: write the report from the records in --results alone (default: off)')
@@ -784,7 +789,7 @@ def markdown(rep):
         mp = pm(d['mAP_mean'], d['mAP_std'], k) if d.get('mAP_mean') is not None else ''
         L.append(f'| {TITLE[m]} | ' + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
                  + f' | **{pm(d["accuracy_mean"], d["accuracy_std"], k)}** | '
-                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {dict((x[0], x[3]) for x in MODELS)[m]:.2f} | '
+                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {paper_error(m)} | '
                    f'{", ".join(map(str, d["seeds"]))} |')
     L += ['', 'Test error (%) against training triplets (mean ± sd over seeds; the number of seeds in brackets):', '',
           '| model | ' + ' | '.join(f'{b:,}' for b in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
@@ -944,15 +949,15 @@ def reproduce(args, passthrough):
     signal.signal(signal.SIGTERM, interrupt)
     settings, lr_given = main_settings(args, passthrough)
     if not args.report_only:
-        write_json(study_file(args), {'command': args.command, 'data': args.data, 'budgets': args.budgets, 'seeds': args.seeds, 'more_seeds': args.more_seeds,
-                                  'models': args.models,
+        write_json(study_file(args), {'command': args.command, 'data': args.data, 'budgets': args.budgets,
+                                      'seeds': args.seeds, 'more_seeds': args.more_seeds, 'models': args.models,
                                       'prefix': args.prefix, 'sweep_lrs': args.sweep_lrs,
                                       'sweep_budget': args.sweep_budget, 'patience': args.patience,
                                       'epochs': args.epochs, 'seen': args.seen, 'passed_to_main': passthrough,
                                       'lr_given': lr_given, 'lr': settings['lr'], 'settings': settings}, indent=2)
     if lr_given:
         lr, why = settings['lr'], 'passed to main.py (--lr), no sweep'
-        args.sweep_lrs = []
+        args = argparse.Namespace(**{**vars(args), 'sweep_lrs': []})  # the report shows no sweep
     else:
         if not args.report_only:
             for model, budget, seed, sweep_lr in sweep_grid(args):
@@ -966,54 +971,67 @@ def reproduce(args, passthrough):
     return 0
 
 
-def fill_from_study(args, passthrough):
-    """--report-only: the grid, flags and main.py settings of the study that wrote --results (study.json), where the
-    command line does not give them. Returns the passed-through flags."""
-    study = read_record(study_file(args))
+def fill_from_study(d, passthrough):
+    """--report-only: the grid, flags and main.py settings of the study that wrote d['results'] (study.json), where
+    the command line does not give them, into d (the args being resolved). Returns the passed-through flags."""
+    study = read_record(study_file(argparse.Namespace(**d)))
     if study is None:
-        if args.budgets is None:
-            raise UserError(f'--report-only: {study_file(args)} not found; give --results the study\'s records folder '
-                            f'or the study\'s --budgets and --seeds')
+        if d['budgets'] is None:
+            raise UserError(f'--report-only: {study_file(argparse.Namespace(**d))} not found; give --results the '
+                            f'study\'s records folder or the study\'s --budgets and --seeds')
         return passthrough
     for k in ('budgets', 'seeds', 'models', 'sweep_budget'):
-        if getattr(args, k) is None:
-            setattr(args, k, study[k])
-    args.more_seeds = args.more_seeds or study.get('more_seeds', [])
+        if d[k] is None:
+            d[k] = study[k]
+    d['more_seeds'] = d['more_seeds'] or study.get('more_seeds', [])
     for k in ('patience', 'epochs', 'seen', 'sweep_lrs'):
-        setattr(args, k, study[k])
-    args.prefix, args.command = study['prefix'], study.get('command', args.command)
-    args.study_data = study.get('data', args.results)
+        d[k] = study[k]
+    d['prefix'], d['command'] = study['prefix'], study.get('command', d['command'])
+    d['study_data'] = study.get('data', d['results'])
     return passthrough or study['passed_to_main']
 
 
-def main(argv=None):
+def resolve(parser, parsed, passthrough, argv):
+    """The study's final args, once: the command line, then (--report-only) the recorded study's settings, then the
+    defaults that depend on others (the sweep's budget, the records folder). (args, flags passed on to main.py)."""
     from csnlib.options import main_parser
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args, passthrough = parser.parse_known_args(argv)
-    args.command, args.study_data = shlex.join(['python', 'reproduce.py', *argv]), args.results
-    if args.report_only:
-        if args.results is None and args.data is None:
-            parser.error('--report-only needs --results DIR (the records, e.g. results/fonts) or --data')
-        if args.results is None:
-            args.results = default_results(args.data)
-        passthrough = fill_from_study(args, passthrough)
-    elif args.data is None:
-        parser.error('--data DIR is needed to train (or --report-only --results DIR)')
-    args.budgets = args.budgets or [100000]
-    args.seeds = args.seeds if args.seeds is not None else [1]
-    args.models = args.models or [m[0] for m in MODELS]
-    if len(set(args.budgets)) != len(args.budgets) or len(set(args.seeds + args.more_seeds)) != len(args.seeds +
-                                                                                                    args.more_seeds):
-        parser.error('--budgets and --seeds take distinct values')
-    args.sweep_budget = args.sweep_budget or sorted(args.budgets)[len(args.budgets) // 2]
-    if args.results is None:
-        args.results = default_results(args.data)
-    # main.py's flags are checked now, with its own ranges, not when the first run starts
+    # main.py's flags are checked first, with its own ranges, not when the first run starts
     passed_on = main_parser()
     passed_on.error = lambda message: parser.error(f'{message} (passed on to main.py)')
-    passed_on.parse_args(['--data', args.data or 'data', *passthrough])
+    passed_on.parse_args(['--data', parsed.data or 'data', *passthrough])
+    d = dict(vars(parsed), command=shlex.join(['python', 'reproduce.py', *argv]), study_data=parsed.results)
+    if d['report_only']:
+        if d['results'] is None and d['data'] is None:
+            parser.error('--report-only needs --results DIR (the records, e.g. results/fonts) or --data')
+        if d['results'] is None:
+            d['results'] = default_results(d['data'])
+        passthrough = fill_from_study(d, passthrough)
+    elif d['data'] is None:
+        parser.error('--data DIR is needed to train (or --report-only --results DIR)')
+    d['budgets'] = d['budgets'] or [100000]
+    d['seeds'] = d['seeds'] if d['seeds'] is not None else [1]
+    d['models'] = d['models'] or list(PAPER_MODELS)
+    seeds = d['seeds'] + d['more_seeds']
+    if len(set(d['budgets'])) != len(d['budgets']) or len(set(seeds)) != len(seeds):
+        parser.error('--budgets and --seeds take distinct values')
+    d['sweep_budget'] = d['sweep_budget'] or sorted(d['budgets'])[len(d['budgets']) // 2]
+    if d['results'] is None:
+        d['results'] = default_results(d['data'])
+    return argparse.Namespace(**d), passthrough
+
+
+def main(argv=None):
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parsed, passthrough = parser.parse_known_args(argv)
+    args, passthrough = resolve(parser, parsed, passthrough, argv)
     return reproduce(args, passthrough)
+
+
+def paper_error(model):
+    """The paper's Zappos50k triplet prediction error of a model (%), or a dash for a model not in its table."""
+    e = dict((m[0], m[3]) for m in MODELS)[model]
+    return '—' if e is None else f'{e:.2f}'
 
 
 def default_results(data):

@@ -464,3 +464,17 @@ def test_probe_reads_features_of_the_trained_backbone_and_learns_a_visible_label
     # class b's scored half looks like class a: per-class accuracy 1 and 0, balanced 0.5, plain 0.75
     assert probe.linear_probe(x, one, fit, balanced=True) == pytest.approx(0.5)
     assert probe.linear_probe(x, one, fit) == pytest.approx(0.75)
+
+
+def test_the_paper_s_four_models_by_default_and_csn_s_successors_on_request(tmp_path):
+    import reproduce as rp
+    parser = rp.build_parser()
+    argv = ['--data', str(tmp_path), '--results', str(tmp_path / 'r')]
+    args, passthrough = rp.resolve(parser, *parser.parse_known_args(argv), argv)
+    assert args.models == ['triplet', 'task', 'csn_fixed', 'csn_learned'] and passthrough == []
+    argv += ['--models', 'csn_fixed', 'asen', 'scenet', '--lr', '1e-3']
+    args, passthrough = rp.resolve(parser, *parser.parse_known_args(argv), argv)
+    assert args.models == ['csn_fixed', 'asen', 'scenet'] and passthrough == ['--lr', '1e-3']
+    flags = {m[0]: m[2] for m in rp.MODELS}
+    assert flags['asen'] == ['--model', 'asen'] and flags['scenet'] == ['--model', 'scenet']
+    assert rp.paper_error('asen') == '—' and rp.paper_error('csn_fixed') == '10.79'
