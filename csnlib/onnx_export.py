@@ -49,7 +49,8 @@ def export_onnx(trained, path, opset=17, source=None):
     try:
         import onnx
     except ImportError:
-        raise UserError('--export-onnx needs the onnx package: pip install onnx (and onnxruntime to run the file)') from None
+        raise UserError('--export-onnx needs the onnx package: pip install onnx '
+                        '(and onnxruntime to run the file)') from None
     check_target(path, source)
     embedder = MaskedEmbedder(copy.deepcopy(trained.net)).cpu().eval()
     S = trained.image_size
@@ -64,7 +65,8 @@ def export_onnx(trained, path, opset=17, source=None):
                 warnings.simplefilter('ignore')  # the TorchScript exporter's deprecation notice; it needs no onnxscript
                 torch.onnx.export(embedder, (x, c), tmp, dynamo=False, opset_version=opset,
                                   input_names=['images', 'notions'], output_names=['embeddings'],
-                                  dynamic_axes={'images': {0: 'batch'}, 'notions': {0: 'batch'}, 'embeddings': {0: 'batch'}})
+                                  dynamic_axes={'images': {0: 'batch'}, 'notions': {0: 'batch'},
+                                                'embeddings': {0: 'batch'}})
             model = onnx.load(tmp)
             for k, v in meta.items():
                 model.metadata_props.add(key=k, value=json.dumps(v))

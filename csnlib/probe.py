@@ -94,7 +94,8 @@ def pitch_task(info):
     fit = np.array([rows[i]['font'] in fit_families for i in images])
     counts = {v: sum(1 for x in pitch.values() if x == v) for v in sorted(set(pitch.values()))}
     return {'images': images, 'labels': labels, 'fit': fit, 'balanced': True,
-            'description': f'pitch of the {len(images)} val and test glyphs ({", ".join(f"{n} {v}" for v, n in counts.items())} '
+            'description': f'pitch of the {len(images)} val and test glyphs '
+                           f'({", ".join(f"{n} {v}" for v, n in counts.items())} '
                            f'families, none in a training triplet), fitted on half of the families of each pitch, '
                            f'balanced accuracy'}
 
@@ -145,7 +146,8 @@ def probe_all(net, image_size, info, tasks):
     images = np.unique(np.concatenate([t['images'] for t in tasks.values()]))
     feats = pooled_features(net, info, images, image_size)
     row = {int(i): k for k, i in enumerate(images)}
-    return {name: linear_probe(feats[[row[int(i)] for i in t['images']]], t['labels'], t['fit'], t.get('balanced', False))
+    return {name: linear_probe(feats[[row[int(i)] for i in t['images']]], t['labels'], t['fit'],
+                               t.get('balanced', False))
             for name, t in tasks.items()}
 
 
@@ -162,7 +164,8 @@ def backbone(state_dict, prefix='embednet.embeddingnet.'):
     """The trained EmbeddingNet of a CSN or standard triplet network checkpoint."""
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not sd:
-        raise ValueError(f'no {prefix}* weights in the checkpoint (task-specific networks have one backbone per notion)')
+        raise ValueError(f'no {prefix}* weights in the checkpoint '
+                         f'(task-specific networks have one backbone per notion)')
     net = EmbeddingNet(sd['fc.weight'].shape[0])
     net.load_state_dict(sd)
     return net

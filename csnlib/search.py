@@ -110,7 +110,8 @@ class Index:
         for s in range(0, len(q), step):
             qq = q[s:s + step]
             d = self.sq[None] - 2 * (qq @ self.space.T) + np.einsum('qd,qd->q', qq, qq)[:, None]  # (q, N)
-            top = np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else np.tile(np.arange(d.shape[1]), (len(qq), 1))
+            top = (np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1]
+                   else np.tile(np.arange(d.shape[1]), (len(qq), 1)))
             out_i.append(top)
             out_d.append(np.take_along_axis(d, top, 1))
         return np.concatenate(out_d), np.concatenate(out_i)
@@ -287,7 +288,8 @@ def _bad_arrays(emb, masks, meta, info, args):
                 f'not float {want} and {(c, d)}')
     rows = int((~np.isfinite(emb.reshape(-1, n, d)).all((0, 2))).sum())  # images with a non-finite embedding
     if rows or not np.isfinite(masks).all():
-        return f'{rows} of its {n} images have non-finite embeddings (NaN or inf)' if rows else 'its masks are not finite'
+        return (f'{rows} of its {n} images have non-finite embeddings (NaN or inf)' if rows
+                else 'its masks are not finite')
     return None
 
 
@@ -331,11 +333,13 @@ def export_embeddings(model, info, rt, out_dir, store=None, log=print):
     if not (np.isfinite(emb).all() and np.isfinite(masks).all()):
         rows = np.flatnonzero(~np.isfinite(emb).reshape(-1, len(info.filenames), emb.shape[-1]).all((0, 2)))
         raise CheckpointError(f'{rt.resume}: the model gives non-finite embeddings (NaN or inf) for {len(rows)} of '
-                              f'{len(info.filenames)} images (first: {info.filenames[rows[0]] if len(rows) else "the masks"}'
+                              f'{len(info.filenames)} images '
+                              f'(first: {info.filenames[rows[0]] if len(rows) else "the masks"}'
                               f'); its weights are broken: use another checkpoint')
     meta = {'cache_version': CACHE_VERSION, **ckpt_stamp, **images_stamp, 'image_size': args.image_size,
             'notions': list(info.notions), 'model': describe(args), 'embeddings_shape': list(emb.shape),
-            'masks_shape': list(masks.shape), 'embeddings_sha256': _array_sha256(emb), 'masks_sha256': _array_sha256(masks),
+            'masks_shape': list(masks.shape), 'embeddings_sha256': _array_sha256(emb),
+            'masks_sha256': _array_sha256(masks),
             'layout': 'image i under notion c: emb[i] * masks[c] ((N, D) embeddings), emb[c, i] * masks[c] ((C, N, D))'}
     stamp_path = os.path.join(out_dir, STAMP)
     try:
