@@ -203,5 +203,6 @@ def test_check_data_names_an_image_path_outside_the_images_folder_even_on_a_line
     p = run_main('--data', root, '--check-data', check=False)
     assert p.returncode == 1, p.stdout + p.stderr
     for line in (41, 42):
-        assert f'(line {line} of {root / "filenames.json"})' in p.stdout and 'every image must be a file inside' in p.stdout
+        assert (f'(line {line} of {root / "filenames.json"})' in p.stdout
+                and 'every image must be a file inside' in p.stdout)
     assert '2 problem(s) found' in p.stdout

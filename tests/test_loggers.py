@@ -174,7 +174,8 @@ class DripServer:
                     return
                 data += chunk
             head, body = data.split(b'\r\n\r\n', 1)
-            n = int(next((ln.split(b':')[1] for ln in head.split(b'\r\n') if ln.lower().startswith(b'content-length')), 0))
+            n = int(next((ln.split(b':')[1] for ln in head.split(b'\r\n')
+                          if ln.lower().startswith(b'content-length')), 0))
             while len(body) < n:
                 body += conn.recv(65536)
             self.requests.append(head.split(b' ')[1].decode())

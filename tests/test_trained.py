@@ -110,7 +110,8 @@ def test_unknown_and_untrained_notions_are_refused(tmp_path):
     model.embed(x, 'shape')
     for bad, msg in [('size', "notion 'size': unknown notion; this model has 0=colour, 1=shape"),
                      (2, 'notion 2: unknown notion'), (-1, 'notion -1: unknown notion'),
-                     ('colour', 'notion colour: the checkpoint was not trained on it .*were shape.*its mask is untrained'),
+                     ('colour', 'notion colour: the checkpoint was not trained on it '
+                                '.*were shape.*its mask is untrained'),
                      (0, 'notion colour: the checkpoint was not trained on it')]:
         with pytest.raises(ValueError, match=msg):
             model.embed(x, bad)
@@ -121,7 +122,8 @@ def test_unknown_and_untrained_notions_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r'expected images \(B, 3, S, S\)'):
         model.embed(torch.zeros(2, 32, 32))
     task = hub_load(save_checkpoint(tmp_path / 't.pth', ['--model', 'task'], conditions=[0]))
-    with pytest.raises(ValueError, match='notion shape: the checkpoint was not trained on it.*its network is untrained'):
+    with pytest.raises(ValueError,
+                       match='notion shape: the checkpoint was not trained on it.*its network is untrained'):
         task.embed(x, 'shape')
 
 

@@ -96,8 +96,10 @@ def profile_one(opts, size, batch, amp):
     amp_name = str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'fp32'
     ms = statistics.median(walls) * 1e3
     share = {k: times[k] / sum(times.values()) for k in PHASES}
-    print(f'\n{size} px, batch {batch}, {amp_name}: {ms:.1f} ms/step (median of {opts.steps}), {cpu_ms:.0f} CPU ms/step, '
-          f'{batch / ms * 1e3:.0f} triplets/s, {batch / cpu_ms * 1e3:.0f} per CPU-second, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}; '
+    print(f'\n{size} px, batch {batch}, {amp_name}: {ms:.1f} ms/step (median of {opts.steps}), '
+          f'{cpu_ms:.0f} CPU ms/step, '
+          f'{batch / ms * 1e3:.0f} triplets/s, {batch / cpu_ms * 1e3:.0f} per CPU-second, '
+          f'threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}; '
           + ', '.join(f'{k} {100 * v:.1f} %' for k, v in share.items()))
     print(f'  {"op":<44} {"self CPU %":>10} {"calls/step":>10} {"GFLOP/s":>8}')
     for e in ops[:opts.top]:
