@@ -1,7 +1,8 @@
 """Use a trained model: nearest images under one notion of similarity, retrieval mAP, and pictures of what it learned.
 
     python retrieve.py --resume runs/csn/model_best.pth.tar --data data/fonts --query 123 --notion character --k 10
-    python retrieve.py --resume runs/csn/model_best.pth.tar --query Roboto/a.png --notion font   (a path in filenames.json)
+    python retrieve.py --resume runs/csn/model_best.pth.tar --query Roboto/a.png --notion font
+        (a path in filenames.json)
     python retrieve.py --resume runs/csn/model_best.pth.tar --query ~/my_glyph.png --notion font  (any image file)
     python retrieve.py --resume runs/csn/model_best.pth.tar                  (only compute and cache the embeddings)
 
@@ -32,7 +33,8 @@ MAX_K = 100  # neighbours in one picture: a row of 1 + k thumbnails, about 150 p
 
 def build_parser():
     p = argparse.ArgumentParser(description='Nearest images of the dataset under one notion of similarity, from a '
-                                            'trained checkpoint. Without --query: only compute and cache the embeddings.',
+                                            'trained checkpoint. Without --query: only compute and cache the '
+                                            'embeddings.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a('--resume', required=True, metavar='CKPT', help='checkpoint of main.py (e.g. runs/NAME/model_best.pth.tar)')
@@ -41,20 +43,23 @@ def build_parser():
                                     'image file')
     a('--notion', default=None, help='the notion of similarity, by name or index (e.g. character, font, 0)')
     a('--k', type=int_range(1, MAX_K), default=10, help=f'number of neighbours: at most {MAX_K} (the picture is one '
-                                                       f'row of them) and at most the other images of the dataset')
+                                                       f'row of them) and at most the other images of the '
+                                                       f'dataset')
     a('--index', choices=['exact', 'ivf', 'hnsw'], default='exact',
-      help='search: exact (faiss IndexFlatL2 when faiss-cpu is installed, else numpy: the same neighbours), or faiss\'s '
-           'approximate ivf or hnsw index for galleries of millions (building one costs more than an exact search of '
-           'one query; see the README\'s table)')
+      help='search: exact (faiss IndexFlatL2 when faiss-cpu is installed, else numpy: the same neighbours), '
+           'or faiss\'s approximate ivf or hnsw index for galleries of millions (building one costs more than an '
+           'exact search of one query; see the README\'s table)')
     a('--out', default=None, metavar='PNG', help='picture of the query and its neighbours (default: '
                                                  'retrieval/<notion>_<query>.png in the checkpoint\'s folder)')
     a('--recompute', action='store_true', default=False, help='embed the dataset again even when the cache is valid')
     add_device_flag(p)
     a('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default=None,
       help='mixed precision for embedding (default: the checkpoint\'s setting)')
-    a('--batch-size', '--batch_size', type=positive_int, default=256, help='images per batch when embedding the dataset')
-    a('--export-onnx', default=None, metavar='FILE', help='only write the model as ONNX to FILE (images (B, 3, S, S) and '
-                                                          'notion indices (B,) -> masked embeddings (B, D)); no dataset needed')
+    a('--batch-size', '--batch_size', type=positive_int, default=256,
+      help='images per batch when embedding the dataset')
+    a('--export-onnx', default=None, metavar='FILE',
+      help='only write the model as ONNX to FILE (images (B, 3, S, S) and '
+           'notion indices (B,) -> masked embeddings (B, D)); no dataset needed')
     return p
 
 
@@ -110,7 +115,8 @@ def run(a):
         return 0
     info = load_dataset_info(args.data)
     if ckpt.get('notions') and ckpt['notions'] != info.notions:
-        raise DataError(f'--resume {a.resume} was trained on notions {ckpt["notions"]}, but {args.data} has {info.notions}')
+        raise DataError(f'--resume {a.resume} was trained on notions {ckpt["notions"]}, '
+                        f'but {args.data} has {info.notions}')
     # the notion and the query are checked before anything is embedded (embedding a dataset takes minutes)
     if a.query is not None and a.notion is None:
         raise DataError(f'--query needs --notion, one of {", ".join(info.notions)}')
@@ -141,14 +147,16 @@ def run(a):
     labels = read_labels(info) or {}
     lab = labels.get(name)
     q_lab = lab[q_index] if lab and q_index is not None else ''
-    print(f'query: {q_index if q_index is not None else "(external)"} {q_path}' + (f'  {name}={q_lab}' if q_lab else ''))
+    print(f'query: {q_index if q_index is not None else "(external)"} {q_path}'
+          + (f'  {name}={q_lab}' if q_lab else ''))
     print(f'{a.k} nearest of {len(space)} images by {name} ({describe(args)}; search {search_ms:.1f} ms):')
     print(f'{"rank":>4} {"index":>7} {"distance":>9}  {name if lab else "":<16} path')
     for r, (j, d) in enumerate(zip(idx, dist), 1):
         print(f'{r:>4} {j:>7} {d:>9.4f}  {(lab[j] if lab else ""):<16} {info.filenames[j]}')
     size = max(args.image_size, 64)
     q_tag = str(q_index) if q_index is not None else os.path.splitext(os.path.basename(q_path))[0]
-    out = a.out or os.path.join(cache_dir, 'retrieval', f'{safe_name(name)}_{safe_name(q_tag)}.png')  # in the run's folder
+    out = a.out or os.path.join(cache_dir, 'retrieval',
+                                f'{safe_name(name)}_{safe_name(q_tag)}.png')  # in the run's folder
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     neigh = [(load_image(info.image_path(j), size), f'{j}' + (f'\n{short(lab[j])}' if lab else '') + f'\n{d:.3f}',
               (lab[j] == q_lab) if lab and q_lab and lab[j] else None) for j, d in zip(idx, dist)]

@@ -41,7 +41,8 @@ def slow_map(x, labels):
 
 
 def retrieve(*args, check=True, subprocess_=False):
-    """retrieve.py ARGS: through the command line (subprocess_), or in this process (fast): (returncode, stdout, stderr)."""
+    """retrieve.py ARGS: through the command line (subprocess_), or in this process (fast):
+    (returncode, stdout, stderr)."""
     argv = list(map(str, args))
     if subprocess_:
         p = subprocess.run([sys.executable, os.path.join(REPO, 'retrieve.py'), *argv], capture_output=True, text=True,
@@ -158,7 +159,8 @@ def test_test_reuses_the_evaluations_embeddings_and_embeds_only_the_rest(tmp_pat
     images = np.unique(trip)
     calls = []
     real = evaluate.embed_images
-    monkeypatch.setattr(evaluate, 'embed_images', lambda m, imgs, *a, **k: calls.append(len(imgs)) or real(m, imgs, *a, **k))
+    monkeypatch.setattr(evaluate, 'embed_images',
+                        lambda m, imgs, *a, **k: calls.append(len(imgs)) or real(m, imgs, *a, **k))
     got, _ = embed_dataset(model, images, store, rt, 2, done=embedded)
     monkeypatch.setattr(evaluate, 'embed_images', real)
     want, _ = embed_dataset(model, images, store, rt, 2)
@@ -385,8 +387,8 @@ def test_a_notion_the_checkpoint_did_not_train_is_refused(untrained_checkpoint, 
         torch.save(d, ckpt)
     for notion in ['colour', '0']:
         line = one_error_line(retrieve('--resume', ckpt, '--data', data, '--query', 3, '--notion', notion, check=False))
-        assert line == ('error: --notion colour: the checkpoint was not trained on it (its --conditions were shape), so '
-                        'its mask or network is untrained; use one of these')
+        assert line == ('error: --notion colour: the checkpoint was not trained on it (its --conditions were shape), '
+                        'so its mask or network is untrained; use one of these')
 
 
 def test_a_trained_notion_and_a_valid_query_go_on_to_embed(untrained_checkpoint, no_embedding):
@@ -500,7 +502,8 @@ def test_a_notion_name_that_climbs_out_never_puts_the_picture_outside_the_run(un
         json.dump(meta, open(os.path.join(data, 'dataset.json'), 'w'))
     else:  # the name reaches retrieve.py whatever the dataset loader checks: the picture's path is sanitised there
         real = r.load_dataset_info
-        monkeypatch.setattr(r, 'load_dataset_info', lambda root: dataclasses.replace(real(root), notions=['../../x', 'shape']))
+        monkeypatch.setattr(r, 'load_dataset_info',
+                            lambda root: dataclasses.replace(real(root), notions=['../../x', 'shape']))
     d = torch.load(ckpt, weights_only=True)
     d['notions'], d['conditions'] = ['../../x', 'shape'], [0, 1]
     torch.save(d, ckpt)
@@ -523,7 +526,8 @@ def test_safe_name_keeps_one_plain_file_name():
     for text in ['../x', '../../etc/passwd', '/abs', '..', '.hidden', 'a\\b', 'a\0b', '']:
         name = safe_name(text)
         assert name and '/' not in name and '\\' not in name and '\0' not in name and not name.startswith('.'), name
-    assert safe_name('../../x') == '_x' and safe_name('font') == 'font' and safe_name('größe') == 'größe' and safe_name('my glyph') == 'my_glyph'
+    assert (safe_name('../../x') == '_x' and safe_name('font') == 'font' and safe_name('größe') == 'größe'
+            and safe_name('my glyph') == 'my_glyph')
 
 
 @pytest.mark.slow

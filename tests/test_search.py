@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-faiss_missing = pytest.mark.skipif(not __import__('csnlib.search', fromlist=['search']).faiss_or_none(), reason='faiss is not installed '
-                                   '(pip install faiss-cpu)')
+faiss_missing = pytest.mark.skipif(not __import__('csnlib.search', fromlist=['search']).faiss_or_none(),
+                                   reason='faiss is not installed (pip install faiss-cpu)')
 
 
 def gallery(n=3000, dim=32, seed=0):
@@ -55,7 +55,8 @@ def test_numpy_search_edge_cases():
     index = Index(emb, use_faiss=False)
     a, _ = index.search(emb[:50], 4)
     _, b = index._numpy_search(emb[:50], 4, chunk=5000 * 3)  # 3 queries per chunk
-    assert a[:, 0].tolist() == list(range(50)) and sorted(map(tuple, np.sort(b, 1))) == sorted(map(tuple, np.sort(a, 1)))
+    assert (a[:, 0].tolist() == list(range(50))
+            and sorted(map(tuple, np.sort(b, 1))) == sorted(map(tuple, np.sort(a, 1))))
 
 
 @faiss_missing
@@ -118,7 +119,8 @@ class FakeEmbedder:
 
     def __init__(self, n, c=2, d=64, value=None):
         rng = np.random.default_rng(0)
-        self.emb = rng.standard_normal((n, d)).astype(np.float32) if value is None else np.full((n, d), value, np.float32)
+        self.emb = (rng.standard_normal((n, d)).astype(np.float32) if value is None
+                    else np.full((n, d), value, np.float32))
         self.masks = np.ones((c, d), np.float32)
         self.calls = 0
 
@@ -147,7 +149,8 @@ def cache(tmp_path, monkeypatch):
 
     def export(out=run, log=notes.append):
         model = argparse.Namespace(embednet=argparse.Namespace())  # the fake embedder never looks into it
-        return search.export_embeddings(model, load_dataset_info(str(data)), argparse.Namespace(args=args, resume=str(ckpt)),
+        return search.export_embeddings(model, load_dataset_info(str(data)),
+                                        argparse.Namespace(args=args, resume=str(ckpt)),
                                         str(out), store=object(), log=log)
 
     def load(root=data):
@@ -216,7 +219,8 @@ def test_nan_rows_in_the_cache_recompute_and_never_answer_minus_one(cache, stamp
     else:
         np.save(cache.run / 'embeddings.npy', emb)
     got, note = cache.load()
-    assert got is None and ('2 of its 40 images have non-finite embeddings' if stamped else 'not the file its stamp describes') in note, note
+    assert got is None and ('2 of its 40 images have non-finite embeddings' if stamped
+                            else 'not the file its stamp describes') in note, note
     # what retrieve.py then does: recompute, and search finite embeddings
     emb, masks = cache.export()
     idx, dist = search.nearest(emb * masks[0], emb[3] * masks[0], 10, exclude=3)
@@ -244,7 +248,8 @@ def test_a_damaged_cache_recomputes_with_a_note_instead_of_crashing(cache, bad):
     assert got is None and want in note and 'computed again' in note, note
 
 
-def test_an_export_of_non_finite_embeddings_is_refused_and_an_unwritable_folder_only_warns(cache, monkeypatch, tmp_path):
+def test_an_export_of_non_finite_embeddings_is_refused_and_an_unwritable_folder_only_warns(cache, monkeypatch,
+                                                                                           tmp_path):
     from csnlib import search
     from csnlib.errors import CheckpointError
     cache.export()
