@@ -50,14 +50,15 @@ MOVED = 0.05  # a learned mask whose mean absolute change is under 5 % of its st
 def build_parser():
     from csnlib.options import nonneg_int, positive_float, positive_int
     p = argparse.ArgumentParser(
-        description='Train and test the CSN paper\'s four models over training budgets and seeds and check the paper\'s '
-                    'claims; other flags are passed on to main.py (e.g. --no-pretrained --image-size 64).',
+        description='Train and test the CSN paper\'s four models over training budgets and seeds and check the '
+                    'paper\'s claims; other flags are passed on to main.py (e.g. --no-pretrained --image-size 64).',
         allow_abbrev=False)
     a = p.add_argument
     a('--data', default=None, metavar='DIR', help='dataset folder (needed unless --report-only) (default: none)')
     a('--budgets', '--num_traintriplets', '--num-traintriplets', dest='budgets', nargs='+', type=positive_int,
-      default=None, metavar='N', help='training triplets in total over the notions, one study point each; the same '
-                                      'triplets for every model at a budget (default: 100000; --report-only: the study\'s)')
+      default=None, metavar='N',
+      help='training triplets in total over the notions, one study point each; the same triplets for every model '
+           'at a budget (default: 100000; --report-only: the study\'s)')
     a('--seeds', '--seed', dest='seeds', nargs='+', type=nonneg_int, default=None, metavar='S',
       help='seeds: each model and budget is trained once per seed (subset, order, initialisation) (default: 1; '
            '--report-only: the study\'s)')
@@ -87,7 +88,8 @@ def build_parser():
     a('--out-dir', default=None, metavar='DIR', help='report folder (default: RUNS/reproduce)')
     a('--report-only', action='store_true',
       help='train nothing: write the report from the records in --results alone (default: off)')
-    a('--no-probe', action='store_true', help='leave out claim (e), the linear probes on frozen features (default: off)')
+    a('--no-probe', action='store_true',
+      help='leave out claim (e), the linear probes on frozen features (default: off)')
     return p
 
 
@@ -121,7 +123,8 @@ def plan(run_dir, epochs):
     ckpt = load_checkpoint(ckpt_path)
     if ckpt['next_epoch'] <= epochs and ckpt.get('stopped') != 'plateau':
         return 'resume', ckpt
-    best, results = _mtime(os.path.join(run_dir, 'model_best.pth.tar')), _mtime(os.path.join(run_dir, 'test_results.json'))
+    best, results = (_mtime(os.path.join(run_dir, 'model_best.pth.tar')),
+                     _mtime(os.path.join(run_dir, 'test_results.json')))
     return ('reuse' if results is not None and best is not None and results >= best else 'test'), ckpt
 
 
@@ -369,7 +372,8 @@ def paired(a, b):
     d = np.array([va[s] - vb[s] for s in common])
     n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / np.sqrt(n)
-    p = 1.0 if sd == 0 and mean == 0 else 0.0 if sd == 0 else float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
+    p = (1.0 if sd == 0 and mean == 0 else 0.0 if sd == 0
+         else float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1)))
     return {'difference': mean, 'ci95': [mean - half, mean + half], 'p': p, 'n': n}
 
 
@@ -518,8 +522,9 @@ def claim_c(summary, budgets):
         g['seeds'], g['values'] = [g['seeds'][i] for i in keep], [g['values'][i] for i in keep]
     w_narrow, why_narrow, p_narrow = compare({**g_small, 'mean': float(np.mean(g_small['values']))},
                                              {**g_large, 'mean': float(np.mean(g_large['values']))})
-    gaps = ', '.join(f'{b:,}: {(summary["csn_learned"][b]["accuracy_mean"] - summary["csn_fixed"][b]["accuracy_mean"]) * 100:+.2f}'
-                     for b in have)
+    gaps = ', '.join(
+        f'{b:,}: {(summary["csn_learned"][b]["accuracy_mean"] - summary["csn_fixed"][b]["accuracy_mean"]) * 100:+.2f}'
+        for b in have)
     text = (f'learned minus fixed, by training triplets: {gaps} points; fewest triplets, fixed above learned: '
             f'{w_small} ({why_small}); the gap narrows from {small:,} to {large:,}: {w_narrow} ({why_narrow}); most '
             f'triplets, learned above fixed: {w_large} ({why_large})')
@@ -557,8 +562,8 @@ def claim_d(rows, budget):
             f'{shared0[1]:.2f}) {fixed}; mean absolute change from the start '
             f'{np.mean([c["mean_abs_change"] for c in change]):.3f} ({np.mean(rel) * 100:.1f} % of the start\'s mean '
             f'absolute value); sparser than the start: {w_sparse} ({why_sparse}); overlap below the start\'s: '
-            f'{w_less} ({why_less}); rule: sparse = sparser than the start by the interval, shared = overlap above 0.05 '
-            f'and below the start\'s by the interval')
+            f'{w_less} ({why_less}); rule: sparse = sparser than the start by the interval, '
+            f'shared = overlap above 0.05 and below the start\'s by the interval')
     cis = [ci_entry(['trained', 'start'], p_sparse, what='sparse') if p_sparse else None,
            ci_entry(['start', 'trained'], p_less, what='overlap') if p_less else None]
     masks = mask_summary(stats)
@@ -585,8 +590,8 @@ def claim_e(probe):
     results = [(m, *compare(probe[m], t)) for m in csns]
     text = '; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}): {w}' for m, w, why, _ in results)
     cis = [ci_entry([m, 'triplet'], pair) for m, _, _, pair in results if pair]
-    return (combine([w for _, w, _, _ in results]), text + untrained(probe.get('random'), [t, *(probe[m] for m in csns)]),
-            cis)
+    return (combine([w for _, w, _, _ in results]),
+            text + untrained(probe.get('random'), [t, *(probe[m] for m in csns)]), cis)
 
 
 def untrained(random, trained):
@@ -762,7 +767,8 @@ def pm(mean, std, n):
 
 CLAIMS = {'a': 'the standard triplet network is the worst model',
           'b': 'a CSN is at least as good as the task-specific networks, with a quarter of their parameters',
-          'c': 'learned masks need more triplets than fixed ones and catch up with them or pass them as the budget grows',
+          'c': 'learned masks need more triplets than fixed ones and catch up with them or pass them as the '
+               'budget grows',
           'd': 'learned masks are sparse and share dimensions between notions',
           'e': 'the CSN\'s features are better off-the-shelf features than the standard triplet network\'s'}
 
@@ -774,20 +780,23 @@ def markdown(rep):
     notions = list(rep['models'][models[0]][top]['per_notion_mean']) if models else []
     s = rep['settings']
     forwards = ('three backbone calls per step, as the original' if s.get('three_forwards') else
-                'one backbone call per step for anchors, fars and closes (main.py\'s default; the original makes three)')
+                'one backbone call per step for anchors, fars and closes '
+                '(main.py\'s default; the original makes three)')
     L = [f'# The CSN paper\'s claims on {rep["data"]}', '']
     L += sweep_markdown(rep)
     L += [f'Triplet prediction accuracy (%) on the test triplets, from each run\'s best checkpoint (by validation '
           f'accuracy): mean ± standard deviation over the seeds of the last column (asked for: '
           f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
-          f'{int(top):,} training triplets. The paper\'s error is on Zappos50k (64-d, 200k triplets), for the ordering only.',
+          f'{int(top):,} training triplets. The paper\'s error is on Zappos50k (64-d, 200k triplets), '
+          f'for the ordering only.',
           '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | paper error (Zappos50k) | seeds |',
           '|---|' + '---:|' * (len(notions) + 5)]
     for m in models:
         d = rep['models'][m][top]
         k = len(d['seeds'])
         mp = pm(d['mAP_mean'], d['mAP_std'], k) if d.get('mAP_mean') is not None else ''
-        L.append(f'| {TITLE[m]} | ' + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
+        L.append(f'| {TITLE[m]} | '
+                 + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
                  + f' | **{pm(d["accuracy_mean"], d["accuracy_std"], k)}** | '
                    f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {paper_error(m)} | '
                    f'{", ".join(map(str, d["seeds"]))} |')
@@ -803,9 +812,9 @@ def markdown(rep):
                          if d else '')
         L.append(f'| {title} | ' + ' | '.join(cells) + ' |')
     L += ['', '![error against training triplets](curve.png)', '',
-          'How each run stopped, per seed: epochs trained / best epoch / reason (plateau: no better validation accuracy '
-          f'for {rep["patience"]} epochs; cap: still improving at --epochs {rep["epochs_cap"]}; seen: the equal-compute '
-          'budget of --seen):', '', '| model | budget | seeds | epochs trained | best epoch | stopped |',
+          'How each run stopped, per seed: epochs trained / best epoch / reason (plateau: no better validation '
+          f'accuracy for {rep["patience"]} epochs; cap: still improving at --epochs {rep["epochs_cap"]}; seen: '
+          'the equal-compute budget of --seen):', '', '| model | budget | seeds | epochs trained | best epoch | stopped |',
           '|---|---:|---|---|---|---|']
     for m, title, _, _ in MODELS:
         for b in budgets:
@@ -826,8 +835,9 @@ def markdown(rep):
         why = rep['claims_reason'].get(k)
         L.append(f'- **({k}) {CLAIMS[k]}: {rep["claims"][k]}{": " + why if why else ""}.** {rep["claims_detail"][k]}.')
     for pname, p in (rep.get('probes') or {}).items():
-        L.append(f'- (e) on {p["description"]}: ' + '; '.join(f'{TITLE.get(m, "randomly initialised backbone")} {pct(v)} %'
-                                                             for m, v in p['points'].items()) + '.')
+        L.append(f'- (e) on {p["description"]}: '
+                 + '; '.join(f'{TITLE.get(m, "randomly initialised backbone")} {pct(v)} %'
+                             for m, v in p['points'].items()) + '.')
     if rep.get('probe_task'):
         L += ['', f'Probe of claim (e)\'s verdict: {rep["probe_task"]}.']
     if rep.get('masks_figure'):
@@ -835,8 +845,8 @@ def markdown(rep):
     L += ['', f'Command: `{rep["command"]}`', '',
           f'Settings (the same for every model): {s["dim_embed"]}-d embedding, batch {s["batch_size"]} (main.py\'s '
           f'default, the original\'s, is 256), lr {lr_tag(s["lr"])} ({rep["lr_choice"]}), margin {s["margin"]}, image '
-          f'size {s["image_size"]}, backbone {"random init" if s["no_pretrained"] else "ImageNet ResNet-18"}, horizontal '
-          f'flips {s["hflip"]}, {forwards}; the '
+          f'size {s["image_size"]}, backbone {"random init" if s["no_pretrained"] else "ImageNet ResNet-18"}, '
+          f'horizontal flips {s["hflip"]}, {forwards}; the '
           f'task-specific networks train in one optimizer, each on its notion\'s share of every batch (about a quarter '
           f'with four notions)' + (f'; main.py flags: `{shlex.join(rep["passed_to_main"])}`' if rep['passed_to_main']
                                    else '') + '.', '',
@@ -902,18 +912,21 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
         from csnlib.probe import DESCRIPTIONS
         probe_descriptions = DESCRIPTIONS
     rep = {'command': args.command, 'data': args.data or args.study_data,
-           'budgets': budgets, 'seeds': args.seeds + args.more_seeds, 'epochs': {str(b): epochs_for(args, b) for b in budgets},
+           'budgets': budgets, 'seeds': args.seeds + args.more_seeds,
+           'epochs': {str(b): epochs_for(args, b) for b in budgets},
            'epochs_cap': args.epochs, 'patience': 0 if args.seen else args.patience, 'seen': args.seen,
            'settings': {**settings, 'lr': lr}, 'lr_choice': lr_choice, 'passed_to_main': passthrough,
            'sweep': {'budget': args.sweep_budget, 'seed': args.seeds[0], 'lrs': args.sweep_lrs, 'chosen': lr,
                      'models': [m for m in (x[0] for x in MODELS) if m in args.models],
                      'why': lr_choice,
-                     'table': {str(k): {m: {f: r[f] for f in ('best_val_acc', 'epochs_trained', 'best_epoch', 'stopped')}
+                     'table': {str(k): {m: {f: r[f]
+                                            for f in ('best_val_acc', 'epochs_trained', 'best_epoch', 'stopped')}
                                         for m, r in per.items()} for k, per in table.items()}},
            'models': {m: {str(b): v for b, v in d.items()} for m, d in summary.items()},
            'claims': claims, 'claims_detail': detail, 'claims_reason': reason, 'claims_ci': cis,
            'false_verdict_rate': false_verdict_rate(2), 'masks': masks,
-           'masks_start': mask_extra and mask_extra['masks_start'], 'masks_change': mask_extra and mask_extra['masks_change'],
+           'masks_start': mask_extra and mask_extra['masks_start'],
+           'masks_change': mask_extra and mask_extra['masks_change'],
            'probe': probe, 'probes': {p: {'description': probe_descriptions.get(p, p), 'points': v}
                                       for p, v in (probes or {}).items()},
            'probe_task': probe_note or (probe_descriptions.get(claim_probe) if probes else None),
@@ -931,7 +944,8 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
     with atomic_open(os.path.join(out_dir, 'report.md')) as f:
         f.write(text)
     print(f'\n{text}\nwrote {out_dir}/report.md, reproduce.json'
-          f'{", curve.png" if summary else ""}{", masks.png" if rep["masks_figure"] else ""} ({rep["this_call_s"]:.0f} s)')
+          f'{", curve.png" if summary else ""}{", masks.png" if rep["masks_figure"] else ""} '
+          f'({rep["this_call_s"]:.0f} s)')
     return rep
 
 
@@ -966,7 +980,8 @@ def reproduce(args, passthrough):
     if not args.report_only and not args.sweep_only and lr is not None:
         top, first_seed = max(args.budgets), args.seeds[0]
         for model, budget, seed, run_lr in grid(args, lr):
-            train_and_test(args, passthrough, settings, model, budget, seed, run_lr, budget == top and seed == first_seed)
+            train_and_test(args, passthrough, settings, model, budget, seed, run_lr,
+                           budget == top and seed == first_seed)
     report(args, passthrough, {**settings, 'lr': lr}, lr, why, t_start)
     return 0
 
