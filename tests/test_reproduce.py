@@ -130,7 +130,8 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
     clone = tmp_path / 'clone'
     clone.mkdir()
     os.rename(results, clone / 'results')
-    p = reproduce('--report-only', '--results', clone / 'results', '--out-dir', clone / 'report', monkeypatch=monkeypatch)
+    p = reproduce('--report-only', '--results', clone / 'results', '--out-dir', clone / 'report',
+                  monkeypatch=monkeypatch)
     assert launched(p.stdout) == []
     assert (clone / 'report' / 'report.md').read_text() == text
     assert all(os.path.getsize(clone / 'report' / f) > 500 for f in ('curve.png', 'masks.png'))
@@ -144,7 +145,8 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
     assert launched(p.stdout) == [] and p.stdout.count('recorded, not trained again') == 16
     os.rename(runs, tmp_path / 'report_aside')
     os.rename(tmp_path / 'runs_aside', runs)
-    stamps = {d: os.stat(runs / d / 'test_results.json').st_mtime_ns for d in os.listdir(runs) if d.startswith('repro_')}
+    stamps = {d: os.stat(runs / d / 'test_results.json').st_mtime_ns
+              for d in os.listdir(runs) if d.startswith('repro_')}
     # a run without a record or test results is only tested
     os.remove(results / f'{name}.json')
     os.remove(runs / name / 'test_results.json')
@@ -183,11 +185,13 @@ def test_the_sweep_picks_the_best_common_rate_and_runs_train_until_plateau(shape
     for r in recs.values():                                            # the stop reason follows the plateau rule
         assert r['stopped'] in ('plateau', 'cap') and r['epochs_trained'] == len(r['metrics'])
         assert (r['stopped'] == 'plateau') == (r['epochs_trained'] - r['best_epoch'] >= 1)
-        assert r['metrics'][-1]['stopped'] == r['stopped'] and r['best_val_acc'] == max(m['val_acc'] for m in r['metrics'])
+        assert (r['metrics'][-1]['stopped'] == r['stopped']
+                and r['best_val_acc'] == max(m['val_acc'] for m in r['metrics']))
     mean = {lr: np.mean([recs[f'repro_{m}_n64_s1_lr{lr}']['best_val_acc'] for m in ('triplet', 'csn_fixed')])
             for lr in ('1e-3', '3e-3')}
     chosen = max(mean, key=mean.get)
-    assert all(f'--lr {float(chosen)}' in c for c in train[4:]) and all('--num_traintriplets 32 ' in c for c in train[4:])
+    assert (all(f'--lr {float(chosen)}' in c for c in train[4:])
+            and all('--num_traintriplets 32 ' in c for c in train[4:]))
     rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
     assert rep['settings']['lr'] == float(chosen) and rep['sweep']['chosen'] == float(chosen)
     text = (runs / 'reproduce' / 'report.md').read_text()
@@ -358,12 +362,14 @@ def test_claims_follow_the_paired_interval_rule():
     not_worst = summary_of(triplet={9: [0.90, 0.91, 0.92]}, task={9: [0.80, 0.81, 0.79]},
                            csn_fixed={9: [0.82, 0.80, 0.81]})
     assert claim_a(not_worst, 9)[0] == 'does not hold'
-    below = summary_of(task={9: [0.90, 0.91, 0.92]}, csn_fixed={9: [0.80, 0.81, 0.79]}, csn_learned={9: [0.8, 0.8, 0.81]})
+    below = summary_of(task={9: [0.90, 0.91, 0.92]}, csn_fixed={9: [0.80, 0.81, 0.79]},
+                       csn_learned={9: [0.8, 0.8, 0.81]})
     assert claim_b(below, 9)[0] == 'does not hold'
     ci = claim_b(below, 9)[2][0]
     assert ci['models'] == ['csn_fixed', 'task'] and ci['difference'] == pytest.approx(-11.0)
     assert ci['ci95'][0] < -11.0 < ci['ci95'][1] < 0
-    mixed = summary_of(task={9: [0.80, 0.81, 0.79]}, csn_fixed={9: [0.90, 0.91, 0.92]}, csn_learned={9: [0.7, 0.71, 0.72]})
+    mixed = summary_of(task={9: [0.80, 0.81, 0.79]}, csn_fixed={9: [0.90, 0.91, 0.92]},
+                       csn_learned={9: [0.7, 0.71, 0.72]})
     assert claim_b(mixed, 9)[0] == 'inconclusive'                       # the two CSNs disagree
     catch_up = summary_of(csn_fixed={1: [0.70, 0.71, 0.72], 2: [0.80, 0.81, 0.79]},
                           csn_learned={1: [0.60, 0.61, 0.62], 2: [0.80, 0.82, 0.81]})
@@ -445,7 +451,8 @@ def test_probe_reads_features_of_the_trained_backbone_and_learns_a_visible_label
     # families of each pitch, scored on the others by balanced accuracy
     with open(info.labels_file, 'w') as f:
         f.write('image,character,font,split,pitch\n' + ''.join(
-            f'{r[0]},{r[2]},{r[1]}{i % 6},{"val" if i % 3 else "train"},{"fixed" if r[1] == "red" else "proportional"}\n'
+            f'{r[0]},{r[2]},{r[1]}{i % 6},{"val" if i % 3 else "train"},'
+            f'{"fixed" if r[1] == "red" else "proportional"}\n'
             for i, r in enumerate(rows)))
     info = load_dataset_info(shapes_data)
     tasks = probe.probe_tasks(info)
