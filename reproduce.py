@@ -814,7 +814,8 @@ def markdown(rep):
     L += ['', '![error against training triplets](curve.png)', '',
           'How each run stopped, per seed: epochs trained / best epoch / reason (plateau: no better validation '
           f'accuracy for {rep["patience"]} epochs; cap: still improving at --epochs {rep["epochs_cap"]}; seen: '
-          'the equal-compute budget of --seen):', '', '| model | budget | seeds | epochs trained | best epoch | stopped |',
+          'the equal-compute budget of --seen):', '',
+          '| model | budget | seeds | epochs trained | best epoch | stopped |',
           '|---|---:|---|---|---|---|']
     for m, title, _, _ in MODELS:
         for b in budgets:

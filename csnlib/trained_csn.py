@@ -66,12 +66,12 @@ class TrainedCSN(nn.Module):
         return next(self.parameters()).device
 
     def notion_index(self, notion):
-        """A notion's index from its name or index; unknown and untrained notions raise ValueError
-        (DataError)."""
+        """A notion's index from its name or index; unknown and untrained notions raise ValueError (DataError)."""
         c = notion_index(notion, self.notions, flag='notion', owner='this model')
         if not getattr(self.net, 'per_notion_embedding', True):  # SCE-Net: its masks are weighed per triplet
-            raise DataError(f'notion {notion!r}: this model (SCE-Net) weighs its masks per triplet and has no embedding '
-                            f'per notion to embed, compare or search with; use a CSN, ASEN or task-specific networks')
+            raise DataError(f'notion {notion!r}: this model (SCE-Net) weighs its masks per triplet and has no '
+                            f'embedding per notion to embed, compare or search with; use a CSN, ASEN or '
+                            f'task-specific networks')
         return notion_index(c, self.notions, self.conditions, flag='notion',
                             what='network' if self.net.per_notion_backbone else 'mask')
 
