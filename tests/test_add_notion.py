@@ -7,20 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, run_main
+from conftest import FAST, checkpoint_of, error_line, run_main
 
 
 def parse(*argv):
     from csnlib.options import main_parser
     return main_parser().parse_args(['--no-pretrained', '--image-size', '32', *argv])
-
-
-def checkpoint_of(args, notions, conditions):
-    """An untrained model of args saved as main.py saves one (the parts prepare reads)."""
-    from csnlib.builder import build_model
-    torch.manual_seed(0)
-    return {'args': dict(vars(args)), 'state_dict': build_model(args, len(notions)).state_dict(), 'notions': list(notions),
-            'conditions': list(conditions)}
 
 
 def prepared(data, name, variant=(), notions=('colour', 'shape'), conditions=(1,), explicit=()):
@@ -196,4 +188,4 @@ def test_add_notion_through_the_command_line(shapes_data, tmp_path):
     assert all(round(e['val_acc_per_notion']['colour'] * 60, 6).is_integer() for e in logged), logged
 
     p = run_main('--add-notion', 'shape', '--resume', run / 'model_best.pth.tar', check=False)
-    assert p.returncode == 2 and 'exists already' in p.stderr
+    error_line(p, match='exists already')

@@ -16,11 +16,19 @@ import time
 import numpy as np
 import pytest
 import requests
-from test_loggers import CHROMIUM_FLAGS, chromium_path
-from test_trained import save_checkpoint
 
 import demo
-from conftest import FAST, REPO, draw, error_line, in_process, make_dataset, run_main
+from conftest import (
+    CHROMIUM_FLAGS,
+    FAST,
+    REPO,
+    chromium_path,
+    draw,
+    error_line,
+    in_process,
+    make_dataset,
+    save_checkpoint,
+)
 
 K = 5
 
@@ -32,13 +40,10 @@ def free_port():
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(trained_run):
     """A CSN (fixed masks) trained one epoch on the shapes: (data folder, checkpoint, labels)."""
-    root = tmp_path_factory.mktemp('demo')
-    data = str(root / 'shapes')
-    _, labels = make_dataset(data)
-    run_main('--data', data, '--runs', root / 'runs', '--name', 'csn', '--epochs', 1, *FAST)
-    return data, str(root / 'runs' / 'csn' / 'model_best.pth.tar'), labels
+    r = trained_run('--epochs', 1, *FAST, name='csn')
+    return r.data, str(r.run / 'model_best.pth.tar'), r.labels
 
 
 def an_upload(tmp_path):

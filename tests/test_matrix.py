@@ -3,7 +3,8 @@ dataset; each --model and mask type, a --conditions subset, --tensorboard, --tes
 --export-embeddings, and retrieve.py. Each combination works or stops with one clear message (exit 2, no traceback).
 
 main.py and retrieve.py run in this process through their main(argv) (the same code as the command line, without
-starting Python and torch again for each of the ~40 calls); one trained run per (dataset, model) is shared by the tests.
+starting Python and torch again for each of the ~40 calls); one trained run per (dataset, model) is shared by the tests
+(conftest's trained_run), on conftest's FAST flags with fewer triplets (these datasets have few) and one epoch.
 --visdom with a server up is covered in test_loggers.py (test_main_with_visdom_plots_every_epoch_...), not here.
 """
 import json
@@ -13,13 +14,11 @@ import pytest
 
 import main
 import retrieve
-from conftest import in_process, make_dataset
+from conftest import FAST, error_line, in_process, make_dataset
 from csnlib.synthetic import make_zappos_like
 
 pytestmark = pytest.mark.slow
 
-TINY = ['--no-pretrained', '--image-size', '32', '--batch-size', '16', '--num_traintriplets', '32',
-        '--num_valtriplets', '16', '--num_testtriplets', '24', '--dim_embed', '16', '--epochs', '1', '--log-interval', '1']
 VARIANTS = {'csn': [], 'learned': ['--learned'], 'prein': ['--prein'], 'triplet': ['--model', 'triplet'],
             'task': ['--model', 'task'], 'asen': ['--model', 'asen'], 'scenet': ['--model', 'scenet']}
 NOTIONS = {'release': ['class', 'closure', 'gender', 'heel'], 'labelled': ['colour', 'shape']}
@@ -33,11 +32,9 @@ def ok(entry, argv):
 
 def refused(entry, argv, *words):
     """Stops with exit 2 and one line 'error: ...' naming each of words."""
-    code, out, err = in_process(entry, argv, escape_fails=True)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), (code, out[-1000:], err[-2000:])
-    assert all(w in lines[0] for w in words), lines[0]
-    return lines[0]
+    line = error_line(in_process(entry, argv, escape_fails=True), alone=True)
+    assert all(w in line for w in words), line
+    return line
 
 
 @pytest.fixture(scope='module')
@@ -51,18 +48,13 @@ def datasets(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def trained(datasets):
+def trained(datasets, trained_run):
     """(dataset, variant) -> the run's folder, trained once with --tensorboard on first use."""
-    done = {}
-
     def get(dataset, variant, extra=()):
-        key = (dataset, variant, tuple(extra))
-        if key not in done:
-            name = f'{dataset}_{variant}' + ''.join(f'_{e}' for e in extra if not e.startswith('-'))
-            ok(main.main, ['--data', datasets[dataset], '--runs', datasets['runs'], '--name', name, *TINY,
-                           *VARIANTS[variant], '--tensorboard', *extra])
-            done[key] = os.path.join(datasets['runs'], name)
-        return done[key]
+        name = f'{dataset}_{variant}' + ''.join(f'_{e}' for e in extra if not e.startswith('-'))
+        return trained_run(*FAST, '--num_traintriplets', 32, '--num_valtriplets', 16, '--num_testtriplets', 24,
+                           '--epochs', 1, *VARIANTS[variant], '--tensorboard', *extra, data=datasets[dataset],
+                           name=name).run
     return get
 
 
@@ -142,7 +134,7 @@ def test_a_conditions_subset_is_tested_on_its_own_notions_only(trained, dataset)
 @pytest.mark.parametrize('dataset', list(NOTIONS))
 def test_what_cannot_be_done_stops_with_one_clear_message(datasets, dataset):
     data, runs = datasets[dataset], datasets['runs']
-    base = ['--data', data, '--runs', runs, '--name', f'{dataset}_refused', *TINY]
+    base = ['--data', data, '--runs', runs, '--name', f'{dataset}_refused', *FAST, '--epochs', 1]
     refused(main.main, [*base, '--model', 'triplet', '--learned'], '--learned')
     refused(main.main, [*base, '--learned', '--prein'], '--learned', '--prein')
     refused(main.main, [*base, '--conditions', 'no_such_notion'], 'no_such_notion')
