@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_trained import hub_load, images, save_checkpoint
+from test_trained_csn import hub_load, images, save_checkpoint
 
 from conftest import REPO
 
