@@ -114,7 +114,7 @@ def run(args, explicit):
            f'{runtime.amp_note(rt.amp_dtype, rt.device)}'
            f'{" + grad scaler" if rt.use_scaler else ""}, channels_last {args.channels_last}, compile {args.compile}, '
            f'image cache {"on" if args.cache else "off"}, workers {rt.workers}'
-           f'{f" ({rt.workers_note})" if rt.workers_note else ""}'
+           f'{f" ({rt.workers_note})" if rt.workers_note else ""}, embedding batch {rt.eval_batch_size}'
            f'{f", malloc {malloc}" if rt.device.type == "cpu" else ""}'
            f'{flip_note}')
     model = build_model(args, len(info.notions), pretrained=not args.no_pretrained and ckpt is None)
@@ -132,10 +132,10 @@ def run(args, explicit):
     out_dir = run_dir_for(args)
     if args.test and 'name' not in explicit:
         out_dir = os.path.dirname(os.path.abspath(resume))
-    with RunLock(out_dir, 'tests a model into' if args.test else 'trains') if rt.is_main else nullcontext():
-        if args.test:
+    if args.test:
+        with RunLock(out_dir, 'tests a model into') if rt.is_main else nullcontext():
             return test(model, ckpt, info, conditions, rt, out_dir)
-        return train(model, None if plan.fresh else ckpt, info, conditions, rt, hflip[0], plan.new)
+    return train(model, None if plan.fresh else ckpt, info, conditions, rt, hflip[0], plan.new)
 
 
 def resolve(args, explicit):
@@ -163,6 +163,12 @@ def resolve(args, explicit):
         if changed:
             notes.append(f'note: how to run is this machine\'s choice, not the checkpoint\'s: {", ".join(changed)} (give '
                          f'the flag to keep the checkpoint\'s)')
+        # where a run writes is this command line's business, never the checkpoint's: a resumed run goes on in the
+        # folder of the checkpoint it was given (a run tested writes its results there; --add-notion's new run goes
+        # next to it as NAME+NOTION), unless --runs or --name say otherwise
+        runs, name = os.path.split(os.path.dirname(os.path.abspath(resume)))
+        args = argparse.Namespace(**{**vars(args), **({} if 'runs' in explicit else {'runs': runs}),
+                                     **({} if 'name' in explicit else {'name': name})})
     elif args.test:
         raise UserError('--test needs --resume CHECKPOINT (e.g. runs/NAME/model_best.pth.tar)')
 
@@ -170,11 +176,6 @@ def resolve(args, explicit):
     new, fresh = None, False
     if args.add_notion and not args.test:
         args, ckpt, info, new, fresh = add_notion.prepare(args, ckpt, info, explicit, resume)
-    if resume and not fresh and not {'runs', 'name'} & explicit:
-        # where a run writes is this command line's business, never the checkpoint's: a resumed run goes on in the
-        # folder of the checkpoint it was given (a run tested writes its results there too)
-        runs, name = os.path.split(os.path.dirname(os.path.abspath(resume)))
-        args = argparse.Namespace(**{**vars(args), 'runs': runs, 'name': name})
     conditions = parse_conditions(args.conditions, info.notions)
     if ckpt is not None and ckpt.get('notions') and ckpt['notions'] != info.notions:
         raise UserError(f'--resume {resume}: the checkpoint was trained on notions {ckpt["notions"]}, but '
@@ -299,20 +300,37 @@ def retrieval_and_pictures(res, model, info, trip, store, rt, out_dir, embedded=
 def train(model, ckpt, info, conditions, rt, hflip, new=None):
     """Train from scratch or from a checkpoint; each epoch: train, validate, log, save. Returns the exit status.
     new: --add-notion's notion, the only one trained and validated (on --num_traintriplets of its triplets)."""
-    args, device, log = rt.args, rt.device, rt.log
+    args, log = rt.args, rt.log
     run_dir = run_dir_for(args)
-    ckpt_path, best_path = os.path.join(run_dir, 'checkpoint.pth.tar'), os.path.join(run_dir, 'model_best.pth.tar')
+    ckpt_path = os.path.join(run_dir, 'checkpoint.pth.tar')
+    refuse_existing_run(ckpt, run_dir, ckpt_path)
+    learn = conditions if new is None else [new]
+    n_train = args.num_traintriplets if new is None else args.num_traintriplets * len(info.notions)
+    train_t, train_c = load_triplets(info, 'train', learn, n_train, args.seed, args.skip_bad_triplets, log)
+    val_t, val_c = load_triplets(info, 'val', learn, args.num_valtriplets, args.seed, args.skip_bad_triplets, log)
+    store = make_store(info, rt)
+    # the folder is locked only now that the inputs are known good: a refused run leaves no trace
+    with RunLock(run_dir, 'trains') if rt.is_main else nullcontext():
+        refuse_existing_run(ckpt, run_dir, ckpt_path)  # again: a run of the same name may have started meanwhile
+        return fit(model, ckpt, info, learn, conditions, rt, hflip, (train_t, train_c), (val_t, val_c), store)
+
+
+def refuse_existing_run(ckpt, run_dir, ckpt_path):
     if ckpt is None and os.path.exists(ckpt_path):
         raise UserError(f'{run_dir} already holds a run; continue it with --resume {ckpt_path} (or --resume auto), '
                         f'or choose another --name')
+
+
+def fit(model, ckpt, info, learn, conditions, rt, hflip, train_set, val_set, store):
+    """train's epochs, in the locked run folder: learn (the notions trained) on train_set, validated on val_set."""
+    args, device, log = rt.args, rt.device, rt.log
+    run_dir = run_dir_for(args)
+    ckpt_path, best_path = os.path.join(run_dir, 'checkpoint.pth.tar'), os.path.join(run_dir, 'model_best.pth.tar')
+    (train_t, train_c), (val_t, val_c) = train_set, val_set
     if ckpt is not None and rt.is_main and os.path.isdir(run_dir):
         for f in os.listdir(run_dir):  # temporary files of checkpoint writes that a kill interrupted
             if '.pth.tar.tmp' in f:
                 os.remove(os.path.join(run_dir, f))
-    learn, n_train = (conditions, args.num_traintriplets) if new is None else ([new], args.num_traintriplets * len(info.notions))
-    train_t, train_c = load_triplets(info, 'train', learn, n_train, args.seed, args.skip_bad_triplets, log)
-    val_t, val_c = load_triplets(info, 'val', learn, args.num_valtriplets, args.seed, args.skip_bad_triplets, log)
-    store = make_store(info, rt)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=rt.use_scaler)
@@ -341,7 +359,8 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
         with atomic_open(os.path.join(run_dir, 'args.json')) as f:
             json.dump({**saved_args, 'hflip_applied': hflip}, f, indent=2)
         metrics_path = os.path.join(run_dir, 'metrics.jsonl')
-        keep_metrics(metrics_path, next_epoch, log)
+        going_on = next_epoch <= args.epochs and not plateaued(next_epoch - 1, best_epoch, args.patience)
+        keep_metrics(metrics_path, next_epoch, log, going_on)
         logger = make_logger(args, info.notions, run_dir)
         if logger.loggers and ckpt is None:
             logger.log_triplets(store.get(val_t[:8][:, [0, 2, 1]].reshape(-1)).reshape(-1, 3, args.image_size, args.image_size, 3))
@@ -426,9 +445,10 @@ def log_val_embeddings(logger, model, info, val_t, store, rt, n=500):
     logger.log_embeddings(emb.cpu().numpy(), meta, store.get(images))
 
 
-def keep_metrics(path, next_epoch, log=print):
+def keep_metrics(path, next_epoch, log=print, going_on=False):
     """Drop metrics lines of epochs that will be trained again (a run killed between its log line and checkpoint),
-    and a last line that a kill cut short (with a warning: that epoch is trained again, so nothing is lost)."""
+    and a last line that a kill cut short (with a warning: that epoch is trained again, so nothing is lost). going_on:
+    the run trains more epochs, so where it had stopped (the last line's "stopped") is no longer its end."""
     if not os.path.exists(path):
         return
     kept = []
@@ -446,6 +466,8 @@ def keep_metrics(path, next_epoch, log=print):
             raise UserError(f'{path}:{i}: not a JSON line ({ln.strip()[:80]!r}); the file was edited or damaged: '
                             f'fix or delete that line, then --resume again') from None
         if m['epoch'] < next_epoch:
+            if going_on and 'stopped' in m:
+                ln = json.dumps({k: v for k, v in m.items() if k != 'stopped'})
             kept.append(ln if ln.endswith('\n') else ln + '\n')
     with atomic_open(path) as f:
         f.writelines(kept)

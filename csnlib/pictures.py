@@ -19,7 +19,11 @@ def _plt():
 
 
 def save_figure(fig, path, dpi=110):
-    """fig to path, whole or not at all (a temporary file renamed into place; the format from path's extension)."""
+    """fig to path, whole or not at all (a temporary file renamed into place; the format from path's extension), or
+    into a file object as PNG."""
+    if not isinstance(path, (str, os.PathLike)):
+        fig.savefig(path, dpi=dpi, format='png')
+        return
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1].lstrip('.') or 'png')
 

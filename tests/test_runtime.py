@@ -45,6 +45,7 @@ def test_keep_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
 def test_the_start_line_says_what_was_chosen_for_memory(shapes_data, tmp_path):
     p = run_main('--data', shapes_data, '--runs', tmp_path, '--name', 'a', '--epochs', 1, '--device', 'cpu', *FAST)
     assert 'malloc keeps freed memory' in p.stdout
+    assert 'workers 0, embedding batch 4096' in p.stdout  # 32 px on the CPU from the cache: runtime.eval_batch_size
     p = run_main('--data', shapes_data, '--runs', tmp_path, '--name', 'b', '--epochs', 1, '--device', 'cpu',
                  '--no-keep-memory', *FAST)
     assert 'malloc system default' in p.stdout
@@ -115,3 +116,12 @@ def test_setup_distributed_sets_the_nccl_environment_before_joining(monkeypatch)
     monkeypatch.delenv('TORCH_NCCL_BLOCKING_WAIT')
     runtime.setup_distributed(argparse.Namespace(**{**vars(args), 'device': 'cpu'}))
     assert seen['backend'] == 'gloo' and seen['wait'] is None
+
+
+@pytest.mark.parametrize('device, workers, size, batch, expected', [
+    ('cpu', 0, 32, 64, 4096), ('cpu', 0, 64, 64, 1024), ('cpu', 0, 112, 64, 256), ('cpu', 0, 64, 2048, 2048),
+    ('cpu', 2, 32, 64, 256), ('cuda', 0, 32, 64, 256)])
+def test_the_embedding_batch_is_larger_on_the_cpu_for_small_images_read_in_the_process(device, workers, size, batch,
+                                                                                       expected):
+    from csnlib.runtime import eval_batch_size
+    assert eval_batch_size(batch, size, device, workers) == expected
