@@ -196,9 +196,10 @@ def measure(opts, impl, mode):
     n = len(trip[timed])
     if mode == 'eval':
         settings.update(eval_triplets=n, eval_images=int(len(np.unique(trip[timed]))))
-    out = {'seconds': seconds, 'cpu_seconds': cpu_s, 'triplets': n, 'peak_rss_mb': round(peak_rss_mb(), 1), 'base_rss_mb': round(base_rss, 1),
-           'gpu_busy_pct': gpu.mean(), **({'gpu_busy_error': gpu.error} if gpu.error else {}),
-           'device': device.type, 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
+    out = {'seconds': seconds, 'cpu_seconds': cpu_s, 'triplets': n, 'peak_rss_mb': round(peak_rss_mb(), 1),
+           'base_rss_mb': round(base_rss, 1), 'gpu_busy_pct': gpu.mean(),
+           **({'gpu_busy_error': gpu.error} if gpu.error else {}), 'device': device.type,
+           'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
            'settings': settings}
     if device.type == 'cuda':
         out['peak_gpu_mb'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
@@ -237,7 +238,8 @@ def repo_runner(args, rt, info, model, trip, cond, mode, settings, opts, impl, t
     settings.update(amp=str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off', grad_scaler=rt.use_scaler,
                     channels_last=args.channels_last, compile=args.compile,
                     forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
-                    workers=rt.workers, pin_memory=device.type == 'cuda', malloc=malloc, flags=impl_flags(opts, impl)[0])
+                    workers=rt.workers, pin_memory=device.type == 'cuda', malloc=malloc,
+                    flags=impl_flags(opts, impl)[0])
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     quiet = lambda *a, **k: None
@@ -259,7 +261,8 @@ def repo_runner(args, rt, info, model, trip, cond, mode, settings, opts, impl, t
 def run_child(opts, impl, mode):
     cmd = [sys.executable, os.path.abspath(__file__), '--child', f'{impl}:{mode}', '--data', opts.data,
            '--batch-size', str(opts.batch_size), '--image-size', str(opts.image_size), '--steps', str(opts.steps),
-           '--warmup', str(opts.warmup), '--device', opts.device, '--seed', str(opts.seed), f'--repo-flags={opts.repo_flags}']
+           '--warmup', str(opts.warmup), '--device', opts.device, '--seed', str(opts.seed),
+           f'--repo-flags={opts.repo_flags}']
     if opts.baseline_flags is not None:
         cmd.append(f'--baseline-flags={opts.baseline_flags}')
     load = os.getloadavg()[0]
@@ -280,7 +283,8 @@ def summarise(impl, mode, runs, opts):
             'runs_triplets_per_s': [round(x, 2) for x in rates], 'triplets_timed': last['triplets'],
             'triplets_per_cpu_s': round(statistics.median(per_cpu_s), 2),
             'peak_rss_mb': max(r['peak_rss_mb'] for r in runs), 'base_rss_mb': last['base_rss_mb'],
-            'gpu_busy_pct': last['gpu_busy_pct'], **({'peak_gpu_mb': last['peak_gpu_mb']} if 'peak_gpu_mb' in last else {}),
+            'gpu_busy_pct': last['gpu_busy_pct'],
+            **({'peak_gpu_mb': last['peak_gpu_mb']} if 'peak_gpu_mb' in last else {}),
             **({'gpu_busy_error': last['gpu_busy_error']} if 'gpu_busy_error' in last else {}),
             'device': last['device'], 'device_name': last['device_name'],
             'load_avg_1min': [round(r['load_avg_1min'], 2) for r in runs],
@@ -314,8 +318,9 @@ def build_parser():
     a('--modes', nargs='+', choices=['train', 'eval'], default=['train', 'eval'], help='what to measure')
     a('--peak', action='store_true', help='only time a 4096 x 4096 matrix product in bf16 and fp32 (the device\'s '
                                           'practical peak, to compare the training GFLOP/s with)')
-    a('--search', action='store_true', help='only time the search: queries/s and recall@10 of the exact, ivf and hnsw indexes over 100k, 1M and '
-                                            '10M random 64-d embeddings (faiss-cpu; numpy for exact without it)')
+    a('--search', action='store_true', help='only time the search: queries/s and recall@10 of the exact, ivf and hnsw '
+                                            'indexes over 100k, 1M and 10M random 64-d embeddings (faiss-cpu; numpy '
+                                            'for exact without it)')
     a('--gpu-check', action='store_true', help='the first command on a GPU machine: runs the GPU checks of '
                                                'tests/test_gpu.py (pytest -m gpu; exit 2 without CUDA)')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
@@ -337,7 +342,8 @@ def print_table(figs, header):
             what += f', {s["eval_triplets"]} triplets over {s["eval_images"]} images'
         gflops = f'{f["gflop_per_s"]:,.0f}' if 'gflop_per_s' in f else ''
         print(f'{f["impl"]:<9} {f["mode"]:<6} {f["triplets_per_s"]:>11.1f}  '
-              f'{" ".join(f"{x:.1f}" for x in f["runs_triplets_per_s"]):<24} {gflops:>8} {f["peak_rss_mb"]:>11.0f}  {what}')
+              f'{" ".join(f"{x:.1f}" for x in f["runs_triplets_per_s"]):<24} {gflops:>8} '
+              f'{f["peak_rss_mb"]:>11.0f}  {what}')
 
 
 def run_bench(opts):
@@ -357,7 +363,8 @@ def run_bench(opts):
         for impl, mode in (figures if r % 2 == 0 else figures[::-1]):  # alternate the order between rounds
             runs[(impl, mode)].append(run_child(opts, impl, mode))
             print(f'round {r + 1}/{opts.repeats}: {impl} {mode} '
-                  f'{runs[(impl, mode)][-1]["triplets"] / runs[(impl, mode)][-1]["seconds"]:.1f} triplets/s', flush=True)
+                  f'{runs[(impl, mode)][-1]["triplets"] / runs[(impl, mode)][-1]["seconds"]:.1f} triplets/s',
+                  flush=True)
     figs = [summarise(i, m, runs[(i, m)], opts) for i, m in figures]
     gflop = train_gflop_per_triplet(opts) if 'train' in opts.modes else None
     for f in figs:
@@ -366,7 +373,8 @@ def run_bench(opts):
             f['gflop_per_s'] = float(f'{gflop * f["triplets_per_s"]:.4g}')  # 4 significant digits, however slow
     f0 = figs[0]
     header = (f'\n{opts.data}: {len(info.filenames)} images, batch {opts.batch_size}, {opts.image_size} px, '
-              f'{f0["device"]} ({f0["device_name"]}, {f0["settings"]["cores"]} cores, {f0["settings"]["threads"]} threads), '
+              f'{f0["device"]} ({f0["device_name"]}, {f0["settings"]["cores"]} cores, '
+              f'{f0["settings"]["threads"]} threads), '
               f'torch {torch.__version__}; median of {opts.repeats} rounds of {opts.steps} steps after {opts.warmup} '
               f'warm-up; load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end'
               + (f'; image cache ready in {cache_s:.1f} s (built once, reused)' if args.cache else '')
@@ -375,8 +383,9 @@ def run_bench(opts):
     print_table(figs, header)
     for f in figs:
         if f['device'] == 'cuda':
-            print(f'GPU busy share, {f["impl"]} {f["mode"]}: ' + (f'{f["gpu_busy_pct"]} %' if f['gpu_busy_pct'] is not None
-                                                                   else f'unknown: {f.get("gpu_busy_error", "no samples")}'))
+            print(f'GPU busy share, {f["impl"]} {f["mode"]}: '
+                  + (f'{f["gpu_busy_pct"]} %' if f['gpu_busy_pct'] is not None
+                     else f'unknown: {f.get("gpu_busy_error", "no samples")}'))
     by = {(f['impl'], f['mode']): f['triplets_per_s'] for f in figs}
     ratios = {(m, other): round(by[('repo', m)] / by[(other, m)], 2) for other in ('original', 'baseline')
               for m in opts.modes if ('repo', m) in by and (other, m) in by}
@@ -469,7 +478,8 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
     for n in sizes:
         need = 3 * n * dim * 4  # the masked embeddings, faiss's copy, the approximate index's copy
         if need > 0.8 * available_bytes():
-            print(f'{n:>10,} skipped: needs about {need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available')
+            print(f'{n:>10,} skipped: needs about {need / 2**30:.1f} GiB, '
+                  f'{available_bytes() / 2**30:.1f} GiB available')
             continue
         space = rng.standard_normal((n, dim), dtype=np.float32)  # (N, D) raw embeddings
         space *= mask  # (N, D) the notion's subspace f(x) * m_c
@@ -493,8 +503,9 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
                 m = min(len(found), len(truth))
                 recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found[:m], truth[:m])])
                 fig = {'impl': 'repo', 'mode': 'search', 'images': n, 'dim': dim, 'k': k, 'index': name,
-                       'setting': f'{param}={v}' if param else '', 'build_s': round(build, 2), 'queries_per_s': round(qps, 1),
-                       'ms_per_query': round(ms, 3), f'recall_at_{k}': round(float(recall), 4), 'queries': int(len(found)),
+                       'setting': f'{param}={v}' if param else '', 'build_s': round(build, 2),
+                       'queries_per_s': round(qps, 1), 'ms_per_query': round(ms, 3),
+                       f'recall_at_{k}': round(float(recall), 4), 'queries': int(len(found)),
                        'peak_rss_mb': round(peak_rss_mb()), 'cpu': cpu_name()}
                 rows.append(fig)
                 print(f'{n:>10,} {name:<6} {fig["setting"]:<14} {build:>8.1f} {qps:>10,.0f} {ms:>9.2f} {recall:>9.3f}',
