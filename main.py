@@ -70,9 +70,11 @@ def main(argv=None):
     except RuntimeError as e:
         if not (dist.is_initialized() and runtime.lost_peer(e)):
             raise
-        print(f'error: rank {dist.get_rank()}: lost contact with the other processes ({str(e).strip().splitlines()[-1][:200]}): '
+        print(f'error: rank {dist.get_rank()}: lost contact with the other processes '
+              f'({str(e).strip().splitlines()[-1][:200]}): '
               f'one of them died or hung for longer than --dist-timeout {args.dist_timeout:g} s. The job stops; the '
-              f'last checkpoint is kept, continue with --resume {os.path.join(args.runs, args.name, "checkpoint.pth.tar")}',
+              f'last checkpoint is kept, continue with --resume '
+              f'{os.path.join(args.runs, args.name, "checkpoint.pth.tar")}',
               file=sys.stderr)
         if dist.get_backend() == 'nccl':  # tearing NCCL down waits for the collective that never ends: leave at once
             sys.stdout.flush()
@@ -122,7 +124,8 @@ def run(args, explicit):
         try:
             model.load_state_dict(ckpt['state_dict'])
         except RuntimeError as e:
-            raise UserError(f'--resume {resume}: does not match a {describe(args)} model: {str(e).splitlines()[0]}') from None
+            raise UserError(f'--resume {resume}: does not match a {describe(args)} model: '
+                            f'{str(e).splitlines()[0]}') from None
     model.to(rt.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -161,8 +164,8 @@ def resolve(args, explicit):
         args = merge_checkpoint_args(args, ckpt, explicit, resume)
         changed = how_to_run_changes(args, ckpt, explicit)
         if changed:
-            notes.append(f'note: how to run is this machine\'s choice, not the checkpoint\'s: {", ".join(changed)} (give '
-                         f'the flag to keep the checkpoint\'s)')
+            notes.append(f'note: how to run is this machine\'s choice, not the checkpoint\'s: {", ".join(changed)} '
+                         f'(give the flag to keep the checkpoint\'s)')
         # where a run writes is this command line's business, never the checkpoint's: a resumed run goes on in the
         # folder of the checkpoint it was given (a run tested writes its results there; --add-notion's new run goes
         # next to it as NAME+NOTION), unless --runs or --name say otherwise
@@ -196,7 +199,8 @@ def notions_to_test(ckpt, conditions, notions, resume, log):
         raise UserError(f'--test: {resume} was trained on {[notions[c] for c in trained]} only, not on {dropped}: '
                         f'an untrained notion cannot be evaluated; leave out --conditions or choose trained notions')
     if dropped:
-        log(f'note: {resume} was trained on {[notions[c] for c in trained]} only; --test evaluates those, not {dropped}')
+        log(f'note: {resume} was trained on {[notions[c] for c in trained]} only; '
+            f'--test evaluates those, not {dropped}')
     elif len(trained) < len(notions):
         log(f'note: {resume} was trained on {[notions[c] for c in trained]} of the dataset\'s {list(notions)}; '
             f'--test evaluates those only')
@@ -363,7 +367,8 @@ def fit(model, ckpt, info, learn, conditions, rt, hflip, train_set, val_set, sto
         keep_metrics(metrics_path, next_epoch, log, going_on)
         logger = make_logger(args, info.notions, run_dir)
         if logger.loggers and ckpt is None:
-            logger.log_triplets(store.get(val_t[:8][:, [0, 2, 1]].reshape(-1)).reshape(-1, 3, args.image_size, args.image_size, 3))
+            logger.log_triplets(store.get(val_t[:8][:, [0, 2, 1]].reshape(-1)).reshape(-1, 3, args.image_size,
+                                                                                        args.image_size, 3))
     log(f'{describe(args)} on {info.name}: notions {[info.notions[c] for c in learn]}, {len(train_t)} train and '
         f'{len(val_t)} val triplets, batch {args.batch_size}, epochs {next_epoch}..{args.epochs}')
     rt.stop.install()
@@ -371,8 +376,8 @@ def fit(model, ckpt, info, learn, conditions, rt, hflip, train_set, val_set, sto
     def checkpoint_state(next_e, next_s, part):
         return {'epoch': next_e - 1 if next_s == 0 else next_e, 'next_epoch': next_e, 'next_step': next_s,
                 'partial': part, 'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                'scaler': scaler.state_dict() if rt.use_scaler else None, 'best_acc': best_acc, 'best_epoch': best_epoch,
-                'args': saved_args,
+                'scaler': scaler.state_dict() if rt.use_scaler else None, 'best_acc': best_acc,
+                'best_epoch': best_epoch, 'args': saved_args,
                 'notions': list(info.notions), 'conditions': list(conditions), 'hflip_applied': hflip,
                 'rng': runtime.rng_state()}
 
@@ -410,7 +415,8 @@ def fit(model, ckpt, info, learn, conditions, rt, hflip, train_set, val_set, sto
         if rt.is_main:
             per = ' '.join(f'{k} {v * 100:.1f}' for k, v in val['per_notion'].items())
             log(f'epoch {epoch:3d}  lr {lr:.2e}  train loss {m["train_loss"]:.4f} acc {m["train_acc"] * 100:.2f}  '
-                f'val acc {val["accuracy"] * 100:.2f} ({per})  {m["triplets_per_s"]:.0f} triplets/s  {m["seconds"]:.0f} s'
+                f'val acc {val["accuracy"] * 100:.2f} ({per})  {m["triplets_per_s"]:.0f} triplets/s  '
+                f'{m["seconds"]:.0f} s'
                 f'{"  *best*" if is_best else ""}')
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(m) + '\n')
