@@ -50,7 +50,8 @@ def evaluate(model, triplets, conds, store, rt, notions, embeddings=None):
     net = model.embednet
     correct = torch.zeros(len(triplets), dtype=torch.bool, device=rt.device)
     losses = torch.zeros(len(triplets), device=rt.device)
-    groups = [(c, conds == c) for c in np.unique(conds)] if net.per_notion_backbone else [(None, np.ones(len(conds), bool))]
+    groups = ([(c, conds == c) for c in np.unique(conds)] if net.per_notion_backbone
+              else [(None, np.ones(len(conds), bool))])
     for c, sel in groups:
         images = np.unique(triplets[sel])
         emb = embed_images(model, images, store, rt, c=None if c is None else int(c), shared=True)  # (U, D)
@@ -66,7 +67,8 @@ def evaluate(model, triplets, conds, store, rt, notions, embeddings=None):
             losses[idx] = ranking_loss(d_far, d_close, rt.args.margin)
     correct, losses = correct.cpu().numpy(), losses.cpu().numpy()
     per = {notions[c]: float(correct[conds == c].mean()) for c in np.unique(conds)}
-    return {'accuracy': float(correct.mean()), 'loss': float(losses.mean()), 'per_notion': per, 'triplets': int(len(triplets))}
+    return {'accuracy': float(correct.mean()), 'loss': float(losses.mean()), 'per_notion': per,
+            'triplets': int(len(triplets))}
 
 
 @torch.no_grad()

@@ -314,8 +314,8 @@ def make_store(info, rt):
     if not args.cache:
         missing = missing_images(info)
         if missing:
-            raise DataError(f'{len(missing)} image(s) listed in {os.path.join(info.root, "filenames.json")} are missing, '
-                            f'e.g. {missing[:3]}')
+            raise DataError(f'{len(missing)} image(s) listed in {os.path.join(info.root, "filenames.json")} '
+                            f'are missing, e.g. {missing[:3]}')
         return ImageStore(info, args.image_size)
     # the first process of each machine builds the cache (a shared folder is built once: the others find it done)
     local_main = int(os.environ.get('LOCAL_RANK', '0')) == 0

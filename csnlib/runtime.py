@@ -112,8 +112,9 @@ def default_workers(cache, device_type, cores, local_world, batch_bytes, shm_fre
     if shm_free is not None and batch_bytes > 0:
         fit = int(shm_free // 2 // (PREFETCH * batch_bytes))
         if fit < workers:
-            return fit, (f'{fit} workers: /dev/shm has {shm_free / 2**20:.0f} MB free, {PREFETCH * batch_bytes / 2**20:.0f} '
-                         f'MB per worker (in docker give it more with --shm-size 2g, or set --workers)')
+            return fit, (f'{fit} workers: /dev/shm has {shm_free / 2**20:.0f} MB free, '
+                         f'{PREFETCH * batch_bytes / 2**20:.0f} MB per worker '
+                         f'(in docker give it more with --shm-size 2g, or set --workers)')
     return workers, ''
 
 

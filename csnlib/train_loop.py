@@ -69,7 +69,8 @@ def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_st
                          BatchSampler(SkipSampler(sampler, start_step * local_bs), local_bs, drop_last=False),
                          rt.workers, device)
     n_steps = math.ceil(len(sampler) / local_bs)
-    sums = dict(partial) if partial else {'loss': 0.0, 'correct': 0, 'n': 0, 'emb_norm': 0.0, 'mask_norm': 0.0, 'steps': 0}
+    sums = dict(partial) if partial else {'loss': 0.0, 'correct': 0, 'n': 0, 'emb_norm': 0.0, 'mask_norm': 0.0,
+                                          'steps': 0}
     terminal = progress_on_terminal()
     bar = tqdm(total=n_steps, initial=start_step, desc=f'epoch {epoch} train', disable=not rt.is_main or not terminal,
                leave=False, dynamic_ncols=True)
