@@ -5,7 +5,6 @@ case keep their relative sizes); each glyph is centred horizontally and sits on 
 block of glyphs is centred vertically. Labels come from the font files (fontTools): character, font (the family),
 weight (bold when OS/2 usWeightClass >= 600) and slant (italic or oblique). get_data.py writes the dataset layout.
 """
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -16,6 +15,7 @@ import unicodedata
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from csnlib.digest import file_sha256
 from csnlib.errors import GetDataError
 
 CHARS = string.ascii_uppercase + string.ascii_lowercase + string.digits  # 62 classes, in label order
@@ -66,14 +66,6 @@ def find_font_files(dirs):
     return sorted(found)
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def family_and_style(name_table):
     """(family, style) of a face. The typographic family (name 16) is used only when the legacy family (name 1)
     starts with it: a few files carry a wrong name 16 (GFS Artemisia Bold Italic says 'GFS Didot', Aerial says
@@ -109,7 +101,7 @@ def read_faces(path):
     """Every face in one font file: names, labels and the checks that need no rendering. Runs in a worker."""
     logging.getLogger('fontTools').setLevel(logging.ERROR)               # it warns about odd but harmless tables
     ext = os.path.splitext(path)[1].lower()
-    base = {'path': path, 'format': ext, 'sha256': sha256(path)}
+    base = {'path': path, 'format': ext, 'sha256': file_sha256(path)}
     if ext in TYPE1_EXTS:
         with open(path, 'rb') as f:
             m = re.search(rb'/FontName\s*/(\S+)', f.read(65536))

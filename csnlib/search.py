@@ -22,6 +22,7 @@ import torch
 
 from csnlib.atomic import atomic_open
 from csnlib.checkpoint import describe
+from csnlib.digest import file_sha256
 from csnlib.errors import CheckpointError
 from csnlib.evaluate import embed_dataset, subspace
 from csnlib.image_cache import make_store
@@ -221,14 +222,6 @@ def retrieval_map(model, info, images, labels, rt, store=None, emb=None):
 CACHE_VERSION = 2  # embeddings.json's layout; a cache of another version is computed again
 
 
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _array_sha256(a):
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
@@ -253,7 +246,7 @@ def _checkpoint_stamp(checkpoint, digest=True):
     st = os.stat(checkpoint)
     out = {'checkpoint': os.path.basename(checkpoint), 'checkpoint_size': st.st_size,
            'checkpoint_mtime_ns': st.st_mtime_ns}
-    return {**out, 'checkpoint_sha256': _file_sha256(checkpoint)} if digest else out
+    return {**out, 'checkpoint_sha256': file_sha256(checkpoint)} if digest else out
 
 
 def _stale(meta, checkpoint, info, args):
@@ -263,7 +256,7 @@ def _stale(meta, checkpoint, info, args):
     cheap = _checkpoint_stamp(checkpoint, digest=False)
     if meta.get('checkpoint') != cheap['checkpoint']:
         return f'it was computed from {meta.get("checkpoint")!r}, not {cheap["checkpoint"]!r}'
-    if any(meta.get(k) != v for k, v in cheap.items()) or meta.get('checkpoint_sha256') != _file_sha256(checkpoint):
+    if any(meta.get(k) != v for k, v in cheap.items()) or meta.get('checkpoint_sha256') != file_sha256(checkpoint):
         return f'the checkpoint {checkpoint} changed since (size, modification time or content)'
     now = _images_stamp(info)
     if meta.get('data') != now['data'] or meta.get('images_dir') != now['images_dir']:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import FAST, REPO, make_dataset
+from conftest import CHROMIUM_FLAGS, FAST, REPO, chromium_path, make_dataset
 from csnlib import loggers
 from csnlib.errors import UserError
 from tools import visdom_static
@@ -28,8 +28,6 @@ LINE_WINDOWS = {'loss': ['train', 'val'], 'acc': ['train', 'val'], 'acc_per_noti
                 'emb_norm': ['embedding norm'], 'mask_norm': ['mask norm'], 'triplets_per_s': ['triplets/s'],
                 'seconds': ['seconds']}
 DEAD_PROXY = 'http://127.0.0.1:9'  # nothing listens there: a server that tries to reach the internet fails loudly
-CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-                  '--disable-component-update', '--disable-sync', '--no-first-run']
 
 
 def fake_metrics(epoch, notions=NOTIONS):
@@ -504,14 +502,6 @@ def test_visdom_down_at_start_dead_or_hung_mid_run_never_stops_training(visdom_f
     finally:
         srv.proc.kill()
         srv.proc.wait(10)
-
-
-def chromium_path():
-    for path in (os.environ.get('CHROMIUM'), shutil.which('chromium'), shutil.which('chromium-browser'),
-                 '/usr/bin/chromium'):
-        if path and os.path.exists(path):
-            return path
-    return None
 
 
 def open_dashboard(port, env, shot_path, min_plots):
