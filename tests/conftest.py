@@ -48,7 +48,8 @@ def make_dataset(root, per_kind=10, triplets=(120, 60, 60), seed=0, with_meta=Tr
         with open(os.path.join(root, 'dataset.json'), 'w') as f:
             json.dump({'name': 'shapes', 'images': 'images', 'notions': ['colour', 'shape'], 'labels': 'labels.csv'}, f)
         with open(os.path.join(root, 'labels.csv'), 'w') as f:
-            f.write('image,colour,shape\n' + ''.join(f'{n},{l["colour"]},{l["shape"]}\n' for n, l in zip(names, labels)))
+            f.write('image,colour,shape\n'
+                    + ''.join(f'{n},{l["colour"]},{l["shape"]}\n' for n, l in zip(names, labels)))
     idx = np.arange(len(names))
     split_of = idx % 4  # 0,1 train; 2 val; 3 test
     pools = {'train': idx[split_of < 2], 'val': idx[split_of == 2], 'test': idx[split_of == 3]}
@@ -165,8 +166,8 @@ def checkpoint_of(args, notions=('colour', 'shape'), conditions=(0, 1)):
 
     from csnlib.builder import build_model
     torch.manual_seed(0)
-    return {'args': dict(vars(args)), 'state_dict': build_model(args, len(notions)).state_dict(), 'notions': list(notions),
-            'conditions': list(conditions)}
+    return {'args': dict(vars(args)), 'state_dict': build_model(args, len(notions)).state_dict(),
+            'notions': list(notions), 'conditions': list(conditions)}
 
 
 def save_checkpoint(path, variant, notions=('colour', 'shape'), conditions=(0, 1)):
@@ -232,7 +233,8 @@ def chromium_path():
 
 
 def pytest_collection_modifyitems(items):
-    """reproduce.py's and setup.sh's tests run whole scripts: slow (their files are edited elsewhere, so marked here)."""
+    """reproduce.py's and setup.sh's tests run whole scripts: slow (their files are edited elsewhere, so marked
+    here)."""
     for item in items:
         if item.path.name in ('test_reproduce.py', 'test_setup.py'):
             item.add_marker(pytest.mark.slow)

@@ -89,7 +89,8 @@ def test_the_new_row_goes_through_relu_and_the_fixed_rows_stay_0_1(shapes_data):
 
 def test_a_new_name_appends_a_row_and_keeps_the_old_ones(shapes_data):
     model, old, new_ckpt, args, info, k, fresh = prepared(shapes_data, 'shape', notions=('colour',), conditions=(0,))
-    assert fresh and k == 1 and info.notions == new_ckpt['notions'] == ['colour', 'shape'] and new_ckpt['conditions'] == [0, 1]
+    assert (fresh and k == 1 and info.notions == new_ckpt['notions'] == ['colour', 'shape']
+            and new_ckpt['conditions'] == [0, 1])
     w_old, w = old['state_dict']['embednet.masks.weight'], new_ckpt['state_dict']['embednet.masks.weight']
     assert w_old.shape == (1, 64) and w.shape == (2, 64) and torch.equal(w[0], w_old[0])
     assert args.learned_rows == [1] and args.name == 'Conditional_Similarity_Network+shape' and args.lr == 1e-2

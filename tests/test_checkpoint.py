@@ -55,9 +55,9 @@ def test_how_to_run_flags_never_come_back_from_a_checkpoint():
     from csnlib.options import main_parser
     parser = main_parser()
     stored = vars(parser.parse_args(['--device', 'cpu', '--no-cuda', '--amp', 'off', '--compile', '--workers', '3',
-                                     '--no-channels-last', '--no-keep-memory', '--no-cache', '--cache-dir', '/elsewhere',
-                                     '--dist-timeout', '5', '--three-forwards', '--hflip', 'off', '--lr', '0.01',
-                                     '--learned', '--conditions', 'shape']))
+                                     '--no-channels-last', '--no-keep-memory', '--no-cache', '--cache-dir',
+                                     '/elsewhere', '--dist-timeout', '5', '--three-forwards', '--hflip', 'off',
+                                     '--lr', '0.01', '--learned', '--conditions', 'shape']))
     ckpt = {'args': stored, 'state_dict': {}}
     argv = ['--resume', 'ck.pth.tar']
     args = merge_checkpoint_args(parser.parse_args(argv), ckpt, {'resume'}, 'ck.pth.tar')
@@ -65,10 +65,13 @@ def test_how_to_run_flags_never_come_back_from_a_checkpoint():
     for k in HOW_TO_RUN:  # this machine's defaults, not the checkpoint's
         assert getattr(args, k) == getattr(defaults, k), k
     # what changes what is learned comes back
-    assert args.three_forwards and args.hflip == 'off' and args.lr == 0.01 and args.learned and args.conditions == ['shape']
+    assert (args.three_forwards and args.hflip == 'off' and args.lr == 0.01 and args.learned
+            and args.conditions == ['shape'])
     changed = how_to_run_changes(args, ckpt, {'resume'})
-    assert '--device cpu -> auto' in changed and '--amp off -> auto' in changed and not any('workers' in c for c in changed)
+    assert ('--device cpu -> auto' in changed and '--amp off -> auto' in changed
+            and not any('workers' in c for c in changed))
     # given on this command line: kept, and not reported as a change
     argv = ['--resume', 'ck.pth.tar', '--amp', 'bf16']
     args = merge_checkpoint_args(parser.parse_args(argv), ckpt, {'resume', 'amp'}, 'ck.pth.tar')
-    assert args.amp == 'bf16' and not any(c.startswith('--amp') for c in how_to_run_changes(args, ckpt, {'resume', 'amp'}))
+    assert (args.amp == 'bf16'
+            and not any(c.startswith('--amp') for c in how_to_run_changes(args, ckpt, {'resume', 'amp'})))

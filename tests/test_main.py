@@ -22,7 +22,8 @@ def test_train_learns_then_resume_continues_and_test_writes_results(shapes_data,
     run = runs / 'csn'
     m = metrics(run)
     assert [x['epoch'] for x in m] == [1, 2, 3, 4]
-    for key in ('epoch', 'lr', 'train_loss', 'train_acc', 'val_acc', 'val_acc_per_notion', 'emb_norm', 'mask_norm', 'seconds'):
+    for key in ('epoch', 'lr', 'train_loss', 'train_acc', 'val_acc', 'val_acc_per_notion', 'emb_norm', 'mask_norm',
+                'seconds'):
         assert key in m[-1]
     assert set(m[-1]['val_acc_per_notion']) == {'colour', 'shape'}
     assert m[1]['lr'] == pytest.approx(1e-3 * 0.985 ** 2)
@@ -78,10 +79,11 @@ def test_same_seed_same_run_and_resume_is_exact(shapes_data, tmp_path):
 @pytest.mark.slow
 def test_help_documents_every_flag_with_its_default():
     p = run_main('--help')
-    for flag in ('--batch-size', '--epochs', '--start_epoch', '--lr', '--seed', '--no-cuda', '--log-interval', '--margin',
-                 '--resume', '--name', '--embed_loss', '--mask_loss', '--num_traintriplets', '--dim_embed', '--test',
-                 '--learned', '--prein', '--visdom', '--conditions', '--data', '--model', '--no-pretrained', '--weights',
-                 '--num_valtriplets', '--num_testtriplets', '--image-size', '--workers', '--device', '--runs'):
+    for flag in ('--batch-size', '--epochs', '--start_epoch', '--lr', '--seed', '--no-cuda', '--log-interval',
+                 '--margin', '--resume', '--name', '--embed_loss', '--mask_loss', '--num_traintriplets', '--dim_embed',
+                 '--test', '--learned', '--prein', '--visdom', '--conditions', '--data', '--model', '--no-pretrained',
+                 '--weights', '--num_valtriplets', '--num_testtriplets', '--image-size', '--workers', '--device',
+                 '--runs'):
         assert flag in p.stdout, flag
     text = ' '.join(p.stdout.split())
     for default in ('(default: 256)', '(default: 5e-05)', '(default: 0.2)', '(default: Conditional_Similarity_Network)',
@@ -159,7 +161,8 @@ def test_resume_auto_starts_continues_and_tests_a_run_with_one_command_line(shap
     assert res['checkpoint'].endswith('model_best.pth.tar') and res['triplets'] == 120
 
 
-@pytest.mark.parametrize('module, argv', [('csnlib.options', ['--marg', '0.3']), ('retrieve', ['--resume', 'x', '--quer', '1']),
+@pytest.mark.parametrize('module, argv', [('csnlib.options', ['--marg', '0.3']),
+                                          ('retrieve', ['--resume', 'x', '--quer', '1']),
                                           ('get_data', ['--datas', 'fonts']), ('bench', ['--dat', 'd'])])
 def test_an_abbreviated_flag_is_refused_not_guessed(module, argv, capsys):
     """--marg 0.3 on a resumed run would otherwise be read as --margin without explicit_flags knowing it was given."""

@@ -41,7 +41,8 @@ def refused(entry, argv, *words):
 def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp('matrix')
     release, labelled = root / 'release', root / 'labelled'
-    make_zappos_like(str(release), n_images=64, seed=0, log=lambda *a: None)  # Zappos layout, no dataset.json, no labels
+    # Zappos layout, no dataset.json, no labels
+    make_zappos_like(str(release), n_images=64, seed=0, log=lambda *a: None)
     make_dataset(str(labelled), per_kind=6, triplets=(32, 16, 24))
     assert not (release / 'dataset.json').exists() and not (release / 'labels.csv').exists()
     return {'release': str(release), 'labelled': str(labelled), 'runs': str(root / 'runs')}

@@ -109,7 +109,8 @@ def test_setup_distributed_sets_the_nccl_environment_before_joining(monkeypatch)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'set_device', lambda i: None)
     monkeypatch.setattr(runtime.dist, 'init_process_group', lambda backend, **k: seen.update(
-        backend=backend, wait=os.environ.get('TORCH_NCCL_BLOCKING_WAIT'), handling=os.environ['TORCH_NCCL_ASYNC_ERROR_HANDLING']))
+        backend=backend, wait=os.environ.get('TORCH_NCCL_BLOCKING_WAIT'),
+        handling=os.environ['TORCH_NCCL_ASYNC_ERROR_HANDLING']))
     args = argparse.Namespace(device='auto', no_cuda=False, dist_timeout=60, batch_size=4)
     runtime.setup_distributed(args)
     assert seen == {'backend': 'nccl', 'wait': '1', 'handling': '3'}

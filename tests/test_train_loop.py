@@ -48,7 +48,8 @@ def test_a_dataset_that_says_hflip_false_never_sees_a_mirrored_image(shapes_data
     assert len(side) >= 2 * 240 * 3                                      # every training image went through the spy
     assert bool((side < 0).any()) == mirrored and bool((side > 0).any())
     out = capsys.readouterr().out
-    assert {None: 'hflip off (dataset.json)', 'on': 'hflip on (--hflip on)', 'off': 'hflip off (--hflip off)'}[hflip] in out
+    assert {None: 'hflip off (dataset.json)', 'on': 'hflip on (--hflip on)',
+            'off': 'hflip off (--hflip off)'}[hflip] in out
     run = tmp_path / 'runs' / 'f'
     assert json.load(open(run / 'args.json'))['hflip_applied'] is mirrored
     assert torch.load(run / 'checkpoint.pth.tar', weights_only=True)['hflip_applied'] is mirrored
