@@ -27,8 +27,8 @@ def test_torchrun_trains_writes_one_run_and_tests_like_one_process(shapes_data, 
     p = torchrun('--data', shapes_data, '--runs', runs, '--name', 'ddp', '--epochs', 2, *FAST)
     assert p.stdout.count('done: best val accuracy') == 1  # only rank 0 prints
     assert sorted(os.listdir(runs)) == ['ddp']
-    assert sorted(os.listdir(runs / 'ddp')) == ['args.json', 'checkpoint.pth.tar', 'metrics.jsonl',
-                                                'model_best.pth.tar']
+    assert sorted(os.listdir(runs / 'ddp')) == ['.lock', 'args.json', 'checkpoint.pth.tar', 'metrics.jsonl',
+                                                'model_best.pth.tar']  # .lock: rank 0 held the folder (run_lock.py)
     with open(runs / 'ddp' / 'metrics.jsonl') as f:
         assert [json.loads(line)['epoch'] for line in f] == [1, 2]
     ck = torch.load(runs / 'ddp' / 'checkpoint.pth.tar', weights_only=True)
