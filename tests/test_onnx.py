@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_trained_csn import hub_load, images, save_checkpoint
+from test_trained_csn import hub_load, images
 
-from conftest import REPO
+from conftest import REPO, save_checkpoint
 
 ort = pytest.importorskip('onnxruntime')
 

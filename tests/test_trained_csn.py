@@ -7,22 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, REPO, draw, make_dataset, run_main
-
-
-def save_checkpoint(path, variant, notions=('colour', 'shape'), conditions=(0, 1)):
-    """An untrained 32-px model of main.py's flags + variant, saved as main.py saves a checkpoint's model parts."""
-    from csnlib.builder import build_model
-    from csnlib.options import main_parser
-    torch.manual_seed(0)
-    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', *variant])
-    model = build_model(args, len(notions))
-    if variant == ['--learned']:
-        with torch.no_grad():
-            model.embednet.masks.weight[:, :8] = -1.0  # some weights below zero: ReLU'd to 0, the rest non-binary
-    torch.save({'args': vars(args), 'state_dict': model.state_dict(), 'notions': list(notions),
-                'conditions': list(conditions), 'epoch': 1}, path)
-    return str(path)
+from conftest import FAST, REPO, draw, make_dataset, run_main, save_checkpoint
 
 
 def hub_load(ckpt):
