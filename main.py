@@ -35,6 +35,7 @@ from csnlib.image_cache import make_store
 from csnlib.loggers import Logger, make_logger
 from csnlib.options import explicit_flags
 from csnlib.pictures import write_pictures
+from csnlib.pml_metrics import INSTALL, notion_accuracies, pml_or_none
 from csnlib.run_lock import RunLock
 from csnlib.search import export_embeddings, retrieval_map
 from csnlib.stopping import explain, plateaued, stop_reason
@@ -275,7 +276,8 @@ def retrieval_and_pictures(res, model, info, trip, store, rt, out_dir, embedded=
     embedded ({None or notion: (image indices, raw embeddings)}), so those images are not embedded again."""
     args, log = rt.args, rt.log
     if not getattr(model.embednet, 'per_notion_embedding', True):  # SCE-Net: its masks are weighed per triplet
-        log(f'  no retrieval mAP or pictures: {describe(args)} has no embedding per notion to retrieve with')
+        log(f'  no retrieval mAP, precision@1, MAP@R or pictures: {describe(args)} has no embedding per notion to '
+            'retrieve with')
         return
     labels = read_labels(info)
     images = np.unique(trip)                                              # the test triplets' images
@@ -288,6 +290,16 @@ def retrieval_and_pictures(res, model, info, trip, store, rt, out_dir, embedded=
         log(f'  retrieval mAP over {len(images)} test images: '
             + ' '.join(f'{n} {v * 100:.1f}' for n, v in r['per_notion'].items() if v is not None)
             + f'  overall {r["mAP"] * 100:.2f} %')
+        if pml_or_none() is None:
+            log(f'  no precision@1 or MAP@R: pytorch-metric-learning is not installed ({INSTALL} to have them)')
+        else:  # the standard metric-learning figures, on the same masked embeddings and labels
+            m = notion_accuracies(emb[0], emb[1], images, labels, info.notions,
+                                  parse_conditions(args.conditions, info.notions))
+            res.update({f'pml_{k}': v for k, v in m.items()})
+            for key, title in (('precision_at_1', 'precision@1'), ('map_at_r', 'MAP@R')):
+                log(f'  {title} (pytorch-metric-learning): '
+                    + ' '.join(f'{n} {v * 100:.1f}' for n, v in m[f'{key}_per_notion'].items() if v is not None)
+                    + (f'  overall {m[key] * 100:.2f} %' if m[key] is not None else '  overall -'))
     else:
         log(f'  no retrieval mAP: {info.root} has no labels.csv (the paper\'s Zappos triplets come without labels)')
     if info.extra.get('protocol') and getattr(model.embednet, 'per_notion_embedding', True):

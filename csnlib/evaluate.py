@@ -103,3 +103,11 @@ def embed_dataset(model, images, store, rt, n_notions, done=None):
 def subspace(emb, masks, c):
     """The embeddings that notion c compares: (N, D)."""
     return (emb[c] if emb.ndim == 3 else emb) * masks[c]
+
+
+def labelled_subspaces(emb, masks, images, labels, notions, conditions):
+    """(notion, its embeddings (n, D), their labels (n,) str) for each notion in conditions that labels has, over
+    `images` (N dataset indices; emb (N, D) or (C, N, D) their embeddings); images labelled '' (unknown) left out."""
+    for c in (c for c in conditions if notions[c] in labels):
+        lab = np.asarray(labels[notions[c]], dtype=object)[images]  # (N,)
+        yield notions[c], subspace(emb, masks, c)[lab != ''], lab[lab != ''].astype(str)

@@ -51,3 +51,18 @@ def test_one_large_embedding_batch_gives_the_same_embeddings_and_accuracy_as_sma
         out[bs] = embed_images(model, images, store, rt), evaluate(model, trip, cond, store, rt, info.notions)
     torch.testing.assert_close(out[4096][0], out[7][0], rtol=1e-2, atol=1e-2)  # bf16: batching may round otherwise
     assert abs(out[4096][1]['accuracy'] - out[7][1]['accuracy']) <= 1 / len(trip)  # at most one triplet's rounding
+
+
+@pytest.mark.parametrize('per_notion', [False, True])
+def test_labelled_subspaces_mask_each_notion_and_leave_out_unknown_labels(per_notion):
+    from csnlib.evaluate import labelled_subspaces
+    rng = np.random.default_rng(0)
+    images = np.array([1, 3, 4])  # dataset indices; the embeddings' rows are these images
+    emb = rng.normal(size=(2, 3, 4) if per_notion else (3, 4)).astype(np.float32)  # (C, N, D) or (N, D)
+    masks = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], np.float32)  # (C, D)
+    labels = {'colour': ['a', 'b', 'c', '', 'e'], 'shape': ['p', 'q', 'r', 's', 't']}
+    got = list(labelled_subspaces(emb, masks, images, labels, ['colour', 'shape', 'size'], [1, 0, 2]))
+    assert [(name, lab.tolist()) for name, _, lab in got] == [('shape', ['q', 's', 't']), ('colour', ['b', 'e'])]
+    rows = lambda c: emb[c] if per_notion else emb
+    assert np.array_equal(got[0][1], rows(1) * masks[1])
+    assert np.array_equal(got[1][1], rows(0)[[0, 2]] * masks[0])  # image 3 has no colour
