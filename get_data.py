@@ -5,6 +5,7 @@
     python get_data.py --dataset fonts --out data/fonts  # offline: glyphs of the fonts installed on this machine
     python get_data.py --dataset attributes --images DIR --attributes FILE.csv --out DIR   # your own images
     python get_data.py --dataset synthetic --synthetic-images 2000 --out DIR   # offline shoe drawings (Zappos layout)
+    python get_data.py --dataset asen --from DIR --name FashionAI   # ASEN's layout: DIR/meta.json, DIR/FashionAI/
 
 Triplet lines are `a b c`: image a (anchor) is more similar to image c (close) than to image b (far) under the notion.
 Each split draws its triplets from its own images only.
@@ -325,6 +326,11 @@ def build_parser():
     g = p.add_argument_group('synthetic (offline shoe drawings in the Zappos layout, for tests and benchmarks)')
     g.add_argument('--synthetic-images', type=int_range(32), default=2000, metavar='N',
                    help='number of images (default: 2000; out: data/synthetic)')
+    g = p.add_argument_group('asen (a dataset in ASEN\'s layout: --from DIR with DIR/meta.json and DIR/NAME/)')
+    g.add_argument('--name', metavar='NAME',
+                   help='which dataset of DIR/meta.json to convert, from DIR/NAME/ (FashionAI, DARN, DeepFashion or '
+                        'any other key there; out: data/asen_NAME in lower case) (default: the only one, when '
+                        'meta.json has one)')
     zappos.add_args(p)
     return p
 
@@ -332,14 +338,16 @@ def build_parser():
 def main(argv=None):
     """Build the dataset that argv asks for; a user's mistake raises GetDataError (run_script prints it)."""
     args = build_parser().parse_args(argv)
+    if args.name is not None and args.dataset != 'asen':
+        raise GetDataError(f'--name {args.name}: --name picks a dataset of ASEN\'s meta.json, for --dataset asen only')
     if args.dataset == 'synthetic':
         from csnlib import synthetic
         synthetic.build(args.out or os.path.join('data', 'synthetic'), args.synthetic_images, args.seed, args.force)
-    elif args.dataset == 'asen':  # --from DIR (ASEN's meta.json and DIR/NAME) or DIR/NAME
+    elif args.dataset == 'asen':  # --from DIR [--name NAME] (ASEN's meta.json and DIR/NAME) or DIR/NAME
         from csnlib import asen_data
         if not args.from_dir:
             raise GetDataError('--dataset asen needs --from DIR: a dataset in ASEN\'s layout (meta.json, NAME/)')
-        asen_data.build(args.from_dir, args.out, seed=args.seed, force=args.force,
+        asen_data.build(args.from_dir, args.out, name=args.name, seed=args.seed, force=args.force,
                         sizes={'train': args.train_triplets, 'val': args.val_triplets, 'test': args.test_triplets})
     elif args.dataset == 'fonts':
         build_fonts(args)

@@ -31,11 +31,15 @@ WHERE = ('ASEN\'s data: the meta files of github.com/Maryeon/asen (its README li
 
 
 def resolve(src, name=None):
-    """(DIR, NAME, meta entry) from --from DIR (meta.json with NAME, or with one dataset) or --from DIR/NAME."""
-    src = os.path.abspath(src)
+    """(DIR, NAME, meta entry) from --from DIR and --name NAME (left out: the one dataset of DIR/meta.json), or from
+    --from DIR/NAME."""
+    src, given = os.path.abspath(src), '--name'
     if not os.path.exists(os.path.join(src, 'meta.json')) and os.path.exists(os.path.join(os.path.dirname(src),
                                                                                            'meta.json')):
-        src, name = os.path.dirname(src), name or os.path.basename(src)
+        if name is not None and name != os.path.basename(src):
+            raise GetDataError(f'--from {src} is dataset {os.path.basename(src)!r} but --name says {name!r}: pass '
+                               f'--from {os.path.dirname(src)} --name NAME, or --from DIR/NAME alone')
+        src, name, given = os.path.dirname(src), os.path.basename(src), f'--from {src}'
     path = os.path.join(src, 'meta.json')
     if not os.path.exists(path):
         raise GetDataError(f'--from {src}: no meta.json there or in its parent; expected ASEN\'s layout '
@@ -49,11 +53,12 @@ def resolve(src, name=None):
         raise GetDataError(f'{path}: expected an object with one entry per dataset (e.g. "FashionAI")')
     if name is None:
         if len(meta) > 1:
-            raise GetDataError(f'{path} describes {len(meta)} datasets ({", ".join(meta)}): pass --from '
-                               f'{os.path.join(src, "NAME")} for one of them')
+            raise GetDataError(f'{path} describes {len(meta)} datasets ({", ".join(meta)}): pass --name NAME with one '
+                               f'of them (or --from {os.path.join(src, "NAME")})')
         name = next(iter(meta))
     if name not in meta:
-        raise GetDataError(f'{path} has no dataset {name!r}; it has {", ".join(meta)}')
+        raise GetDataError(f'{given} {name}: {path} has no dataset {name!r}; it has {", ".join(meta)} (pass --name '
+                           f'with one of them)')
     entry = meta[name]
     attrs = entry.get('ATTRIBUTES') if isinstance(entry, dict) else None
     if not isinstance(attrs, list) or not attrs or len(set(attrs)) != len(attrs):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import get_data
-from conftest import FAST, draw, in_process, run_main
+from conftest import FAST, draw, error_line, in_process, run_main
 from csnlib import asen_data
 from csnlib.search import protocol_map
 from triplet_image_loader import load_dataset_info, load_triplets, read_labels
@@ -91,12 +91,46 @@ def test_converts_asens_layout_into_this_repositorys(tmp_path):
     assert len(q) == 4 and len(cand) == 4
     for g, v in zip(np.concatenate([q, cand]), np.concatenate([qv, cv])):
         assert labels['shape'][g] == VALUES['shape'][v]
-    # the same through --from DIR/NAME, when meta.json describes several datasets
-    make_asen_layout(str(tmp_path / 'two'), extra_datasets=('Other',))
-    code, _, err = convert(str(tmp_path / 'two'), str(tmp_path / 'out2'))
-    assert code == 2 and 'Tiny, Other' in err and 'two/NAME' in err
-    code, _, err = convert(str(tmp_path / 'two' / 'Tiny'), str(tmp_path / 'out2'))
-    assert code == 0, err
+
+
+def test_name_picks_one_dataset_of_several_in_meta_json(tmp_path):
+    """--from DIR --name NAME (any key of meta.json) or --from DIR/NAME; a missing or unknown NAME is named with the
+    flag and the keys there."""
+    src = tmp_path / 'asen'
+    make_asen_layout(str(src), name='DARN', per_kind=2, extra_datasets=('FashionAI', 'DeepFashion'))
+    code, _, err = convert(src, tmp_path / 'none')
+    assert error_line((code, '', err), alone=True) == (
+        f'error: {src}/meta.json describes 3 datasets (DARN, FashionAI, DeepFashion): pass --name NAME with one of '
+        f'them (or --from {src}/NAME)')
+    code, _, err = convert(src, tmp_path / 'none', '--name', 'Zappos')
+    assert error_line((code, '', err), alone=True) == (
+        f'error: --name Zappos: {src}/meta.json has no dataset \'Zappos\'; it has DARN, FashionAI, DeepFashion (pass '
+        f'--name with one of them)')
+    code, _, err = convert(src / 'Zappos', tmp_path / 'none')  # DIR/NAME names it too
+    assert 'error: --from ' in err and "has no dataset 'Zappos'" in err and 'DARN, FashionAI, DeepFashion' in err
+    code, _, err = convert(src / 'DARN', tmp_path / 'none', '--name', 'FashionAI')
+    assert "is dataset 'DARN' but --name says 'FashionAI'" in error_line((code, '', err), alone=True)
+    code, _, err = convert(src, tmp_path / 'none', '--name', 'FashionAI')  # a key of meta.json without its folder
+    assert 'FashionAI/filenames_train.txt not found' in error_line((code, '', err), alone=True)
+    code, _, err = in_process(get_data.main, ['--dataset', 'fonts', '--name', 'DARN', '--out', tmp_path / 'none'])
+    assert '--name DARN: --name picks a dataset of ASEN\'s meta.json, for --dataset asen only' in error_line(
+        (code, '', err), alone=True)
+    assert not os.path.exists(tmp_path / 'none')
+    by_name, by_dir = tmp_path / 'by_name', tmp_path / 'by_dir'
+    for args in ((src, by_name, '--name', 'DARN'), (src / 'DARN', by_dir)):
+        code, _, err = convert(*args)
+        assert code == 0, (args, err)
+    assert load_dataset_info(str(by_name)).filenames == load_dataset_info(str(by_dir)).filenames
+    for f in ('labels.csv', 'tripletlists/shape_tripletlist_train.txt', 'protocol/query_test.txt'):
+        assert open(by_name / f).read() == open(by_dir / f).read(), f
+
+
+def test_help_names_the_name_flag_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        get_data.build_parser().parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '--name NAME which dataset of DIR/meta.json to convert' in text
+    assert 'FashionAI, DARN, DeepFashion' in text and '(default: the only one, when meta.json has one)' in text
 
 
 def test_bad_input_is_named_with_file_and_line(tmp_path):
