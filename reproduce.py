@@ -13,6 +13,7 @@ runs with a record are not trained again, a stopped run continues from its check
 from the records alone (no dataset or checkpoint needed).
 """
 import argparse
+import collections
 import json
 import os
 import shlex
@@ -90,6 +91,13 @@ def build_parser():
       help='train nothing: write the report from the records in --results alone (default: off)')
     a('--no-probe', action='store_true',
       help='leave out claim (e), the linear probes on frozen features (default: off)')
+    a('--one-forward', action='store_true',
+      help='train with one backbone call per step for anchors, fars and closes (main.py\'s default) instead of the '
+           'original\'s three (default: three calls, passed on to main.py as --three-forwards)')
+    a('--checks-at', type=positive_int, default=None, metavar='N',
+      help='first check two choices of the protocol at N training triplets, over --seeds: the task-specific networks '
+           'each trained alone on its notion\'s triplets with the full batch against their joint training, and the '
+           'paper\'s models with the other forward arithmetic (one call or three) (default: off)')
     return p
 
 
@@ -202,6 +210,131 @@ def sweep_grid(args):
             for model in [m[0] for m in MODELS if m[0] in args.models]]
 
 
+Variant = collections.namedtuple('Variant', 'key flags passthrough settings')  # a check's run: see check_runs
+
+
+def other_forwards(passthrough):
+    """The flags passed on to main.py with the other forward arithmetic: one backbone call per step or three."""
+    if '--three-forwards' in passthrough:
+        return [t for t in passthrough if t != '--three-forwards'], 'one'
+    return [*passthrough, '--three-forwards'], 'three'
+
+
+def check_runs(args, passthrough, lr, notions):
+    """The runs of --checks-at, seed by seed: (model, budget, seed, lr, Variant or None). The study's own runs at that
+    budget (reused when it is one of --budgets) are compared with (1) the task-specific networks trained each alone,
+    one run per notion on that notion's share of the budget (main.py --conditions NOTION: budget / notions triplets of
+    it, the full batch) and (2) the paper's models with the other forward arithmetic."""
+    b = args.checks_at
+    other, word = other_forwards(passthrough)
+    paper = [m for m in PAPER_MODELS if m in args.models]
+    out = []
+    wanted = main_settings(args, passthrough)[0]['conditions']  # a --conditions subset passed on, or None
+    alone = without_conditions(passthrough)
+    for seed in args.seeds:
+        out += [(m, b, seed, lr, None) for m in paper]
+        if 'task' in paper:
+            for n in (wanted or notions):
+                extra = ['--conditions', n]
+                out.append(('task', b, seed, lr, Variant(f'task-alone-{n}', extra, alone,
+                                                         main_settings(args, [*alone, *extra])[0])))
+        out += [(m, b, seed, lr, Variant(f'{m}-{word}-forward', [], other, main_settings(args, other)[0]))
+                for m in paper]
+    return out
+
+
+def without_conditions(passthrough):
+    """The flags passed on to main.py less a --conditions subset (and its notions)."""
+    out, skipping = [], False
+    for t in passthrough:
+        if t == '--conditions':
+            skipping = True
+        elif skipping and not t.startswith('-'):
+            continue
+        elif not t.startswith('--conditions='):
+            skipping = False
+            out.append(t)
+    return out
+
+
+def run_checks(args, passthrough, lr):
+    from triplet_image_loader import load_dataset_info
+    for model, budget, seed, run_lr, variant in check_runs(args, passthrough, lr, load_dataset_info(args.data).notions):
+        train_and_test(args, passthrough, main_settings(args, passthrough)[0], model, budget, seed, run_lr, False,
+                       variant)
+
+
+def checks_summary(args, passthrough, lr):
+    """What --checks-at found, from the records: {'budget', 'task_alone': {...}, 'forwards': {...}} or None."""
+    if not args.checks_at or lr is None:
+        return None
+    b, tag = args.checks_at, lr_tag(lr)
+    rec = lambda key, seed: read_record(record_path(args, run_name(args, key, b, seed, lr)))
+    out = {'budget': b, 'task_alone': None, 'forwards': {}}
+    alone = {'seeds': [], 'values': [], 'joint': [], 'per_notion': []}
+    for seed in args.seeds:
+        joint = rec('task', seed)
+        parts = [read_record(os.path.join(args.results, f)) for f in sorted(os.listdir(args.results))
+                 if f.startswith(f'{args.prefix}_task-alone-') and f.endswith(f'_n{b}_s{seed}_lr{tag}.json')]
+        if joint is None or len(parts) != len(joint['test']['per_notion']):
+            continue
+        n = sum(r['test']['triplets'] for r in parts)
+        alone['seeds'].append(seed)
+        alone['values'].append(sum(r['test']['accuracy'] * r['test']['triplets'] for r in parts) / n)
+        alone['joint'].append(joint['test']['accuracy'])
+        alone['per_notion'].append({k: v for r in parts for k, v in r['test']['per_notion'].items()})
+        alone.setdefault('epochs_trained', []).append([r['epochs_trained'] for r in parts])
+        alone.setdefault('stopped', []).append([r['stopped'] for r in parts])
+    if alone['seeds']:
+        pair = paired({'seeds': alone['seeds'], 'values': alone['values']},
+                      {'seeds': alone['seeds'], 'values': alone['joint']})
+        out['task_alone'] = {**alone, 'pair': pair, 'verdict': verdict(pair) if pair else 'inconclusive'}
+    _, other = other_forwards(passthrough)
+    for m in (m for m in PAPER_MODELS if m in args.models):
+        seeds, this, that = [], [], []
+        for seed in args.seeds:
+            r0, r1 = rec(m, seed), rec(f'{m}-{other}-forward', seed)
+            if r0 is not None and r1 is not None:
+                seeds.append(seed), this.append(r0['test']['accuracy']), that.append(r1['test']['accuracy'])
+        if seeds:
+            pair = paired({'seeds': seeds, 'values': that}, {'seeds': seeds, 'values': this})
+            out['forwards'][m] = {'seeds': seeds, 'study': this, 'other': that, 'pair': pair,
+                                  'verdict': verdict(pair) if pair else 'inconclusive'}
+    out['other_forwards'] = other
+    return out if out['task_alone'] or out['forwards'] else None
+
+
+def checks_markdown(checks, study_forwards):
+    """The report's section on --checks-at."""
+    if not checks:
+        return []
+    fmt = lambda p: ('from a single seed' if p is None else f'{p["difference"] * 100:+.2f} points, 95 % CI '
+                     f'[{p["ci95"][0] * 100:+.2f}, {p["ci95"][1] * 100:+.2f}], paired t-test p = {p["p"]:.3g}')
+    L = [f'## Checks of the protocol at {checks["budget"]:,} training triplets', '']
+    t = checks['task_alone']
+    if t:
+        L += ['Task-specific networks: in the study the networks train in one optimizer, each on its notion\'s share '
+              'of every batch; here each is trained alone on its notion\'s triplets (a quarter of the budget with four '
+              'notions, drawn with the same seed; the same triplets for the first notion, others for the rest) with '
+              'the full batch and its own plateau, and the four are tested together:', '',
+              '| seed | joint (the study) | each alone | alone: epochs trained per notion |', '|---|---:|---:|---|']
+        for s, a, j, e in zip(t['seeds'], t['values'], t['joint'], t['epochs_trained']):
+            L.append(f'| {s} | {j * 100:.2f} | {a * 100:.2f} | {", ".join(map(str, e))} |')
+        L += ['', f'Alone minus joint: {fmt(t["pair"])}: **{t["verdict"] if t["pair"] else "inconclusive"}** '
+              f'(holds: training alone is better).', '']
+    if checks['forwards']:
+        L += [f'Forward arithmetic: the study makes {study_forwards} backbone call(s) per step; the same runs with '
+              f'{checks["other_forwards"]} (test accuracy, %):', '',
+              f'| model | seeds | {study_forwards} (the study) | {checks["other_forwards"]} | difference |',
+              '|---|---|---|---|---|']
+        for m, f in checks['forwards'].items():
+            L.append(f'| {TITLE[m]} | {", ".join(map(str, f["seeds"]))} | '
+                     f'{", ".join(f"{v * 100:.2f}" for v in f["study"])} | '
+                     f'{", ".join(f"{v * 100:.2f}" for v in f["other"])} | {fmt(f["pair"])} |')
+        L.append('')
+    return L
+
+
 def record_path(args, name):
     return os.path.join(args.results, f'{name}.json')
 
@@ -222,9 +355,12 @@ def record_done(rec, epochs):
     return not (rec['stopped'] in ('cap', 'seen') and rec['epochs_cap'] < epochs)
 
 
-def train_and_test(args, passthrough, settings, model, budget, seed, lr, pictures):
-    """One run: nothing when its record is there, else train (or continue) and test it, then write its record."""
-    name = run_name(args, model, budget, seed, lr)
+def train_and_test(args, passthrough, settings, model, budget, seed, lr, pictures, variant=None):
+    """One run: nothing when its record is there, else train (or continue) and test it, then write its record.
+    variant: a check's run of `model` (a Variant: its name, main.py flags added, flags passed on, settings)."""
+    if variant is not None:
+        passthrough, settings = variant.passthrough, variant.settings
+    name = run_name(args, variant.key if variant else model, budget, seed, lr)
     epochs = epochs_for(args, budget)
     wanted = {**settings, 'lr': lr, 'num_traintriplets': budget, 'seed': seed}
     rec = read_record(record_path(args, name))
@@ -244,7 +380,7 @@ def train_and_test(args, passthrough, settings, model, budget, seed, lr, picture
     said = dict(train='training', resume='resuming its checkpoint', test='testing its best checkpoint',
                 reuse='finished, reused')[action]
     print(f'{name}: {said}', flush=True)
-    flags = next(m[2] for m in MODELS if m[0] == model)
+    flags = next(m[2] for m in MODELS if m[0] == model) + (variant.flags if variant else [])
     if action in ('train', 'resume'):
         common = ['--data', args.data, '--epochs', str(epochs), '--patience', str(0 if args.seen else args.patience),
                   *passthrough]
@@ -269,9 +405,9 @@ def train_and_test(args, passthrough, settings, model, budget, seed, lr, picture
             raise UserError(f'testing {name} failed (exit status {rc}; see {log_path})')
         times['test_s'] = seconds
         write_json(times_path, times)
-    rec = make_record(args, run_dir, model, budget, seed, lr, epochs)
+    rec = make_record(args, run_dir, variant.key if variant else model, budget, seed, lr, epochs)
     write_json(record_path(args, name), rec)
-    if budget == max(args.budgets) and model != 'task' and not args.no_probe:
+    if budget == max(args.budgets) and model != 'task' and variant is None and not args.no_probe:
         probe_record(args, rec)  # now, while its checkpoint is on this machine: claim (e) reads it from the record
     print(f'{name}: record {record_path(args, name)}', flush=True)
 
@@ -789,8 +925,8 @@ def markdown(rep):
           f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
           f'{int(top):,} training triplets. The paper\'s error is on Zappos50k (64-d, 200k triplets), '
           f'for the ordering only.',
-          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | paper error (Zappos50k) | seeds |',
-          '|---|' + '---:|' * (len(notions) + 5)]
+          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | parameters | paper error (Zappos50k) | '
+          'seeds |', '|---|' + '---:|' * (len(notions) + 6)]
     for m in models:
         d = rep['models'][m][top]
         k = len(d['seeds'])
@@ -798,7 +934,7 @@ def markdown(rep):
         L.append(f'| {TITLE[m]} | '
                  + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
                  + f' | **{pm(d["accuracy_mean"], d["accuracy_std"], k)}** | '
-                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {paper_error(m)} | '
+                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {d["parameters"]:,} | {paper_error(m)} | '
                    f'{", ".join(map(str, d["seeds"]))} |')
     L += ['', 'Test error (%) against training triplets (mean ± sd over seeds; the number of seeds in brackets):', '',
           '| model | ' + ' | '.join(f'{b:,}' for b in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
@@ -843,6 +979,7 @@ def markdown(rep):
         L += ['', f'Probe of claim (e)\'s verdict: {rep["probe_task"]}.']
     if rep.get('masks_figure'):
         L += ['', '![masks](masks.png)']
+    L += ['', *checks_markdown(rep.get('checks'), 'three' if s.get('three_forwards') else 'one')]
     L += ['', f'Command: `{rep["command"]}`', '',
           f'Settings (the same for every model): {s["dim_embed"]}-d embedding, batch {s["batch_size"]} (main.py\'s '
           f'default, the original\'s, is 256), lr {lr_tag(s["lr"])} ({rep["lr_choice"]}), margin {s["margin"]}, image '
@@ -938,6 +1075,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
            'this_call_s': round(time.time() - t_start, 1)}
     if summary:
         write_curve(summary, budgets, os.path.join(out_dir, 'curve.png'))
+    rep['checks'] = checks_summary(args, passthrough, lr)
     rep['masks_figure'] = write_mask_figure(rows, top, notions, os.path.join(out_dir, 'masks.png'))
     write_json(os.path.join(out_dir, 'reproduce.json'), rep, indent=2)
     text = markdown(rep) if summary else ('\n'.join([f'# No finished run of the study yet in {args.results}', '',
@@ -968,7 +1106,8 @@ def reproduce(args, passthrough):
                                       'seeds': args.seeds, 'more_seeds': args.more_seeds, 'models': args.models,
                                       'prefix': args.prefix, 'sweep_lrs': args.sweep_lrs,
                                       'sweep_budget': args.sweep_budget, 'patience': args.patience,
-                                      'epochs': args.epochs, 'seen': args.seen, 'passed_to_main': passthrough,
+                                      'epochs': args.epochs, 'seen': args.seen, 'checks_at': args.checks_at,
+                                      'passed_to_main': passthrough,
                                       'lr_given': lr_given, 'lr': settings['lr'], 'settings': settings}, indent=2)
     if lr_given:
         lr, why = settings['lr'], 'passed to main.py (--lr), no sweep'
@@ -978,6 +1117,8 @@ def reproduce(args, passthrough):
             for model, budget, seed, sweep_lr in sweep_grid(args):
                 train_and_test(args, passthrough, settings, model, budget, seed, sweep_lr, False)
         _, lr, why = sweep_table(args)
+    if not args.report_only and not args.sweep_only and lr is not None and args.checks_at:
+        run_checks(args, passthrough, lr)
     if not args.report_only and not args.sweep_only and lr is not None:
         top, first_seed = max(args.budgets), args.seeds[0]
         for model, budget, seed, run_lr in grid(args, lr):
@@ -1002,6 +1143,7 @@ def fill_from_study(d, passthrough):
     d['more_seeds'] = d['more_seeds'] or study.get('more_seeds', [])
     for k in ('patience', 'epochs', 'seen', 'sweep_lrs'):
         d[k] = study[k]
+    d['checks_at'] = d['checks_at'] or study.get('checks_at')
     d['prefix'], d['command'] = study['prefix'], study.get('command', d['command'])
     d['study_data'] = study.get('data', d['results'])
     return passthrough or study['passed_to_main']
@@ -1024,6 +1166,12 @@ def resolve(parser, parsed, passthrough, argv):
         passthrough = fill_from_study(d, passthrough)
     elif d['data'] is None:
         parser.error('--data DIR is needed to train (or --report-only --results DIR)')
+    forwards = [t for t in passthrough if t in ('--three-forwards', '--three_forwards')]
+    if d['one_forward'] and forwards:
+        parser.error(f'--one-forward and {forwards[0]} (passed on to main.py) contradict each other; give one')
+    if not d['one_forward'] and not d['report_only']:
+        # the original's arithmetic unless asked otherwise: its three backbone calls per step
+        passthrough = [*[t for t in passthrough if t not in forwards], '--three-forwards']
     d['budgets'] = d['budgets'] or [100000]
     d['seeds'] = d['seeds'] if d['seeds'] is not None else [1]
     d['models'] = d['models'] or list(PAPER_MODELS)

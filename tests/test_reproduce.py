@@ -478,10 +478,80 @@ def test_the_paper_s_four_models_by_default_and_csn_s_successors_on_request(tmp_
     parser = rp.build_parser()
     argv = ['--data', str(tmp_path), '--results', str(tmp_path / 'r')]
     args, passthrough = rp.resolve(parser, *parser.parse_known_args(argv), argv)
-    assert args.models == ['triplet', 'task', 'csn_fixed', 'csn_learned'] and passthrough == []
+    # the original's arithmetic unless asked otherwise: three backbone calls per step
+    assert args.models == ['triplet', 'task', 'csn_fixed', 'csn_learned'] and passthrough == ['--three-forwards']
     argv += ['--models', 'csn_fixed', 'asen', 'scenet', '--lr', '1e-3']
     args, passthrough = rp.resolve(parser, *parser.parse_known_args(argv), argv)
-    assert args.models == ['csn_fixed', 'asen', 'scenet'] and passthrough == ['--lr', '1e-3']
+    assert args.models == ['csn_fixed', 'asen', 'scenet'] and passthrough == ['--lr', '1e-3', '--three-forwards']
+    args, passthrough = rp.resolve(parser, *parser.parse_known_args(argv + ['--three-forwards']), argv)
+    assert passthrough == ['--lr', '1e-3', '--three-forwards']                       # not twice
+    args, passthrough = rp.resolve(parser, *parser.parse_known_args(argv + ['--one-forward']), argv)
+    assert passthrough == ['--lr', '1e-3']
+    code, _, err = in_process(rp.main, [*argv, '--one-forward', '--three-forwards'])   # a usage error
+    assert code == 2 and '--one-forward and --three-forwards (passed on to main.py) contradict' in err
     flags = {m[0]: m[2] for m in rp.MODELS}
     assert flags['asen'] == ['--model', 'asen'] and flags['scenet'] == ['--model', 'scenet']
     assert rp.paper_error('asen') == '—' and rp.paper_error('csn_fixed') == '10.79'
+
+
+def test_the_checks_list_each_notion_alone_and_the_other_arithmetic_on_every_kind_of_study(shapes_data):
+    import reproduce as rp
+    parser = rp.build_parser()
+    for extra, alone in (([], ['colour', 'shape']), (['--conditions', 'shape'], ['shape'])):
+        argv = ['--data', shapes_data, '--budgets', '64', '--seeds', '1', '2', '--checks-at', '32', *extra]
+        args, passthrough = rp.resolve(parser, *parser.parse_known_args(argv), argv)
+        runs = rp.check_runs(args, passthrough, 1e-3, ['colour', 'shape'])
+        names = [rp.run_name(args, v.key if v else m, b, s, lr) for m, b, s, lr, v in runs]
+        assert len(names) == len(set(names)) == 2 * (4 + len(alone) + 4)
+        assert all(b == 32 for _, b, _, _, _ in runs) and [s for _, _, s, _, _ in runs][::len(runs) // 2] == [1, 2]
+        variants = [v for *_, v in runs if v]
+        tasks = [v for v in variants if v.key.startswith('task-alone-')]
+        assert [v.key[len('task-alone-'):] for v in tasks[:len(alone)]] == alone
+        for v, n in zip(tasks, alone * 2):            # the notion alone, whatever subset the study was given
+            assert v.flags == ['--conditions', n] and v.settings['conditions'] == [n]
+            assert '--conditions' not in v.passthrough and v.settings['three_forwards']
+        others = [v for v in variants if v.key.endswith('-one-forward')]
+        assert len(others) == 8 and all('--three-forwards' not in v.passthrough and not v.settings['three_forwards']
+                                        for v in others)
+    argv = ['--data', shapes_data, '--one-forward', '--checks-at', '32', '--models', 'csn_fixed']
+    args, passthrough = rp.resolve(parser, *parser.parse_known_args(argv), argv)
+    runs = rp.check_runs(args, passthrough, 1e-3, ['colour', 'shape'])
+    assert [v.key for *_, v in runs if v] == ['csn_fixed-three-forward']       # no task model: no alone runs
+    assert rp.without_conditions(['--a', '--conditions', 'x', 'y', '--b', '--conditions=z', 'w']) == ['--a', '--b',
+                                                                                                      'w']
+
+
+@pytest.mark.slow
+def test_the_checks_train_the_alone_and_other_arithmetic_runs_and_compare_them_paired(shapes_data, tmp_path,
+                                                                                       monkeypatch):
+    runs, results = tmp_path / 'runs', tmp_path / 'results'
+    p = reproduce('--data', shapes_data, '--runs', runs, '--results', results, '--budgets', 64, '--seeds', 1, 2,
+                  '--epochs', 1, '--models', 'task', '--checks-at', 64, '--no-probe', *TINY,
+                  monkeypatch=monkeypatch)
+    cmds = [c for c in launched(p.stdout) if '--test' not in c]
+    assert len(cmds) == 8                     # per seed: the study's run, 2 notions alone, the other arithmetic
+    alone = [c for c in cmds if '--name repro_task-alone-' in c]
+    assert len(alone) == 4 and all('--conditions' in c and '--three-forwards' in c for c in alone)
+    one = [c for c in cmds if '-one-forward_' in c]
+    assert len(one) == 2 and all('--three-forwards' not in c for c in one)
+    assert p.stdout.count('recorded, not trained again') == 2   # the study's runs at 64: trained once, by the checks
+    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    t = rep['checks']['task_alone']
+    for i, seed in enumerate((1, 2)):
+        parts = [json.load(open(results / f'repro_task-alone-{n}_n64_s{seed}_lr1e-3.json'))['test'] for n in
+                 ('colour', 'shape')]
+        assert set(parts[0]['per_notion']) == {'colour'} and set(parts[1]['per_notion']) == {'shape'}
+        want = sum(x['accuracy'] * x['triplets'] for x in parts) / sum(x['triplets'] for x in parts)
+        assert t['values'][i] == pytest.approx(want)
+        assert t['joint'][i] == json.load(open(results / f'repro_task_n64_s{seed}_lr1e-3.json'))['test']['accuracy']
+    d = np.array(t['values']) - np.array(t['joint'])
+    assert t['pair']['difference'] == pytest.approx(d.mean()) and t['seeds'] == [1, 2]
+    f = rep['checks']['forwards']['task']
+    assert rep['checks']['other_forwards'] == 'one' and f['seeds'] == [1, 2]
+    assert f['other'][0] == json.load(open(results / 'repro_task-one-forward_n64_s1_lr1e-3.json'))['test']['accuracy']
+    text = (runs / 'reproduce' / 'report.md').read_text()
+    assert 'Checks of the protocol at 64 training triplets' in text and 'Alone minus joint:' in text
+    assert '| task-specific triplet networks | 1, 2 |' in text
+    # a fresh clone rebuilds the same section from the records alone
+    p = reproduce('--report-only', '--results', results, '--out-dir', tmp_path / 'again', monkeypatch=monkeypatch)
+    assert json.load(open(tmp_path / 'again' / 'reproduce.json'))['checks'] == rep['checks']
