@@ -49,6 +49,32 @@ def test_torchrun_trains_writes_one_run_and_tests_like_one_process(shapes_data, 
         assert [json.loads(line)['epoch'] for line in f] == [1, 2, 3]
 
 
+@pytest.mark.parametrize('model', ['asen', 'scenet'])
+def test_csns_successors_train_under_torchrun_and_validate_as_one_process_does(shapes_data, tmp_path, model):
+    """One tiny torchrun run of each successor: one set of run files, an unwrapped checkpoint, and the validation
+    accuracy that the two processes computed together (each embedding a share) is the one a single process computes
+    from the saved model."""
+    from csnlib.builder import load_model
+    from csnlib.evaluate import evaluate
+    from csnlib.image_cache import ImageStore
+    from triplet_image_loader import load_dataset_info, load_triplets
+    runs = tmp_path / 'runs'
+    p = torchrun('--data', shapes_data, '--runs', runs, '--name', model, '--model', model, '--epochs', 1, *FAST)
+    assert p.stdout.count('done: best val accuracy') == 1
+    assert sorted(os.listdir(runs / model)) == ['.lock', 'args.json', 'checkpoint.pth.tar', 'metrics.jsonl',
+                                                'model_best.pth.tar']
+    with open(runs / model / 'metrics.jsonl') as f:
+        (m,) = [json.loads(line) for line in f]
+    best = runs / model / 'model_best.pth.tar'
+    net, ckpt, rt = load_model(str(best), shapes_data, 'cpu')  # fails on a module. or _orig_mod. prefix
+    assert ckpt['args']['model'] == model and m['epoch'] == 1 and m['train_loss'] == m['train_loss']  # not nan
+    info = load_dataset_info(shapes_data)
+    val_t, val_c = load_triplets(info, 'val', [0, 1], rt.args.num_valtriplets, rt.args.seed)
+    res = evaluate(net, val_t, val_c, ImageStore(info, 32), rt, info.notions)
+    assert res['accuracy'] == pytest.approx(m['val_acc'], abs=1e-9)
+    assert res['per_notion'] == pytest.approx(m['val_acc_per_notion'], abs=1e-9)
+
+
 def test_a_single_process_checkpoint_resumes_under_torchrun(shapes_data, tmp_path):
     runs = tmp_path / 'runs'
     run_main('--data', shapes_data, '--runs', runs, '--name', 'one', '--epochs', 1, '--model', 'task', *FAST)
