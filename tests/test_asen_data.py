@@ -221,6 +221,12 @@ def test_a_converted_dataset_trains_asen_and_gives_the_protocols_map(tmp_path):
     res = asen_data.protocol_results(model, load_dataset_info(str(tmp_path / 'out')), rt, 'test')
     assert set(res['per_notion']) == set(ATTRS) and res['queries'] == {'colour': 4, 'shape': 4}
     assert all(0 < v <= 1 for v in res['per_notion'].values())
-    run_main('--test', '--resume', runs / 'a' / 'model_best.pth.tar', '--no-pictures')  # main.py --test reports it too
+    p = run_main('--test', '--resume', runs / 'a' / 'model_best.pth.tar', '--no-pictures')  # main.py --test too
     test = json.load(open(runs / 'a' / 'test_results.json'))
     assert test['protocol_mAP'] == pytest.approx(res['mAP']) and set(test['protocol_mAP_per_notion']) == set(ATTRS)
+    # one unit in test_results.json: every figure a fraction, printed as a percentage
+    figures = [test[k] for k in ('accuracy', 'mAP', 'protocol_mAP', 'pml_precision_at_1', 'pml_map_at_r') if k in test]
+    figures += [v for k in test if k.endswith('per_notion') for v in test[k].values() if v is not None]
+    assert len(figures) >= 9 and all(0 <= v <= 1 for v in figures)
+    for key in ('protocol_mAP', 'mAP'):
+        assert f'overall {test[key] * 100:.2f} %' in p.stdout, key
