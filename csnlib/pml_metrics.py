@@ -27,19 +27,35 @@ def pml_or_none():
 
 
 @torch.no_grad()
-def accuracies(space, labels, include=tuple(FIGURES.values()), k='max_bin_count', batch_size=256):
+def accuracies(space, labels, include=tuple(FIGURES.values()), k='max_bin_count', chunk=1024, batch_size=256):
     """AccuracyCalculator's figures (the library's names in include) for the rows of space (N, D), each row a query
     against all the other rows, by Euclidean distance; labels (N,) of any kind. k: neighbours retrieved per query
-    ('max_bin_count' is enough for precision@1 and MAP@R; None, every row, for mean_average_precision). Distances are
-    computed batch_size queries at a time. {name: fraction, nan when no query has a relevant row}."""
+    ('max_bin_count' is enough for precision@1 and MAP@R; None, every row, for mean_average_precision). The library
+    keeps k neighbours of each query, so queries go `chunk` at a time, each chunk against every row (the chunk first,
+    as its ref_includes_query asks), distances batch_size queries at a time; the chunks' means are weighed by their
+    queries. {name: fraction over the queries that have a relevant row, nan when none has}."""
     from pytorch_metric_learning.distances import LpDistance
     from pytorch_metric_learning.utils.inference import CustomKNN
     AccuracyCalculator = pml_or_none()
     x = torch.from_numpy(np.ascontiguousarray(space, dtype=np.float32))  # (N, D)
     _, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)  # (N,) labels as 0..L-1
+    codes = codes.reshape(-1)
+    has_relevant = np.bincount(codes)[codes] > 1  # (N,) the queries the library averages over
     knn = CustomKNN(LpDistance(normalize_embeddings=False, p=2, power=1), batch_size=batch_size)
     calc = AccuracyCalculator(include=tuple(include), k=k, device=torch.device('cpu'), knn_func=knn)
-    return calc.get_accuracy(x, torch.from_numpy(codes.reshape(-1)))  # reference None: the query set is the reference
+    t, n = torch.from_numpy(codes), len(x)
+    sums, counted = dict.fromkeys(include, 0.0), 0
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        m = int(has_relevant[s:e].sum())
+        if not m:
+            continue
+        order = torch.cat([torch.arange(s, e), torch.arange(0, s), torch.arange(e, n)])  # (N,) the chunk first
+        got = calc.get_accuracy(x[s:e], t[s:e], x[order], t[order], ref_includes_query=True)
+        for name in include:
+            sums[name] += got[name] * m
+        counted += m
+    return {name: sums[name] / counted if counted else float('nan') for name in include}
 
 
 def notion_accuracies(emb, masks, images, labels, notions, conditions):

@@ -50,10 +50,10 @@ def slow_figures(space, labels):
 
 
 @needs_pml
-@pytest.mark.parametrize('seed', [0, 1])
-def test_precision_at_1_and_map_at_r_match_a_loop(seed):
+@pytest.mark.parametrize('seed, chunk', [(0, 1024), (1, 1024), (0, 7)])
+def test_precision_at_1_and_map_at_r_match_a_loop(seed, chunk):
     space, labels = random_set(seed=seed)
-    got = pml_metrics.accuracies(space, labels)
+    got = pml_metrics.accuracies(space, labels, chunk=chunk)  # chunk 7: queries in 9 chunks, the lone one in one
     p1, map_r, _ = slow_figures(space, labels)
     assert got['precision_at_1'] == pytest.approx(p1, abs=1e-9)
     assert got['mean_average_precision_at_r'] == pytest.approx(map_r, abs=1e-6)
@@ -66,7 +66,7 @@ def test_repository_map_is_the_librarys_mean_average_precision_and_not_map_at_r(
     ours = mean_average_precision(space, labels)
     assert np.isnan(average_precisions(space, labels)[5])  # the lone label's query is left out by both
     got = pml_metrics.accuracies(space, labels, include=('mean_average_precision', 'mean_average_precision_at_r'),
-                                 k=None)
+                                 k=None, chunk=16)
     assert got['mean_average_precision'] == pytest.approx(ours, abs=1e-6)
     assert got['mean_average_precision'] == pytest.approx(slow_figures(space, labels)[2], abs=1e-6)
     # MAP@R counts only the relevant rows within the first R ranks: below the mAP wherever some come later
@@ -109,6 +109,7 @@ def test_notion_accuracies_use_each_notions_mask_and_leave_out_unknown_labels():
 
 
 @needs_pml
+@pytest.mark.slow
 def test_test_reports_them_in_test_results_json(shapes_data, tmp_path):
     ckpt = save_checkpoint(tmp_path / 'm.pth.tar', ['--data', shapes_data])
     p = run_main('--test', '--resume', ckpt, '--no-pictures')
@@ -121,6 +122,7 @@ def test_test_reports_them_in_test_results_json(shapes_data, tmp_path):
     assert res['pml_map_at_r'] <= res['mAP'] + 1e-6  # MAP@R never exceeds the AP over the whole ranking
 
 
+@pytest.mark.slow
 def test_without_the_library_test_says_so_in_one_line(shapes_data, tmp_path, monkeypatch):
     import main
     monkeypatch.setattr(main, 'pml_or_none', lambda: None)
