@@ -127,6 +127,7 @@ def test_requirements_are_split():
         return {line.split('=')[0].split('<')[0].split('>')[0].strip() for line in lines if line}
     run, dev = names('requirements.txt'), names('requirements-dev.txt')
     assert {'torch', 'torchvision', 'visdom', 'tornado', 'numpy'} <= run
-    dev_only = {'pytest', 'playwright', 'ruff', 'onnx', 'onnxruntime', 'nvidia-ml-py', 'faiss-cpu', 'gradio'}
+    dev_only = {'pytest', 'playwright', 'ruff', 'onnx', 'onnxruntime', 'nvidia-ml-py', 'faiss-cpu', 'gradio',
+                'pytorch-metric-learning'}
     assert not run & dev_only
     assert dev == {'-r requirements.txt'} | dev_only
