@@ -318,9 +318,9 @@ def build_parser():
     a('--modes', nargs='+', choices=['train', 'eval'], default=['train', 'eval'], help='what to measure')
     a('--peak', action='store_true', help='only time a 4096 x 4096 matrix product in bf16 and fp32 (the device\'s '
                                           'practical peak, to compare the training GFLOP/s with)')
-    a('--search', action='store_true', help='only time the search: queries/s and recall@10 of the exact, ivf and hnsw '
-                                            'indexes over 100k, 1M and 10M random 64-d embeddings (faiss-cpu; numpy '
-                                            'for exact without it)')
+    a('--search', nargs='*', type=positive_int, default=None, metavar='N',
+      help='only time the search: queries/s and recall@10 of the exact, ivf and hnsw indexes over N random 64-d '
+           'embeddings, for each N given (default: 100000 1000000 10000000; faiss-cpu, numpy for exact without it)')
     a('--gpu-check', action='store_true', help='the first command on a GPU machine: runs the GPU checks of '
                                                'tests/test_gpu.py (pytest -m gpu; exit 2 without CUDA)')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
@@ -440,10 +440,13 @@ def peak_speed(device, n=4096, repeats=5):
 
 
 def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1000, min_s=3.0, build_budget_s=400):
-    """Queries per second and recall@k against exact search of retrieval.Index over random dim-d embeddings under a
-    learned (non-binary) mask: exact (faiss, and numpy as without faiss), ivf and hnsw (two search settings each).
+    """Queries per second and recall@k against exact search of csnlib.search.Index over random dim-d embeddings
+    under a learned (non-binary) mask: exact (faiss, and numpy as without faiss), ivf and hnsw, each at its former
+    settings (ivf: float codes, hnsw: m 16, ef_construction 40) and at its defaults, two search settings each.
     A size whose arrays would not fit in the available memory is skipped, and so are approximate indexes whose build
     would take longer than build_budget_s (estimated from the previous size's as N^1.5: IVF's sqrt(N) cells)."""
+    import inspect
+
     from csnlib.search import Index, faiss_or_none
 
     def available_bytes():
@@ -456,10 +459,10 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
             out.append(search(q[done:done + 100]))
             done += len(out[-1])
         qps = done / (time.perf_counter() - t0)
-        single = []
-        for i in range(min(10, len(q))):
+        single, t0 = [], time.perf_counter()  # the median of 10 to 100 single queries, as many as fit in min_s
+        while len(single) < min(100, len(q)) and (len(single) < 10 or time.perf_counter() - t0 < min_s):
             t1 = time.perf_counter()
-            search(q[i:i + 1])
+            search(q[len(single):len(single) + 1])
             single.append(time.perf_counter() - t1)
         return np.concatenate(out), qps, statistics.median(single) * 1e3
 
@@ -468,12 +471,17 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
         print('faiss is not installed (pip install faiss-cpu): only the numpy search is timed')
     rng = np.random.default_rng(0)
     mask = np.abs(rng.standard_normal(dim)).astype(np.float32)  # (D,) a learned mask: weights, not 0/1
-    kinds = [('numpy', 'exact', {'use_faiss': False}, None, [None])]  # name, kind, options, search setting, values
+    # name, kind, options, what the options say, search setting, its values (the default marked in the table)
+    kinds = [('numpy', 'exact', {'use_faiss': False}, '', None, [None])]
     if faiss is not None:
-        kinds = [('exact', 'exact', {}, None, [None]), *kinds, ('ivf', 'ivf', {}, 'nprobe', [16, 64]),
-                 ('hnsw', 'hnsw', {}, 'ef_search', [64, 256])]
+        kinds = [('exact', 'exact', {}, '', None, [None]), *kinds,
+                 ('ivf', 'ivf', {'codes': 'flat'}, 'flat codes', 'nprobe', [16, 64]),  # the former default
+                 ('ivf', 'ivf', {}, 'pq4 codes', 'nprobe', [64, 128]),
+                 ('hnsw', 'hnsw', {'m': 16, 'ef_construction': 40}, 'm 16 efc 40', 'ef_search', [64, 256]),  # former
+                 ('hnsw', 'hnsw', {}, 'm 32 efc 80', 'ef_search', [256, 512])]
+    defaults = inspect.signature(Index).parameters
     rows, build_s = [], {}
-    print(f'{"images":>10} {"index":<6} {"setting":<14} {"build s":>8} {"queries/s":>10} {"ms/query":>9} '
+    print(f'{"images":>10} {"index":<6} {"setting":<32} {"build s":>8} {"queries/s":>10} {"ms/query":>9} '
           f'{"recall@" + str(k):>9}')
     for n in sizes:
         need = 3 * n * dim * 4  # the masked embeddings, faiss's copy, the approximate index's copy
@@ -485,15 +493,17 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
         space *= mask  # (N, D) the notion's subspace f(x) * m_c
         q = rng.standard_normal((queries, dim), dtype=np.float32) * mask  # (Q, D) new images' masked embeddings
         truth = None
-        for name, kind, opts, param, values in kinds:
-            est = build_s.get(name, 0) * (n / max(build_s.get(name + '_n', n), 1)) ** 1.5
+        for name, kind, opts, about, param, values in kinds:
+            key = f'{name} {about}'
+            est = build_s.get(key, 0) * (n / max(build_s.get(key + '_n', n), 1)) ** 1.5
             if kind != 'exact' and est > build_budget_s:
-                print(f'{n:>10,} {name:<6} skipped: building it would take about {est:.0f} s (over {build_budget_s} s)')
+                print(f'{n:>10,} {name:<6} {about} skipped: building it would take about {est:.0f} s '
+                      f'(over {build_budget_s} s)')
                 continue
             t0 = time.perf_counter()
             index = Index(space, kind, **opts)
             build = time.perf_counter() - t0
-            build_s[name], build_s[name + '_n'] = build, n
+            build_s[key], build_s[key + '_n'] = build, n
             for v in values:
                 if param:
                     setattr(index, param, v)
@@ -502,13 +512,15 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
                     truth = found
                 m = min(len(found), len(truth))
                 recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found[:m], truth[:m])])
+                setting = ', '.join(s for s in (about, param and f'{param} {v}' + (
+                    ' (default)' if not opts and defaults[param].default == v else '')) if s)
                 fig = {'impl': 'repo', 'mode': 'search', 'images': n, 'dim': dim, 'k': k, 'index': name,
-                       'setting': f'{param}={v}' if param else '', 'build_s': round(build, 2),
+                       'setting': setting, 'build_s': round(build, 2),
                        'queries_per_s': round(qps, 1), 'ms_per_query': round(ms, 3),
                        f'recall_at_{k}': round(float(recall), 4), 'queries': int(len(found)),
                        'peak_rss_mb': round(peak_rss_mb()), 'cpu': cpu_name()}
                 rows.append(fig)
-                print(f'{n:>10,} {name:<6} {fig["setting"]:<14} {build:>8.1f} {qps:>10,.0f} {ms:>9.2f} {recall:>9.3f}',
+                print(f'{n:>10,} {name:<6} {setting:<32} {build:>8.1f} {qps:>10,.0f} {ms:>9.2f} {recall:>9.3f}',
                       flush=True)
             index = None  # free it before the next one is built
         space = None
@@ -533,8 +545,8 @@ def main(argv=None):
     opts = build_parser().parse_args(argv)
     if opts.gpu_check:
         return gpu_check()
-    if opts.search:
-        return search_speed()
+    if opts.search is not None:
+        return search_speed(tuple(opts.search)) if opts.search else search_speed()
     if opts.peak:
         return peak_speed(runtime.choose_device(argparse.Namespace(no_cuda=False, device=opts.device)))
     if opts.make_data:

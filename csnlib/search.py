@@ -14,6 +14,7 @@ whose arrays are not the ones stamped, of the wrong shape or not finite, is not 
 """
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -43,22 +44,50 @@ def faiss_or_none():
     return faiss
 
 
+PQ_MIN_ROWS = 39 * 16  # 'pq4' codes need this many rows to train their 16 levels per dimension without faiss's warning
+
+
+def _check_positive(name, value):
+    """value as an int >= 1, else a UserError naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f'Index: {name} must be a positive integer, not {value!r}')
+    return int(value)
+
+
 class Index:
     """k-nearest-neighbour search over the rows of space (N, D) by Euclidean distance. kind 'exact': faiss's
-    IndexFlatL2 when faiss is installed, else numpy (the same neighbours); 'ivf' (inverted lists over nlist k-means
-    cells, nprobe of them searched) and 'hnsw' (a graph with m links per node, ef_search candidates kept) are faiss's
-    approximate indexes for large galleries. For a notion, space and queries are the masked embeddings f(x) * m_c,
+    IndexFlatL2 when faiss is installed, else numpy (the same neighbours). kind 'ivf' (faiss): inverted lists over
+    nlist k-means cells (default sqrt(N), at most N/39), of which the nprobe nearest are searched (default 128); their
+    rows are held as `codes` 'pq4' (default from PQ_MIN_ROWS rows: one 4-bit product-quantizer code per dimension,
+    scanned with faiss's fast-scan, IndexIVFPQFastScan, an eighth of the floats' memory) or 'flat' (the floats,
+    IndexIVFFlat). kind 'hnsw' (faiss's IndexHNSWFlat): a graph with m links per node (default 32), built keeping
+    ef_construction candidates (default 80) and searched keeping ef_search (default 256). An approximate index
+    proposes `rerank` candidates per query (default 64, at least k), which are ranked again by their exact distance:
+    every kind returns true distances, sorted. For a notion, space and queries are the masked embeddings f(x) * m_c,
     so learned (non-binary) masks weigh the dimensions as the model's distance does."""
 
-    def __init__(self, space, kind='exact', use_faiss=None, nlist=None, nprobe=16, m=16, ef_search=128):
+    def __init__(self, space, kind='exact', use_faiss=None, nlist=None, nprobe=128, codes=None, m=32,
+                 ef_construction=80, ef_search=256, rerank=64):
         if kind not in ('exact', 'ivf', 'hnsw'):
             raise UserError(f'unknown index {kind!r}: use exact, ivf or hnsw')
+        if codes not in (None, 'pq4', 'flat'):
+            raise UserError(f'Index: unknown codes {codes!r}: use pq4 or flat')
+        self.nprobe, self.ef_search = _check_positive('nprobe', nprobe), _check_positive('ef_search', ef_search)
+        self.rerank, m = _check_positive('rerank', rerank), _check_positive('m', m)
+        ef_construction = _check_positive('ef_construction', ef_construction)
         faiss = faiss_or_none() if use_faiss is not False else None
         if use_faiss and faiss is None or kind != 'exact' and faiss is None:
             raise UserError(f'index {kind!r} needs faiss: pip install faiss-cpu')
         self.space = np.ascontiguousarray(space, dtype=np.float32)  # (N, D)
-        self.kind, self.faiss, self.nprobe, self.ef_search = kind, faiss, nprobe, ef_search
+        self.kind, self.faiss = kind, faiss
         n, d = self.space.shape
+        if nlist is not None and _check_positive('nlist', nlist) > max(1, n // 39):
+            raise UserError(f'Index: nlist {nlist} is over N/39 = {n // 39} for {n} rows (k-means needs 39 points '
+                            f'per cell): leave it out for sqrt(N), or pass a smaller one')
+        if codes == 'pq4' and n < PQ_MIN_ROWS:
+            raise UserError(f"Index: codes 'pq4' needs at least {PQ_MIN_ROWS} rows to train, not {n}: use codes "
+                            f"'flat' or leave it out")
+        self.codes = codes or ('pq4' if n >= PQ_MIN_ROWS else 'flat') if kind == 'ivf' else None
         if faiss is None:
             self.sq = np.einsum('nd,nd->n', self.space, self.space)  # (N,) squared norms
             return
@@ -66,11 +95,23 @@ class Index:
             self.index = faiss.IndexFlatL2(d)
         elif kind == 'hnsw':
             self.index = faiss.IndexHNSWFlat(d, m)
+            self.index.hnsw.efConstruction = ef_construction
         else:
-            nlist = nlist or max(1, min(int(n ** 0.5), n // 64))  # sqrt(N) cells, each trained on >= 64 points
-            self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
-            sample = np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)
-            self.index.train(self.space[np.sort(sample)])
+            self.nlist = nlist or max(1, min(math.isqrt(n), n // 39))  # sqrt(N) cells, each trained on >= 39 points
+            quantizer = faiss.IndexFlatL2(d)
+            self.index = (faiss.IndexIVFPQFastScan(quantizer, d, self.nlist, d, 4) if self.codes == 'pq4'
+                          else faiss.IndexIVFFlat(quantizer, d, self.nlist))
+            sample = np.random.default_rng(0).choice(n, min(n, max(64 * self.nlist, 4096)), replace=False)
+            sample = self.space[np.sort(sample)]  # (S, D)
+            faiss.Clustering(d, self.nlist, self.index.cp).train(sample, quantizer)  # the cells, on every thread
+            # then the codes' d small k-means (16 levels each) on one: their OpenMP barriers stall on busy cores
+            # (45 s instead of 1 s for 5,000 rows with another job on the second core)
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                self.index.train(sample)  # the cells are trained already: only the codes
+            finally:
+                faiss.omp_set_num_threads(threads)
         self.index.add(self.space)
 
     def __len__(self):
@@ -91,17 +132,19 @@ class Index:
                 self.index.nprobe = self.nprobe
             elif self.kind == 'hnsw':
                 self.index.hnsw.efSearch = self.ef_search
-            idx = self.index.search(q, kk)[1]  # (Q, kk)
+            idx = self.index.search(q, kk if self.kind == 'exact' else max(kk, self.rerank))[1]  # (Q, candidates)
         else:
             idx = self._numpy_search(q, kk)[1]
-        # the candidates' distances again, directly: |a|^2 - 2ab + |b|^2 loses digits for close pairs
-        d2 = ((self.space[idx] - q[:, None]) ** 2).sum(2, dtype=np.float64)  # (Q, kk)
+        # the candidates' distances again, directly: |a|^2 - 2ab + |b|^2 loses digits for close pairs, and an
+        # approximate index's are estimates (ivf's 4-bit codes): this ranks its candidates by the exact distance
+        d2 = ((self.space[idx] - q[:, None]) ** 2).sum(2, dtype=np.float64)  # (Q, candidates)
         d2[idx < 0] = np.inf  # fewer found (approximate indexes)
         order = np.lexsort((idx, d2), axis=1)  # by distance, ties by index
         idx, d2 = np.take_along_axis(idx, order, 1), np.take_along_axis(d2, order, 1)
-        if ex is not None:  # the first k rows that are not excluded
-            keep = np.argsort(idx == ex[:, None], axis=1, kind='stable')[:, :k]
+        if ex is not None:  # the excluded row goes last
+            keep = np.argsort(idx == ex[:, None], axis=1, kind='stable')
             idx, d2 = np.take_along_axis(idx, keep, 1), np.take_along_axis(d2, keep, 1)
+        idx, d2 = idx[:, :k], d2[:, :k]  # (Q, k) the k nearest candidates
         return idx.astype(np.int64), np.sqrt(np.maximum(d2, 0)).astype(np.float32)
 
     def _numpy_search(self, q, k, chunk=1 << 25):

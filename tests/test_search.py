@@ -73,18 +73,88 @@ def test_exact_faiss_returns_numpys_neighbours():
         assert i not in f_idx[i]
 
 
+def clustered(n=5000, dim=32, clusters=50, seed=0):
+    """(N, D) rows around `clusters` centres, and 100 queries near the first rows: what approximate search exploits."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32) * 4
+    space = centres[rng.integers(0, clusters, n)] + rng.standard_normal((n, dim)).astype(np.float32)  # (N, D)
+    return space, space[:100] + 0.1
+
+
+def recall(idx, truth):
+    return np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(idx, truth)])
+
+
 @faiss_missing
-@pytest.mark.parametrize('kind', ['ivf', 'hnsw'])
-def test_approximate_indexes_find_most_true_neighbours(kind):
+@pytest.mark.parametrize('kind, options', [('ivf', {}), ('ivf', {'codes': 'flat'}), ('hnsw', {}),
+                                           ('ivf', {'nlist': 100, 'nprobe': 8}), ('hnsw', {'m': 8, 'ef_search': 16})])
+def test_approximate_indexes_find_most_true_neighbours_at_their_exact_distances(kind, options):
     from csnlib.search import Index
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((50, 32)).astype(np.float32) * 4
-    space = centres[rng.integers(0, 50, 5000)] + rng.standard_normal((5000, 32)).astype(np.float32)  # clustered
-    queries = space[:100] + 0.1
+    space, queries = clustered()
     truth, _ = Index(space).search(queries, 10)
-    idx, dist = Index(space, kind).search(queries, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, truth)])
-    assert recall > 0.9 and idx.shape == (100, 10) and (np.diff(dist, axis=1) >= 0).all()
+    index = Index(space, kind, **options)
+    idx, dist = index.search(queries, 10)
+    assert idx.shape == dist.shape == (100, 10) and recall(idx, truth) > 0.9
+    exact = np.sqrt(((space[idx].astype(np.float64) - queries[:, None]) ** 2).sum(2))  # (Q, k) of the ids returned
+    np.testing.assert_allclose(dist, exact, rtol=1e-5, atol=1e-5)
+    assert (np.diff(dist, axis=1) >= 0).all()
+    idx, _ = index.search(queries, 10, exclude=np.arange(100))  # each query's own row left out
+    assert idx.shape == (100, 10) and not (idx == np.arange(100)[:, None]).any()
+
+
+@faiss_missing
+def test_ivf_defaults_to_4bit_codes_whose_candidates_are_reranked():
+    from csnlib.search import PQ_MIN_ROWS, Index
+    space, queries = clustered(dim=16)
+    truth, true_dist = Index(space).search(queries, 10)
+    index = Index(space, 'ivf')
+    assert index.codes == 'pq4' and index.nlist == 70 and index.nprobe >= index.nlist  # sqrt(5000): every cell searched
+    idx, dist = index.search(queries, 10)
+    assert recall(idx, truth) > 0.99  # the 64 candidates of the 4-bit codes, re-ranked: the true 10 nearest
+    assert (dist >= true_dist - 1e-5).all()  # the j-th found is never nearer than the true j-th
+    same = (idx == truth).all(1)  # (Q,) the queries whose 10 were all found: at the exact distances
+    assert same.mean() > 0.95
+    np.testing.assert_allclose(dist[same], true_dist[same], rtol=1e-5, atol=1e-5)
+    index.rerank = 10  # the codes' own top 10, only sorted by exact distance: misses some
+    assert recall(index.search(queries, 10)[0], truth) < recall(idx, truth)
+    small = Index(space[:PQ_MIN_ROWS - 1], 'ivf')  # too few rows to train the codes: the floats, one cell per 39 rows
+    assert small.codes == 'flat' and small.nlist == (PQ_MIN_ROWS - 1) // 39
+    tiny = Index(space[:40], 'ivf')  # one cell: exact
+    assert tiny.nlist == 1
+    assert tiny.search(space[:5], 3)[0].tolist() == Index(space[:40]).search(space[:5], 3)[0].tolist()
+
+
+@faiss_missing
+def test_building_an_ivf_index_of_a_small_gallery_gives_no_faiss_warning(capfd):
+    from csnlib.search import PQ_MIN_ROWS, Index
+    space, _ = clustered(dim=8)
+    for n in (40, 100, PQ_MIN_ROWS - 1, PQ_MIN_ROWS, 2000):
+        Index(space[:n], 'ivf').search(space[:2], 5)
+    assert 'WARNING' not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize('options, message', [
+    ({'nprobe': 0}, 'nprobe must be a positive integer, not 0'),
+    ({'ef_search': -1}, 'ef_search must be a positive integer'),
+    ({'rerank': 1.5}, 'rerank must be a positive integer, not 1.5'),
+    ({'m': True}, 'm must be a positive integer'),
+    ({'ef_construction': None}, 'ef_construction must be a positive integer'),
+    ({'nlist': 0}, 'nlist must be a positive integer'),
+    ({'nlist': 30}, 'nlist 30 is over N/39 = 25 for 1000 rows'),
+    ({'codes': 'pq8'}, "unknown codes 'pq8': use pq4 or flat"),
+])
+def test_bad_parameters_are_refused_by_name(options, message):
+    from csnlib.options import UserError
+    from csnlib.search import Index
+    with pytest.raises(UserError, match=message.replace('(', r'\(').replace('.', r'\.')):
+        Index(np.zeros((1000, 4), np.float32), 'ivf', **options)
+
+
+def test_4bit_codes_need_enough_rows_to_train():
+    from csnlib.options import UserError
+    from csnlib.search import PQ_MIN_ROWS, Index
+    with pytest.raises(UserError, match=f"codes 'pq4' needs at least {PQ_MIN_ROWS} rows to train, not 100"):
+        Index(np.zeros((100, 4), np.float32), 'ivf', codes='pq4')
 
 
 def test_without_faiss_exact_search_is_numpy_and_approximate_is_refused(monkeypatch):
@@ -106,10 +176,25 @@ def test_bench_search_prints_each_index_with_its_recall(capsys):
     from csnlib.search import faiss_or_none
     assert bench.search_speed(sizes=(2000,), dim=16, queries=120, min_s=0.01) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
-    kinds = ['exact', 'numpy', 'ivf', 'ivf', 'hnsw', 'hnsw'] if faiss_or_none() else ['numpy']
+    kinds = ['exact', 'numpy', *['ivf'] * 4, *['hnsw'] * 4] if faiss_or_none() else ['numpy']
     assert [r['index'] for r in rows] == kinds
-    assert all(r['images'] == 2000 and r['queries_per_s'] > 0 for r in rows)
+    assert all(r['images'] == 2000 and r['queries_per_s'] > 0 and r['ms_per_query'] > 0 for r in rows)
     assert [r['recall_at_10'] for r in rows[:2]] == [1.0, 1.0][:len(rows)]  # numpy and faiss: the same neighbours
+    if faiss_or_none():  # the former settings and the defaults, the defaults marked
+        assert [r['setting'] for r in rows[2:]] == [
+            'flat codes, nprobe 16', 'flat codes, nprobe 64', 'pq4 codes, nprobe 64', 'pq4 codes, nprobe 128 (default)',
+            'm 16 efc 40, ef_search 64', 'm 16 efc 40, ef_search 256', 'm 32 efc 80, ef_search 256 (default)',
+            'm 32 efc 80, ef_search 512']
+        assert all(r['recall_at_10'] > 0.9 for r in rows[3:6] + rows[7:])  # 45 cells: 64 probes search them all
+
+
+def test_bench_search_takes_the_sizes_to_measure():
+    import bench
+    assert bench.build_parser().parse_args(['--search', '1000', '20000']).search == [1000, 20000]
+    assert bench.build_parser().parse_args(['--search']).search == []
+    assert bench.build_parser().parse_args([]).search is None
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(['--search', '0'])
 
 
 # ----------------------------------------------------------------------------------- the embeddings cache's keys
