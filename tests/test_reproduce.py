@@ -282,140 +282,6 @@ def test_signals_reach_main_and_its_mid_epoch_checkpoint(shapes_data, tmp_path):
     assert not (tmp_path / 'results' / 'repro_csn_fixed_n640_s1_lr1e-3.json').exists()
 
 
-def point_of(accs, seeds=None):
-    from reproduce import mean_std
-    seeds = seeds or list(range(1, len(accs) + 1))
-    return dict(zip(('mean', 'std'), mean_std(accs)), n=len(accs), seeds=seeds, values=list(accs))
-
-
-def summary_of(**models):
-    """{model: {budget: accuracies over seeds}} -> what reproduce.summarise gives."""
-    from reproduce import mean_std
-    out = {}
-    for m, per in models.items():
-        for b, accs in per.items():
-            mu, sd = mean_std(accs)
-            out.setdefault(m, {})[b] = {'seeds': list(range(1, len(accs) + 1)), 'accuracy': list(accs),
-                                        'accuracy_mean': mu, 'accuracy_std': sd,
-                                        'parameters': 4_000_000 if m == 'task' else 1_000_000}
-    return out
-
-
-def test_the_paired_interval_and_test_against_the_arithmetic_written_out():
-    import math
-
-    from reproduce import paired
-    t975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}                           # the t table's 97.5 % points
-    rng = np.random.default_rng(0)
-    for n in (2, 3, 5):
-        a, b = rng.uniform(0.6, 0.8, n), rng.uniform(0.6, 0.8, n)
-        seeds = list(range(10, 10 + n))
-        shuffled = rng.permutation(n)                                   # pairing follows the seeds, not the order
-        got = paired(point_of(a, seeds), point_of(b[shuffled], [seeds[i] for i in shuffled]))
-        d = [a[i] - b[i] for i in range(n)]
-        mean = sum(d) / n
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-        if n - 1 in t975:
-            half = t975[n - 1] * sd / math.sqrt(n)
-            assert got['ci95'] == pytest.approx([mean - half, mean + half], abs=1e-5)
-        assert got['difference'] == pytest.approx(mean) and got['n'] == n
-        # the two-sided p of the paired t-test: the t density integrated beyond |t| (trapezoids)
-        t, k = abs(mean) / (sd / math.sqrt(n)), n - 1
-        c = math.gamma((k + 1) / 2) / (math.sqrt(k * math.pi) * math.gamma(k / 2))
-        xs = t + np.linspace(0, 200, 200_001) ** 2                      # dense near t, out to t + 40000
-        ys = c * (1 + xs * xs / k) ** (-(k + 1) / 2)
-        tail = float(((ys[1:] + ys[:-1]) / 2 * np.diff(xs)).sum())
-        assert got['p'] == pytest.approx(2 * tail, abs=2e-4)
-    assert paired(point_of([0.7]), point_of([0.6])) is None             # one seed: no interval
-    assert paired(point_of([0.7, 0.8], [1, 2]), point_of([0.6, 0.5], [3, 4])) is None  # no seed in common
-
-
-def test_the_rule_gives_a_false_verdict_five_percent_of_the_time():
-    """Two equal models (seed differences normal around 0): the interval excludes zero in about 5 % of studies, half
-    each way, whatever the number of seeds; the one-standard-deviation rule it replaced, about one time in five."""
-    from reproduce import false_verdict_rate, paired, verdict
-    rng = np.random.default_rng(1)
-    for n in (3, 5):
-        words = [verdict(paired(point_of(a), point_of(b)))
-                 for a, b in zip(rng.normal(0.7, 0.01, (4000, n)), rng.normal(0.7, 0.01, (4000, n)))]
-        rate = sum(w != 'inconclusive' for w in words) / len(words)
-        assert abs(rate - 0.05) < 0.012 and abs(words.count('holds') - words.count('does not hold')) < 80, rate
-        assert false_verdict_rate(n) == pytest.approx(0.05)
-    old = [abs(a.mean() - b.mean()) > max(a.std(ddof=1), b.std(ddof=1))
-           for a, b in zip(rng.normal(0, 1, (4000, 3)), rng.normal(0, 1, (4000, 3)))]
-    assert 0.1 < np.mean(old) < 0.3
-
-
-def test_claims_follow_the_paired_interval_rule():
-    from reproduce import claim_a, claim_b, claim_c, claim_e, compare
-    p = point_of
-    assert compare(p([0.80, 0.82, 0.81]), p([0.70, 0.71, 0.69]))[0] == 'holds'
-    assert compare(p([0.70, 0.71, 0.69]), p([0.80, 0.82, 0.81]))[0] == 'does not hold'
-    assert compare(p([0.80, 0.70, 0.75]), p([0.74, 0.73, 0.75]))[0] == 'inconclusive'      # the interval spans zero
-    assert compare(p([0.90]), p([0.50]))[0] == 'inconclusive'                              # one seed: no interval
-    assert compare(p([0.71, 0.72, 0.73]), p([0.70, 0.71, 0.72]))[0] == 'holds'             # small but paired
-    worst = summary_of(triplet={9: [0.60, 0.61, 0.62]}, task={9: [0.80, 0.81, 0.79]},
-                       csn_fixed={9: [0.82, 0.80, 0.81]}, csn_learned={9: [0.81, 0.80, 0.83]})
-    assert claim_a(worst, 9)[0] == 'holds'
-    assert claim_b(worst, 9)[0] == 'inconclusive'                   # a tie is not evidence either way
-    assert '4.00x' in claim_b(worst, 9)[1] and len(claim_b(worst, 9)[2]) == 2
-    not_worst = summary_of(triplet={9: [0.90, 0.91, 0.92]}, task={9: [0.80, 0.81, 0.79]},
-                           csn_fixed={9: [0.82, 0.80, 0.81]})
-    assert claim_a(not_worst, 9)[0] == 'does not hold'
-    below = summary_of(task={9: [0.90, 0.91, 0.92]}, csn_fixed={9: [0.80, 0.81, 0.79]},
-                       csn_learned={9: [0.8, 0.8, 0.81]})
-    assert claim_b(below, 9)[0] == 'does not hold'
-    ci = claim_b(below, 9)[2][0]
-    assert ci['models'] == ['csn_fixed', 'task'] and ci['difference'] == pytest.approx(-11.0)
-    assert ci['ci95'][0] < -11.0 < ci['ci95'][1] < 0
-    mixed = summary_of(task={9: [0.80, 0.81, 0.79]}, csn_fixed={9: [0.90, 0.91, 0.92]},
-                       csn_learned={9: [0.7, 0.71, 0.72]})
-    assert claim_b(mixed, 9)[0] == 'inconclusive'                       # the two CSNs disagree
-    catch_up = summary_of(csn_fixed={1: [0.70, 0.71, 0.72], 2: [0.80, 0.81, 0.79]},
-                          csn_learned={1: [0.60, 0.61, 0.62], 2: [0.80, 0.82, 0.81]})
-    assert claim_c(catch_up, [1, 2])[0] == 'holds'                      # behind, the gap closes, not behind at the end
-    never = summary_of(csn_fixed={1: [0.70, 0.71, 0.72], 2: [0.80, 0.81, 0.79]},
-                       csn_learned={1: [0.60, 0.61, 0.62], 2: [0.70, 0.71, 0.69]})
-    assert claim_c(never, [1, 2])[0] == 'does not hold'
-    ahead_early = summary_of(csn_fixed={1: [0.60, 0.61, 0.62], 2: [0.80, 0.81, 0.79]},
-                             csn_learned={1: [0.70, 0.71, 0.72], 2: [0.80, 0.82, 0.81]})
-    assert claim_c(ahead_early, [1, 2])[0] == 'does not hold'
-    assert claim_c(catch_up, [1])[0] == 'inconclusive'
-    probe = {'triplet': p([0.3, 0.31, 0.29]), 'csn_fixed': p([0.5, 0.52, 0.51]), 'csn_learned': p([0.45, 0.5, 0.48]),
-             'random': p([0.1, 0.1, 0.1])}
-    assert claim_e(probe)[0] == 'holds' and 'untrained) 10.00 ± 0.00 %, below every trained' in claim_e(probe)[1]
-    probe['random'] = p([0.6, 0.6, 0.6])                                 # as on Fonts at a small budget
-    assert 'above every trained backbone' in claim_e(probe)[1]
-    probe['random'] = p([0.4, 0.4, 0.4])
-    assert 'between the trained backbones' in claim_e(probe)[1]
-    assert 'untrained' not in claim_e({k: v for k, v in probe.items() if k != 'random'})[1]
-    assert claim_e(None)[0] == 'inconclusive'
-
-
-def test_mask_stats_tell_disjoint_from_shared_masks_and_judge_them_against_their_start():
-    from reproduce import claim_d, mask_stats
-    disjoint = np.kron(np.eye(4), np.ones(16))                          # the fixed masks: (4, 64)
-    s = mask_stats(disjoint)
-    assert s['sparse'] == pytest.approx(0.75) and s['overlap'] == 0 and s['active'] == [16] * 4
-    shared = np.tile(np.r_[np.ones(8), np.zeros(56)], (4, 1))           # every notion on the same 8 dimensions
-    s = mask_stats(shared)
-    assert s['sparse'] == pytest.approx(56 / 64) and s['overlap'] == pytest.approx(1.0)
-    rng = np.random.default_rng(0)
-    starts = [np.maximum(rng.normal(0.9, 0.7, (4, 64)), 0) for _ in range(3)]  # the --learned start
-    assert all(0.1 < mask_stats(m)['sparse'] < 0.3 and mask_stats(m)['overlap'] > 0.5 for m in starts)
-    subset = disjoint * 0.9
-    subset[:, 60:] = 1.0                                                # each notion's own block and 4 shared dims
-    rows = lambda masks: {('csn_learned', 9, k + 1): {'masks': m.tolist(), 'masks_start': st.tolist()}
-                          for k, (m, st) in enumerate(zip(masks, starts))}
-    word, text, masks, cis, extra = claim_d(rows([subset + 0.001 * k for k in range(3)]), 9)
-    assert word == 'holds' and 0.05 < masks['overlap'][0] < 0.5 and {c['what'] for c in cis} == {'sparse', 'overlap'}
-    assert 'at their start' in text and len(extra['masks_change']) == 3
-    assert claim_d(rows([disjoint] * 3), 9)[0] == 'does not hold'        # sparse, but nothing shared
-    assert claim_d(rows([shared] * 3), 9)[0] == 'does not hold'          # shared, but more than at the start
-    word, _, _, _, extra = claim_d(rows([st + 1e-4 for st in starts]), 9)
-    assert word == 'inconclusive' and extra['reason'] == 'the masks did not train'
-
-
 def test_probe_reads_features_of_the_trained_backbone_and_learns_a_visible_label(shapes_data):
     from csn import ConditionalSimNet
     from csnlib import probe
@@ -489,9 +355,10 @@ def test_the_paper_s_four_models_by_default_and_csn_s_successors_on_request(tmp_
     assert passthrough == ['--lr', '1e-3']
     code, _, err = in_process(rp.main, [*argv, '--one-forward', '--three-forwards'])   # a usage error
     assert code == 2 and '--one-forward and --three-forwards (passed on to main.py) contradict' in err
-    flags = {m[0]: m[2] for m in rp.MODELS}
+    from csnlib.claims import MODELS, paper_error
+    flags = {m[0]: m[2] for m in MODELS}
     assert flags['asen'] == ['--model', 'asen'] and flags['scenet'] == ['--model', 'scenet']
-    assert rp.paper_error('asen') == '—' and rp.paper_error('csn_fixed') == '10.79'
+    assert paper_error('asen') == '—' and paper_error('csn_fixed') == '10.79'
 
 
 def test_the_checks_list_each_notion_alone_and_the_other_arithmetic_on_every_kind_of_study(shapes_data):

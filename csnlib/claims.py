@@ -1,0 +1,485 @@
+"""The study's judgement: statistics paired by seed, the paper's claims and their verdicts, the report's text and
+figures. reproduce.py trains the runs and keeps their records; everything here reads records and numbers only."""
+import shlex
+
+import numpy as np
+
+MODELS = [('triplet', 'standard triplet network', ['--model', 'triplet'], 23.72),
+          ('task', 'task-specific triplet networks', ['--model', 'task'], 11.35),
+          ('csn_fixed', 'CSN, fixed disjoint masks', ['--model', 'csn'], 10.79),
+          ('csn_learned', 'CSN, learned masks', ['--model', 'csn', '--learned'], 10.73),
+          # CSN's successors, under the same protocol (on request: --models ... asen scenet; not in the paper's table)
+          ('asen', 'ASEN (attention conditioned on the notion)', ['--model', 'asen'], None),
+          ('scenet', 'SCE-Net (masks weighed per triplet)', ['--model', 'scenet'], None)]
+PAPER_MODELS = ('triplet', 'task', 'csn_fixed', 'csn_learned')  # the default: the models of the paper's table
+TITLE = {m[0]: m[1] for m in MODELS}
+CONFIDENCE = 0.95
+MOVED = 0.05  # a learned mask whose mean absolute change is under 5 % of its start's mean absolute value did not train
+
+
+def lr_tag(lr):
+    """3e-4 -> '3e-4', 2.5e-4 -> '2.5e-4': the learning rate in a run's name."""
+    m, e = f'{lr:.6e}'.split('e')
+    return f'{m.rstrip("0").rstrip(".")}e{int(e)}'
+
+
+def paper_error(model):
+    """The paper's Zappos50k triplet prediction error of a model (%), or a dash for a model not in its table."""
+    e = dict((m[0], m[3]) for m in MODELS)[model]
+    return '—' if e is None else f'{e:.2f}'
+
+
+# ------------------------------------------------------------------------------------------------------- statistics
+
+def mean_std(xs):
+    """Mean and sample standard deviation (0 for one value)."""
+    xs = np.asarray(xs, dtype=float)
+    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
+def paired(a, b):
+    """A minus B over the seeds both have: {'difference', 'ci95': [lo, hi], 'p', 'n'} with the t interval and the
+    paired t-test (two-sided); None below two seeds."""
+    from scipy import stats
+    common = sorted(set(a['seeds']) & set(b['seeds']))
+    if len(common) < 2:
+        return None
+    va, vb = dict(zip(a['seeds'], a['values'])), dict(zip(b['seeds'], b['values']))
+    d = np.array([va[s] - vb[s] for s in common])
+    n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / np.sqrt(n)
+    p = (1.0 if sd == 0 and mean == 0 else 0.0 if sd == 0
+         else float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1)))
+    return {'difference': mean, 'ci95': [mean - half, mean + half], 'p': p, 'n': n}
+
+
+def verdict(pair):
+    """'holds' when the interval lies above zero, 'does not hold' below, else 'inconclusive'."""
+    if pair is None:
+        return 'inconclusive'
+    lo, hi = pair['ci95']
+    return 'holds' if lo > 0 else 'does not hold' if hi < 0 else 'inconclusive'
+
+
+def compare(a, b):
+    """Is A above B, paired by seed? (verdict, the numbers in words, the pair or None)."""
+    if a is None or b is None:
+        return 'inconclusive', 'not run', None
+    pair = paired(a, b)
+    if pair is None:
+        d = a['mean'] - b['mean']
+        return 'inconclusive', f'difference {d * 100:+.2f} points from a single seed', None
+    lo, hi = pair['ci95']
+    return verdict(pair), (f'difference {pair["difference"] * 100:+.2f} points, 95 % CI [{lo * 100:+.2f}, '
+                           f'{hi * 100:+.2f}] over {pair["n"]} seeds, paired t-test p = {pair["p"]:.3g}'), pair
+
+
+def ci_entry(models, pair, **extra):
+    """One comparison of reproduce.json's claims_ci, in points."""
+    return {'models': list(models), **extra, 'difference': pair['difference'] * 100,
+            'ci95': [pair['ci95'][0] * 100, pair['ci95'][1] * 100], 'p': pair['p'], 'n': pair['n']}
+
+
+def point(summary, model, budget, key='accuracy'):
+    s = summary.get(model, {}).get(budget)
+    if s is None:
+        return None
+    return {'mean': s[f'{key}_mean'], 'std': s[f'{key}_std'], 'n': len(s['seeds']), 'seeds': s['seeds'],
+            'values': s[key]}
+
+
+def combine(words):
+    """One verdict from several: all the same -> that one; otherwise inconclusive."""
+    return words[0] if len(set(words)) == 1 else 'inconclusive'
+
+
+def pct(p):
+    return f'{p["mean"] * 100:.2f} ± {p["std"] * 100:.2f}' if p else 'not run'
+
+
+def summarise(rows, models, budgets):
+    """{model: {budget: {seeds, accuracy, accuracy_mean, accuracy_std, per_notion_mean, ..., stopped, epochs_trained,
+    best_epoch, masks, masks_start, masks_change}}} of what finished."""
+    out = {}
+    for model in models:
+        for b in budgets:
+            rs = sorted(((s, r) for (m, bb, s), r in rows.items() if m == model and bb == b), key=lambda t: t[0])
+            if not rs:
+                continue
+            acc = [r['test']['accuracy'] for _, r in rs]
+            mu, sd = mean_std(acc)
+            notions = list(rs[0][1]['test']['per_notion'])
+            maps = [r['test']['mAP'] for _, r in rs if r['test'].get('mAP') is not None]
+            d = out.setdefault(model, {})[b] = {
+                'seeds': [s for s, _ in rs], 'accuracy': acc, 'accuracy_mean': mu, 'accuracy_std': sd,
+                'per_notion_mean': {n: float(np.mean([r['test']['per_notion'][n] for _, r in rs])) for n in notions},
+                'per_notion_std': {n: mean_std([r['test']['per_notion'][n] for _, r in rs])[1] for n in notions},
+                'mAP_mean': float(np.mean(maps)) if maps else None, 'mAP_std': mean_std(maps)[1] if maps else None,
+                'parameters': rs[0][1]['parameters'], 'epochs': max(r['epochs_trained'] for _, r in rs),
+                'stopped': [r['stopped'] for _, r in rs], 'epochs_trained': [r['epochs_trained'] for _, r in rs],
+                'best_epoch': [r['best_epoch'] for _, r in rs], 'lr': rs[0][1]['lr'],
+                'masks': None, 'masks_start': None, 'masks_change': None}
+            if rs[0][1].get('masks') is not None and model == 'csn_learned':
+                d['masks'] = mask_summary([mask_stats(r['masks']) for _, r in rs])
+                d['masks_start'] = mask_summary([mask_stats(r['masks_start']) for _, r in rs])
+                d['masks_change'] = [mask_change(r['masks'], r['masks_start']) for _, r in rs]
+    return out
+
+
+def mask_stats(masks):
+    m = np.asarray(masks, dtype=float)  # (C, D)
+    active = m >= 0.1 * m.max(1, keepdims=True)  # (C, D)
+    pairs = [(i, j) for i in range(len(m)) for j in range(i + 1, len(m))]
+    overlap = [(active[i] & active[j]).sum() / max((active[i] | active[j]).sum(), 1) for i, j in pairs]
+    return {'sparse': float(1 - active.mean()), 'overlap': float(np.mean(overlap)) if overlap else 0.0,
+            'active': active.sum(1).tolist()}
+
+
+def mask_summary(stats):
+    """The form of reproduce.json's "masks": mean and sd of the fraction under and of the overlap, and each seed's."""
+    return {'sparse': mean_std([s['sparse'] for s in stats]), 'overlap': mean_std([s['overlap'] for s in stats]),
+            'per_seed': stats}
+
+
+def mask_change(masks, start):
+    """Mean absolute change of the masks from their start, and the start's mean absolute value."""
+    m, s = np.asarray(masks, dtype=float), np.asarray(start, dtype=float)
+    return {'mean_abs_change': float(np.abs(m - s).mean()), 'start_mean_abs': float(np.abs(s).mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------- claims
+
+def claim_a(summary, budget):
+    """(a) the standard triplet network is the worst model."""
+    t = point(summary, 'triplet', budget)
+    others = [m for m in ('task', 'csn_fixed', 'csn_learned') if point(summary, m, budget)]
+    if t is None or not others:
+        return 'inconclusive', 'the standard triplet network or every other model is missing', []
+    results = [(m, *compare(point(summary, m, budget), t)) for m in others]
+    text = '; '.join(f'{TITLE[m]} {pct(point(summary, m, budget))} vs {pct(t)} % ({why}): {w}'
+                     for m, w, why, _ in results)
+    cis = [ci_entry([m, 'triplet'], pair) for m, _, _, pair in results if pair]
+    return combine([w for _, w, _, _ in results]), text, cis
+
+
+def claim_b(summary, budget):
+    """(b) a CSN is at least as good as the task-specific networks, with a quarter of their parameters."""
+    task = point(summary, 'task', budget)
+    csns = [m for m in ('csn_fixed', 'csn_learned') if point(summary, m, budget)]
+    if task is None or not csns:
+        return 'inconclusive', 'the task-specific networks or both CSNs are missing', []
+    results = [(m, *compare(point(summary, m, budget), task)) for m in csns]
+    ratio = summary['task'][budget]['parameters'] / summary[csns[0]][budget]['parameters']
+    text = ('; '.join(f'{TITLE[m]} {pct(point(summary, m, budget))} vs {pct(task)} % ({why}): {w}'
+                      for m, w, why, _ in results)
+            + f'; parameters: task-specific {summary["task"][budget]["parameters"]:,}, CSN '
+              f'{summary[csns[0]][budget]["parameters"]:,} ({ratio:.2f}x)')
+    cis = [ci_entry([m, 'task'], pair) for m, _, _, pair in results if pair]
+    return combine([w for _, w, _, _ in results]), text, cis
+
+
+def claim_c(summary, budgets):
+    """(c) learned masks need more triplets than fixed ones and catch up with them or pass them as the budget grows:
+    fixed ahead with the fewest triplets, the gap narrowing (paired by seed), and learned not behind with the most."""
+    have = [b for b in budgets if point(summary, 'csn_fixed', b) and point(summary, 'csn_learned', b)]
+    if len(have) < 2:
+        return 'inconclusive', 'needs both CSNs at two budgets or more', []
+    small, large = have[0], have[-1]
+    fixed_s, learned_s = point(summary, 'csn_fixed', small), point(summary, 'csn_learned', small)
+    fixed_l, learned_l = point(summary, 'csn_fixed', large), point(summary, 'csn_learned', large)
+    w_small, why_small, p_small = compare(fixed_s, learned_s)
+    w_large, why_large, p_large = compare(learned_l, fixed_l)
+    gap = lambda f, learned: {'seeds': f['seeds'], 'values': [  # fixed minus learned, per seed both have
+        dict(zip(f['seeds'], f['values']))[s] - dict(zip(learned['seeds'], learned['values'])).get(s, np.nan)
+        for s in f['seeds']]}
+    g_small, g_large = gap(fixed_s, learned_s), gap(fixed_l, learned_l)
+    for g in (g_small, g_large):
+        keep = [i for i, v in enumerate(g['values']) if np.isfinite(v)]
+        g['seeds'], g['values'] = [g['seeds'][i] for i in keep], [g['values'][i] for i in keep]
+    w_narrow, why_narrow, p_narrow = compare({**g_small, 'mean': float(np.mean(g_small['values']))},
+                                             {**g_large, 'mean': float(np.mean(g_large['values']))})
+    gaps = ', '.join(
+        f'{b:,}: {(summary["csn_learned"][b]["accuracy_mean"] - summary["csn_fixed"][b]["accuracy_mean"]) * 100:+.2f}'
+        for b in have)
+    text = (f'learned minus fixed, by training triplets: {gaps} points; fewest triplets, fixed above learned: '
+            f'{w_small} ({why_small}); the gap narrows from {small:,} to {large:,}: {w_narrow} ({why_narrow}); most '
+            f'triplets, learned above fixed: {w_large} ({why_large})')
+    cis = [ci_entry(['csn_fixed', 'csn_learned'], p_small, budget=small) if p_small else None,
+           ci_entry(['csn_learned', 'csn_fixed'], p_large, budget=large) if p_large else None,
+           ci_entry(['gap at ' + str(small), 'gap at ' + str(large)], p_narrow) if p_narrow else None]
+    cis = [c for c in cis if c]
+    if w_small == 'does not hold' or w_large == 'does not hold':
+        return 'does not hold', text, cis  # learned ahead with the fewest triplets, or still behind with the most
+    if w_small == 'holds' and w_narrow == 'holds' and p_large is not None:
+        return 'holds', text, cis  # behind with the fewest triplets, the gap closed, not behind with the most
+    return 'inconclusive', text, cis
+
+
+def claim_d(rows, budget):
+    """(d) learned masks are sparse and share dimensions between notions, judged against their own start: sparser than
+    the start (paired by seed) and sharing a small subset (overlap above 0.05 and below the start's, paired)."""
+    rs = sorted(((s, r) for (m, b, s), r in rows.items() if m == 'csn_learned' and b == budget), key=lambda t: t[0])
+    if not rs:
+        return 'inconclusive', 'no CSN with learned masks at this budget', None, [], None
+    seeds = [s for s, _ in rs]
+    stats = [mask_stats(r['masks']) for _, r in rs]
+    starts = [mask_stats(r['masks_start']) for _, r in rs]
+    change = [mask_change(r['masks'], r['masks_start']) for _, r in rs]
+    rel = [c['mean_abs_change'] / max(c['start_mean_abs'], 1e-12) for c in change]
+    val = lambda xs, key: {'seeds': seeds, 'values': [x[key] for x in xs], 'mean': float(np.mean([x[key] for x in xs]))}
+    w_sparse, why_sparse, p_sparse = compare(val(stats, 'sparse'), val(starts, 'sparse'))
+    w_less, why_less, p_less = compare(val(starts, 'overlap'), val(stats, 'overlap'))
+    sparse, shared = mean_std([s['sparse'] for s in stats]), mean_std([s['overlap'] for s in stats])
+    sparse0, shared0 = mean_std([s['sparse'] for s in starts]), mean_std([s['overlap'] for s in starts])
+    fixed = f'(fixed disjoint masks: {1 - 1 / len(stats[0]["active"]):.2f} under, overlap 0)'
+    text = (f'fraction of mask weights under 0.1 of their row\'s maximum {sparse[0]:.2f} ± {sparse[1]:.2f} (at their '
+            f'start {sparse0[0]:.2f} ± {sparse0[1]:.2f}); overlap (Jaccard of the dimensions at or above 0.1 of the '
+            f'maximum) between notions {shared[0]:.2f} ± {shared[1]:.2f} (at their start {shared0[0]:.2f} ± '
+            f'{shared0[1]:.2f}) {fixed}; mean absolute change from the start '
+            f'{np.mean([c["mean_abs_change"] for c in change]):.3f} ({np.mean(rel) * 100:.1f} % of the start\'s mean '
+            f'absolute value); sparser than the start: {w_sparse} ({why_sparse}); overlap below the start\'s: '
+            f'{w_less} ({why_less}); rule: sparse = sparser than the start by the interval, '
+            f'shared = overlap above 0.05 and below the start\'s by the interval')
+    cis = [ci_entry(['trained', 'start'], p_sparse, what='sparse') if p_sparse else None,
+           ci_entry(['start', 'trained'], p_less, what='overlap') if p_less else None]
+    masks = mask_summary(stats)
+    extra = {'masks_start': mask_summary(starts), 'masks_change': change}
+    if max(rel) < MOVED:
+        return 'inconclusive', text, masks, [c for c in cis if c], extra | {'reason': 'the masks did not train'}
+    if w_sparse == 'holds' and w_less == 'holds' and shared[0] > 0.05:
+        word = 'holds'
+    elif w_sparse == 'does not hold' or shared[0] <= 0.05 or w_less == 'does not hold':
+        word = 'does not hold'
+    else:
+        word = 'inconclusive'
+    return word, text, masks, [c for c in cis if c], extra
+
+
+def claim_e(probe):
+    """(e) the CSN's features make better off-the-shelf features than the standard triplet network's."""
+    if not probe:
+        return 'inconclusive', 'the probe was not run', []
+    t = probe.get('triplet')
+    csns = [m for m in ('csn_fixed', 'csn_learned') if m in probe]
+    if t is None or not csns:
+        return 'inconclusive', 'the standard triplet network or both CSNs are missing', []
+    results = [(m, *compare(probe[m], t)) for m in csns]
+    text = '; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}): {w}' for m, w, why, _ in results)
+    cis = [ci_entry([m, 'triplet'], pair) for m, _, _, pair in results if pair]
+    return (combine([w for _, w, _, _ in results]),
+            text + untrained(probe.get('random'), [t, *(probe[m] for m in csns)]), cis)
+
+
+def untrained(random, trained):
+    """Where the randomly initialised backbone's probe lies against the trained ones' (by the mean)."""
+    if not random:
+        return ''
+    above = sum(random['mean'] > t['mean'] for t in trained)
+    if above == 0:
+        where = 'below every trained backbone'
+    elif above == len(trained):
+        where = 'above every trained backbone: triplet training made these features worse'
+    else:
+        where = 'between the trained backbones'
+    return f'; randomly initialised backbone (untrained) {pct(random)} %, {where}'
+
+
+def false_verdict_rate(n):
+    """The rule's rate of a verdict ("holds" or "does not hold") for one comparison of two equal models, with n seeds:
+    the interval's 1 - CONFIDENCE when the seed differences are normal (half of it each way); none below two seeds."""
+    return 1 - CONFIDENCE if n >= 2 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+
+def write_curve(summary, budgets, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for model, title, _, _ in MODELS:
+        pts = [(b, summary[model][b]) for b in budgets if b in summary.get(model, {})]
+        if not pts:
+            continue
+        x = np.array([b for b, _ in pts])
+        err = np.array([(1 - s['accuracy_mean']) * 100 for _, s in pts])
+        sd = np.array([s['accuracy_std'] * 100 for _, s in pts])
+        ax.plot(x, err, marker='o', label=title)
+        ax.fill_between(x, err - sd, err + sd, alpha=0.2)
+    ax.set_xscale('log')
+    ax.set_xlabel('training triplets (unique, over all notions)')
+    ax.set_ylabel('test triplet error (%)')
+    ax.set_title('error against training triplets (band: ± one sd over seeds)')
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_mask_figure(rows, budget, notions, path):
+    """Each learned-mask run's start and trained masks at `budget` (and a fixed-mask run's), one heat map each."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    from csnlib.pictures import draw_masks
+    found = []
+    for (m, b, s), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+        if b == budget and r.get('masks') is not None:
+            if m == 'csn_learned':
+                found.append((f'{TITLE[m]}, seed {s}, start', r['masks_start']))
+            found.append((f'{TITLE[m]}, seed {s}' + (', trained' if m == 'csn_learned' else ''), r['masks']))
+    if not found:
+        return False
+    fig, axes = plt.subplots(len(found), 1, figsize=(8, 1.0 + 0.45 * len(notions) * len(found)), squeeze=False)
+    for ax, (title, masks) in zip(axes[:, 0], found):
+        draw_masks(ax, masks, notions, title, xlabel=ax is axes[-1, 0], title_size=9, fraction=0.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def pm(mean, std, n):
+    """'mean ± sd' in %, or the mean alone from a single seed (no spread to give)."""
+    return f'{mean * 100:.2f}' if n < 2 else f'{mean * 100:.2f} ± {std * 100:.2f}'
+
+
+CLAIMS = {'a': 'the standard triplet network is the worst model',
+          'b': 'a CSN is at least as good as the task-specific networks, with a quarter of their parameters',
+          'c': 'learned masks need more triplets than fixed ones and catch up with them or pass them as the '
+               'budget grows',
+          'd': 'learned masks are sparse and share dimensions between notions',
+          'e': 'the CSN\'s features are better off-the-shelf features than the standard triplet network\'s'}
+
+
+def markdown(rep):
+    budgets = rep['budgets']
+    top = str(budgets[-1])
+    models = [m for m in (x[0] for x in MODELS) if top in rep['models'].get(m, {})]
+    notions = list(rep['models'][models[0]][top]['per_notion_mean']) if models else []
+    s = rep['settings']
+    forwards = ('three backbone calls per step, as the original' if s.get('three_forwards') else
+                'one backbone call per step for anchors, fars and closes '
+                '(main.py\'s default; the original makes three)')
+    L = [f'# The CSN paper\'s claims on {rep["data"]}', '']
+    L += sweep_markdown(rep)
+    L += [f'Triplet prediction accuracy (%) on the test triplets, from each run\'s best checkpoint (by validation '
+          f'accuracy): mean ± standard deviation over the seeds of the last column (asked for: '
+          f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
+          f'{int(top):,} training triplets. The paper\'s error is on Zappos50k (64-d, 200k triplets), '
+          f'for the ordering only.',
+          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | parameters | paper error (Zappos50k) | '
+          'seeds |', '|---|' + '---:|' * (len(notions) + 6)]
+    for m in models:
+        d = rep['models'][m][top]
+        k = len(d['seeds'])
+        mp = pm(d['mAP_mean'], d['mAP_std'], k) if d.get('mAP_mean') is not None else ''
+        L.append(f'| {TITLE[m]} | '
+                 + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
+                 + f' | **{pm(d["accuracy_mean"], d["accuracy_std"], k)}** | '
+                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {d["parameters"]:,} | {paper_error(m)} | '
+                   f'{", ".join(map(str, d["seeds"]))} |')
+    L += ['', 'Test error (%) against training triplets (mean ± sd over seeds; the number of seeds in brackets):', '',
+          '| model | ' + ' | '.join(f'{b:,}' for b in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
+    for m, title, _, _ in MODELS:
+        if m not in rep['models']:
+            continue
+        cells = []
+        for b in budgets:
+            d = rep['models'][m].get(str(b))
+            cells.append(f'{pm(1 - d["accuracy_mean"], d["accuracy_std"], len(d["seeds"]))} ({len(d["seeds"])})'
+                         if d else '')
+        L.append(f'| {title} | ' + ' | '.join(cells) + ' |')
+    L += ['', '![error against training triplets](curve.png)', '',
+          'How each run stopped, per seed: epochs trained / best epoch / reason (plateau: no better validation '
+          f'accuracy for {rep["patience"]} epochs; cap: still improving at --epochs {rep["epochs_cap"]}; seen: '
+          'the equal-compute budget of --seen):', '',
+          '| model | budget | seeds | epochs trained | best epoch | stopped |',
+          '|---|---:|---|---|---|---|']
+    for m, title, _, _ in MODELS:
+        for b in budgets:
+            d = rep['models'].get(m, {}).get(str(b))
+            if d:
+                L.append(f'| {title} | {b:,} | {", ".join(map(str, d["seeds"]))} | '
+                         f'{", ".join(map(str, d["epochs_trained"]))} | {", ".join(map(str, d["best_epoch"]))} | '
+                         f'{", ".join(d["stopped"])} |')
+    L += ['', '## The claims', '',
+          f'Rule: models are compared paired by seed (a seed gives every model the same triplets): the mean difference '
+          f'with its {CONFIDENCE:.0%} confidence interval over the seeds (t distribution) and a paired t-test. A claim '
+          f'"holds" or "does not hold" only when the interval excludes zero; otherwise, or from a single seed, it is '
+          f'"inconclusive". For one comparison of two equal models the rule gives a false verdict '
+          f'{false_verdict_rate(2):.0%} of the time ({false_verdict_rate(2) / 2:.1%} each way), whatever the number of '
+          f'seeds; more seeds narrow the interval, so that real differences are found. A claim that rests on a run '
+          f'stopped by the cap is "inconclusive: not converged". Nothing was tuned per model.', '']
+    for k in 'abcde':
+        why = rep['claims_reason'].get(k)
+        L.append(f'- **({k}) {CLAIMS[k]}: {rep["claims"][k]}{": " + why if why else ""}.** {rep["claims_detail"][k]}.')
+    for pname, p in (rep.get('probes') or {}).items():
+        L.append(f'- (e) on {p["description"]}: '
+                 + '; '.join(f'{TITLE.get(m, "randomly initialised backbone")} {pct(v)} %'
+                             for m, v in p['points'].items()) + '.')
+    if rep.get('probe_task'):
+        L += ['', f'Probe of claim (e)\'s verdict: {rep["probe_task"]}.']
+    if rep.get('masks_figure'):
+        L += ['', '![masks](masks.png)']
+    L += ['', *checks_markdown(rep.get('checks'), 'three' if s.get('three_forwards') else 'one')]
+    L += ['', f'Command: `{rep["command"]}`', '',
+          f'Settings (the same for every model): {s["dim_embed"]}-d embedding, batch {s["batch_size"]} (main.py\'s '
+          f'default, the original\'s, is 256), lr {lr_tag(s["lr"])} ({rep["lr_choice"]}), margin {s["margin"]}, image '
+          f'size {s["image_size"]}, backbone {"random init" if s["no_pretrained"] else "ImageNet ResNet-18"}, '
+          f'horizontal flips {s["hflip"]}, {forwards}; the '
+          f'task-specific networks train in one optimizer, each on its notion\'s share of every batch (about a quarter '
+          f'with four notions)' + (f'; main.py flags: `{shlex.join(rep["passed_to_main"])}`' if rep['passed_to_main']
+                                   else '') + '.', '',
+          f'Runs finished: {rep["runs_finished"]} of {rep["runs_planned"]}; training and testing took '
+          f'{rep["wall_s"] / 3600:.2f} h of this machine in all (as run, summed over runs).', '']
+    return '\n'.join(L)
+
+
+def sweep_markdown(rep):
+    sw = rep.get('sweep')
+    if not sw or not sw['table']:
+        return []
+    models = sw['models']
+    L = [f'Learning-rate sweep: best validation accuracy (%) at {sw["budget"]:,} training triplets, seed {sw["seed"]} '
+         f'(epochs trained, stop reason):', '', '| lr | ' + ' | '.join(TITLE[m] for m in models) + ' | mean |',
+         '|---|' + '---:|' * (len(models) + 1)]
+    for lr, per in sorted(sw['table'].items(), key=lambda kv: float(kv[0])):
+        cells = [f'{per[m]["best_val_acc"] * 100:.2f} ({per[m]["epochs_trained"]}, {per[m]["stopped"]})' if m in per
+                 else '' for m in models]
+        mean = f'{np.mean([per[m]["best_val_acc"] for m in models]) * 100:.2f}' if all(m in per for m in models) else ''
+        L.append(f'| {lr_tag(float(lr))} | ' + ' | '.join(cells) + f' | {mean} |')
+    return L + ['', f'The study uses lr {lr_tag(sw["chosen"]) if sw["chosen"] else "(none yet)"}: {sw["why"]}.', '']
+
+
+def checks_markdown(checks, study_forwards):
+    """The report's section on --checks-at."""
+    if not checks:
+        return []
+    fmt = lambda p: ('from a single seed' if p is None else f'{p["difference"] * 100:+.2f} points, 95 % CI '
+                     f'[{p["ci95"][0] * 100:+.2f}, {p["ci95"][1] * 100:+.2f}], paired t-test p = {p["p"]:.3g}')
+    L = [f'## Checks of the protocol at {checks["budget"]:,} training triplets', '']
+    t = checks['task_alone']
+    if t:
+        L += ['Task-specific networks: in the study the networks train in one optimizer, each on its notion\'s share '
+              'of every batch; here each is trained alone on its notion\'s triplets (a quarter of the budget with four '
+              'notions, drawn with the same seed; the same triplets for the first notion, others for the rest) with '
+              'the full batch and its own plateau, and the four are tested together:', '',
+              '| seed | joint (the study) | each alone | alone: epochs trained per notion |', '|---|---:|---:|---|']
+        for s, a, j, e in zip(t['seeds'], t['values'], t['joint'], t['epochs_trained']):
+            L.append(f'| {s} | {j * 100:.2f} | {a * 100:.2f} | {", ".join(map(str, e))} |')
+        L += ['', f'Alone minus joint: {fmt(t["pair"])}: **{t["verdict"] if t["pair"] else "inconclusive"}** '
+              f'(holds: training alone is better).', '']
+    if checks['forwards']:
+        L += [f'Forward arithmetic: the study makes {study_forwards} backbone call(s) per step; the same runs with '
+              f'{checks["other_forwards"]} (test accuracy, %):', '',
+              f'| model | seeds | {study_forwards} (the study) | {checks["other_forwards"]} | difference |',
+              '|---|---|---|---|---|']
+        for m, f in checks['forwards'].items():
+            L.append(f'| {TITLE[m]} | {", ".join(map(str, f["seeds"]))} | '
+                     f'{", ".join(f"{v * 100:.2f}" for v in f["study"])} | '
+                     f'{", ".join(f"{v * 100:.2f}" for v in f["other"])} | {fmt(f["pair"])} |')
+        L.append('')
+    return L
