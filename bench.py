@@ -478,7 +478,7 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
                  ('ivf', 'ivf', {'codes': 'flat'}, 'flat codes', 'nprobe', [16, 64]),  # the former default
                  ('ivf', 'ivf', {}, 'pq4 codes', 'nprobe', [64, 128]),
                  ('hnsw', 'hnsw', {'m': 16, 'ef_construction': 40}, 'm 16 efc 40', 'ef_search', [64, 256]),  # former
-                 ('hnsw', 'hnsw', {}, 'm 32 efc 80', 'ef_search', [256, 512])]
+                 ('hnsw', 'hnsw', {}, 'm 32 efc 80', 'ef_search', [128, 192, 256])]
     defaults = inspect.signature(Index).parameters
     rows, build_s = [], {}
     print(f'{"images":>10} {"index":<6} {"setting":<32} {"build s":>8} {"queries/s":>10} {"ms/query":>9} '

@@ -61,13 +61,13 @@ class Index:
     rows are held as `codes` 'pq4' (default from PQ_MIN_ROWS rows: one 4-bit product-quantizer code per dimension,
     scanned with faiss's fast-scan, IndexIVFPQFastScan, an eighth of the floats' memory) or 'flat' (the floats,
     IndexIVFFlat). kind 'hnsw' (faiss's IndexHNSWFlat): a graph with m links per node (default 32), built keeping
-    ef_construction candidates (default 80) and searched keeping ef_search (default 256). An approximate index
+    ef_construction candidates (default 80) and searched keeping ef_search (default 192). An approximate index
     proposes `rerank` candidates per query (default 64, at least k), which are ranked again by their exact distance:
     every kind returns true distances, sorted. For a notion, space and queries are the masked embeddings f(x) * m_c,
     so learned (non-binary) masks weigh the dimensions as the model's distance does."""
 
     def __init__(self, space, kind='exact', use_faiss=None, nlist=None, nprobe=128, codes=None, m=32,
-                 ef_construction=80, ef_search=256, rerank=64):
+                 ef_construction=80, ef_search=192, rerank=64):
         if kind not in ('exact', 'ivf', 'hnsw'):
             raise UserError(f'unknown index {kind!r}: use exact, ivf or hnsw')
         if codes not in (None, 'pq4', 'flat'):

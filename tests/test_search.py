@@ -176,15 +176,15 @@ def test_bench_search_prints_each_index_with_its_recall(capsys):
     from csnlib.search import faiss_or_none
     assert bench.search_speed(sizes=(2000,), dim=16, queries=120, min_s=0.01) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
-    kinds = ['exact', 'numpy', *['ivf'] * 4, *['hnsw'] * 4] if faiss_or_none() else ['numpy']
+    kinds = ['exact', 'numpy', *['ivf'] * 4, *['hnsw'] * 5] if faiss_or_none() else ['numpy']
     assert [r['index'] for r in rows] == kinds
     assert all(r['images'] == 2000 and r['queries_per_s'] > 0 and r['ms_per_query'] > 0 for r in rows)
     assert [r['recall_at_10'] for r in rows[:2]] == [1.0, 1.0][:len(rows)]  # numpy and faiss: the same neighbours
     if faiss_or_none():  # the former settings and the defaults, the defaults marked
         assert [r['setting'] for r in rows[2:]] == [
             'flat codes, nprobe 16', 'flat codes, nprobe 64', 'pq4 codes, nprobe 64', 'pq4 codes, nprobe 128 (default)',
-            'm 16 efc 40, ef_search 64', 'm 16 efc 40, ef_search 256', 'm 32 efc 80, ef_search 256 (default)',
-            'm 32 efc 80, ef_search 512']
+            'm 16 efc 40, ef_search 64', 'm 16 efc 40, ef_search 256', 'm 32 efc 80, ef_search 128',
+            'm 32 efc 80, ef_search 192 (default)', 'm 32 efc 80, ef_search 256']
         assert all(r['recall_at_10'] > 0.9 for r in rows[3:6] + rows[7:])  # 45 cells: 64 probes search them all
 
 
