@@ -119,6 +119,9 @@ def summarise(rows, models, budgets):
                 'stopped': [r['stopped'] for _, r in rs], 'epochs_trained': [r['epochs_trained'] for _, r in rs],
                 'best_epoch': [r['best_epoch'] for _, r in rs], 'lr': rs[0][1]['lr'],
                 'masks': None, 'masks_start': None, 'masks_change': None}
+            for key in ('pml_precision_at_1', 'pml_map_at_r'):  # pytorch-metric-learning's, where the tests had it
+                v = [r['test'][key] for _, r in rs if r['test'].get(key) is not None]
+                d[f'{key}_mean'], d[f'{key}_std'] = mean_std(v) if v else (None, None)
             if rs[0][1].get('masks') is not None and model == 'csn_learned':
                 d['masks'] = mask_summary([mask_stats(r['masks']) for _, r in rs])
                 d['masks_start'] = mask_summary([mask_stats(r['masks_start']) for _, r in rs])
@@ -368,18 +371,23 @@ def markdown(rep):
     L += [f'Triplet prediction accuracy (%) on the test triplets, from each run\'s best checkpoint (by validation '
           f'accuracy): mean ± standard deviation over the seeds of the last column (asked for: '
           f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
-          f'{int(top):,} training triplets. The paper\'s error is on Zappos50k (64-d, 200k triplets), '
-          f'for the ordering only.',
-          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | parameters | paper error (Zappos50k) | '
-          'seeds |', '|---|' + '---:|' * (len(notions) + 6)]
+          f'{int(top):,} training triplets. mAP: retrieval mean average precision over the test images under each '
+          f'notion\'s mask (datasets with labels); precision@1 and MAP@R: pytorch-metric-learning\'s, on the same '
+          f'embeddings (where it was installed). The paper\'s error is on Zappos50k (64-d, 200k triplets), for the '
+          f'ordering only.',
+          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | precision@1 | MAP@R | parameters | '
+          'paper error (Zappos50k) | seeds |', '|---|' + '---:|' * (len(notions) + 8)]
     for m in models:
         d = rep['models'][m][top]
         k = len(d['seeds'])
         mp = pm(d['mAP_mean'], d['mAP_std'], k) if d.get('mAP_mean') is not None else ''
+        p1, mr = (pm(d[f'{key}_mean'], d[f'{key}_std'], k) if d.get(f'{key}_mean') is not None else ''
+                  for key in ('pml_precision_at_1', 'pml_map_at_r'))
         L.append(f'| {TITLE[m]} | '
                  + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
                  + f' | **{pm(d["accuracy_mean"], d["accuracy_std"], k)}** | '
-                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {d["parameters"]:,} | {paper_error(m)} | '
+                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {p1} | {mr} | {d["parameters"]:,} | '
+                   f'{paper_error(m)} | '
                    f'{", ".join(map(str, d["seeds"]))} |')
     L += ['', 'Test error (%) against training triplets (mean ± sd over seeds; the number of seeds in brackets):', '',
           '| model | ' + ' | '.join(f'{b:,}' for b in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
