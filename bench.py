@@ -444,8 +444,10 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
     under a learned (non-binary) mask: exact (faiss, and numpy as without faiss), ivf and hnsw, each at its former
     settings (ivf: float codes, hnsw: m 16, ef_construction 40) and at its defaults, two search settings each.
     A size whose arrays would not fit in the available memory is skipped, and so are approximate indexes whose build
-    would take longer than build_budget_s (estimated from the previous size's as N^1.5: IVF's sqrt(N) cells)."""
+    would take longer than build_budget_s (estimated from the previous size's: as N^1.5 for IVF's sqrt(N) cells, as
+    N log N for HNSW's graph)."""
     import inspect
+    import math
 
     from csnlib.search import Index, faiss_or_none
 
@@ -495,7 +497,9 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
         truth = None
         for name, kind, opts, about, param, values in kinds:
             key = f'{name} {about}'
-            est = build_s.get(key, 0) * (n / max(build_s.get(key + '_n', n), 1)) ** 1.5
+            grow = n / max(build_s.get(key + '_n', n), 1)  # over the last size built
+            est = build_s.get(key, 0) * (grow * math.log(n) / math.log(max(n / grow, 2)) if kind == 'hnsw'
+                                         else grow ** 1.5)
             if kind != 'exact' and est > build_budget_s:
                 print(f'{n:>10,} {name:<6} {about} skipped: building it would take about {est:.0f} s '
                       f'(over {build_budget_s} s)')
