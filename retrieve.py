@@ -47,8 +47,9 @@ def build_parser():
                                                        f'dataset')
     a('--index', choices=['exact', 'ivf', 'hnsw'], default='exact',
       help='search: exact (faiss IndexFlatL2 when faiss-cpu is installed, else numpy: the same neighbours), '
-           'or faiss\'s approximate ivf or hnsw index for galleries of millions (building one costs more than an '
-           'exact search of one query; see the README\'s table)')
+           'or faiss\'s approximate ivf (4-bit codes, 128 of sqrt(N) cells searched, 64 candidates re-ranked by '
+           'exact distance) or hnsw index for galleries of millions (building one costs more than an exact search of '
+           'one query; see the README\'s table)')
     a('--out', default=None, metavar='PNG', help='picture of the query and its neighbours (default: '
                                                  'retrieval/<notion>_<query>.png in the checkpoint\'s folder)')
     a('--recompute', action='store_true', default=False, help='embed the dataset again even when the cache is valid')

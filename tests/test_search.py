@@ -1,4 +1,4 @@
-"""retrieval.Index: exact numpy search against a full sort, faiss's exact search against numpy's, masked search with
+"""csnlib.search.Index: exact numpy search against a full sort, faiss's exact search against numpy's, masked search with
 learned (non-binary) masks, the approximate indexes, bench.py --search on a small gallery, and the keys of the
 embeddings cache next to a checkpoint."""
 import argparse
