@@ -25,7 +25,7 @@ from csnlib.atomic import atomic_open
 from csnlib.checkpoint import describe
 from csnlib.digest import file_sha256
 from csnlib.errors import CheckpointError
-from csnlib.evaluate import embed_dataset, subspace
+from csnlib.evaluate import embed_dataset, labelled_subspaces
 from csnlib.image_cache import make_store
 from csnlib.options import UserError
 from triplet_image_loader import load_triplets, parse_conditions
@@ -229,13 +229,8 @@ def protocol_map(per_notion, similarity='dot'):
 def notion_map(emb, masks, images, labels, notions, conditions):
     """{notion: mAP or None} over `images` (rows of emb); images with an unknown ('') label are left out."""
     per = {}
-    for c in conditions:
-        name = notions[c]
-        if name not in labels:
-            continue
-        lab = np.asarray(labels[name], dtype=object)[images]
-        known = lab != ''
-        m = mean_average_precision(subspace(emb, masks, c)[known], lab[known].astype(str))
+    for name, space, lab in labelled_subspaces(emb, masks, images, labels, notions, conditions):
+        m = mean_average_precision(space, lab)
         per[name] = None if np.isnan(m) else m
     return per
 
