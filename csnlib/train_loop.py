@@ -119,8 +119,9 @@ def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_st
         flips = step_generator(args.seed, epoch, step, rank) if hflip else None
         x = to_input(u8, device, args.channels_last, flips)  # (3B, 3, S, S)
         c = c.to(device, non_blocking=True)
+        net = step_model(train_model, c.shape[0], local_bs)
         with torch.autocast(device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-            d_far, d_close, emb_norm, mask_norm = train_model(x, c)
+            d_far, d_close, emb_norm, mask_norm = net(x, c)
         loss = csn_loss(d_far, d_close, emb_norm, mask_norm, args.margin, *norm_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -144,6 +145,13 @@ def train_epoch(model, train_model, optimizer, scaler, data, rt, epoch, start_st
     bar.close()
     sums['steps'] = step
     return sums, finished
+
+
+def step_model(train_model, batch, full_batch):
+    """The model a step calls: train_model; for an epoch's last, smaller batch of a torch.compile'd model its eager
+    module (DDP-wrapped if train_model is), the same arithmetic to float rounding. A new batch shape would compile the
+    whole graph again, which takes as long as the first compile (minutes on a small CPU), for one step."""
+    return getattr(train_model, '_orig_mod', train_model) if batch != full_batch else train_model
 
 
 def step_generator(seed, epoch, step, rank):

@@ -183,3 +183,40 @@ def test_the_cpu_optimizer_is_fused_adam_and_updates_as_the_per_tensor_loop_does
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     resumed = adam_steps(lambda ps: make_optimizer(ps, 1e-2, 'cpu'), resume_at=3)
     assert all(torch.equal(a, b) for a, b in zip(fused, resumed))  # a resumed run is the same run, bit for bit
+
+
+class Compiled(torch.nn.Module):
+    """Stands in for what torch.compile returns (an OptimizedModule: a wrapper with the eager module as _orig_mod)
+    and records the batch sizes it is called with; compiling the real thing takes minutes on a small CPU."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod, self.batches = module, []
+
+    def forward(self, x, c):
+        self.batches.append(len(c))
+        return self._orig_mod(x, c)
+
+
+def test_a_compiled_model_leaves_the_epochs_last_smaller_batch_to_its_eager_module(shapes_data):
+    from csnlib import train_loop as training
+    from csnlib.builder import build_model
+    from csnlib.image_cache import ImageStore
+    from csnlib.options import main_parser
+    from csnlib.runtime import Runtime
+    from triplet_image_loader import load_dataset_info, load_triplets
+    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', '--batch-size', '4', '--dim_embed', '8',
+                                     '--amp', 'off'])
+    info = load_dataset_info(shapes_data)
+    trip, cond = load_triplets(info, 'train', [0, 1], 10, seed=1)
+    model = build_model(args, 2)
+    eager = []
+    model.register_forward_pre_hook(lambda m, inp: eager.append(len(inp[1])))
+    compiled = Compiled(model)
+    optimizer = training.make_optimizer(model.parameters(), 1e-3, 'cpu')
+    sums, finished = training.train_epoch(model, compiled, optimizer, torch.amp.GradScaler('cpu', enabled=False),
+                                          (trip, cond, ImageStore(info, 32), False), Runtime(args, torch.device('cpu')),
+                                          1)
+    assert finished and sums['n'] == 10
+    assert compiled.batches == [4, 4] and eager == [4, 4, 2]  # the last batch of 2: eager, no new shape compiled
+    assert training.step_model(model, 2, 4) is model  # a model that is not compiled takes every batch itself

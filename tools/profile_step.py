@@ -5,7 +5,8 @@ torch.profiler's per-op self CPU time with each op's FLOPs, for every image size
     python tools/profile_step.py --data data/fonts --image-size 32 64 --batch-size 64 256 --amp bf16 off
 
 On the CPU every op is synchronous, so a phase's wall time is its own. One process, configurations one after another:
-on a loaded machine read the shares, not the absolute times. --flags adds main.py flags (e.g. "--no-channels-last").
+on a loaded machine read the shares, not the absolute times. --flags adds main.py flags (e.g. "--no-channels-last",
+or "--compile": the model is then torch.compile'd as main.py does it, and the first warm-up step compiles it).
 """
 import argparse
 import os
@@ -45,7 +46,8 @@ def setup(opts, size, batch, amp):
     store = ImageStore(info, size, build_image_cache(info, size, args.cache_dir, log=lambda *a, **k: None))
     n = (opts.warmup + 2 * opts.steps) * batch
     trip, cond = load_triplets(info, 'train', list(range(len(info.notions))), n, args.seed, log=lambda *a, **k: None)
-    return args, rt, model, optimizer, TripletBatches(trip, cond, store), choose_hflip(args, info)[0]
+    net = torch.compile(model) if args.compile else model  # as main.py trains it
+    return args, rt, net, optimizer, TripletBatches(trip, cond, store), choose_hflip(args, info)[0]
 
 
 def step(args, rt, model, optimizer, batches, hflip, i, times):
