@@ -138,6 +138,11 @@ def main_parser():
     add_device_flag(g)
     a('--workers', type=nonneg_int, default=None,
       help='DataLoader worker processes (default: 0 on the CPU with the image cache, else min(8, cores))')
+    a('--threads', type=positive_int, default=None,
+      help='CPU threads for the arithmetic (torch.set_num_threads). Default: torch\'s, one per core this process may '
+           'use. On cores that other processes keep busy, 1 trains several times as fast (the README\'s speed '
+           'section). Training\'s float rounding depends on it, so a run and its resume keep one value (a --resume '
+           'takes the checkpoint\'s)')
     a('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
       help='mixed precision: auto = bf16 on CUDA and on CPUs with bf16 support, fp16 with a grad scaler on older GPUs')
     a('--channels-last', '--channels_last', dest='channels_last', action='store_true', default=True,

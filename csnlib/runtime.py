@@ -51,6 +51,7 @@ class Runtime:
     eval_batch_size: int = 256        # images per batch when embedding
     resume: str = ''                  # the checkpoint this run continues or tests ('' = none)
     workers_note: str = ''            # why fewer workers than usual (shared memory), for the start line
+    threads: int = None               # intra-op CPU threads in use (--threads, or torch's default)
     stop: StopFlag = field(default_factory=StopFlag)
 
     @property
@@ -73,11 +74,24 @@ def start(args, resume=''):
         batch_bytes = 3 * (args.batch_size // world) * args.image_size ** 2 * 3  # a (3B, S, S, 3) uint8 batch
         workers, note = default_workers(args.cache, device.type, len(os.sched_getaffinity(0)),
                                         int(os.environ.get('LOCAL_WORLD_SIZE', '1')), batch_bytes, shm_free_bytes())
+    threads = choose_threads(args, device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick its fastest convolutions once
     seed_everything(args.seed)
     return Runtime(args, device, amp_dtype, use_scaler, rank, world, workers,
-                   eval_batch_size(args.batch_size, args.image_size, device.type, workers), resume, workers_note=note)
+                   eval_batch_size(args.batch_size, args.image_size, device.type, workers), resume, workers_note=note,
+                   threads=threads)
+
+
+def choose_threads(args, device):
+    """Intra-op CPU threads: --threads if given (torch.set_num_threads), else torch's default (its cores; torchrun
+    sets OMP_NUM_THREADS=1 per process). Not chosen from the machine's load: the thread count changes the float
+    rounding of oneDNN's convolutions, so the same command must get the same count to give the same bits. Returns
+    the count in use."""
+    n = getattr(args, 'threads', None)
+    if n is not None and device.type == 'cpu':
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def eval_batch_size(batch_size, image_size, device_type, workers):

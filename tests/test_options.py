@@ -104,7 +104,7 @@ def test_the_ranges_of_main_py_flags_the_issue_names():
             '--margin': (0, False), '--embed_loss': (0, False), '--mask_loss': (0, False), '--workers': (0, False),
             '--num_traintriplets': (1, False), '--num_valtriplets': (1, False), '--num_testtriplets': (1, False),
             '--dim_embed': (1, False), '--image-size': (1, False), '--log-interval': (1, False), '--seed': (0, False),
-            '--dist-timeout': (0, True), '--visdom-port': (1, False), '--patience': (0, False)}
+            '--dist-timeout': (0, True), '--visdom-port': (1, False), '--patience': (0, False), '--threads': (1, False)}
     got = {a.option_strings[0]: (a.type.low, a.type.low_open) for a in numeric_flags('main.py')}
     assert got == want
     assert options.port.high == 65535

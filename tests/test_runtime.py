@@ -84,6 +84,60 @@ def test_the_start_line_says_when_bf16_is_emulated(monkeypatch, device, units, a
         assert ('--amp off' in note) == (device == 'cpu') and ('7.5' in note) == (device == 'cuda')
 
 
+@pytest.mark.parametrize('units, amp, size, expected', [(True, 'auto', 32, torch.bfloat16),  # measured: faster
+                                                       (True, 'auto', 64, torch.bfloat16),
+                                                       (True, 'auto', 112, torch.bfloat16),
+                                                       (False, 'auto', 32, None),   # emulated bf16: fp32
+                                                       (False, 'auto', 112, None),
+                                                       (True, 'off', 32, None),
+                                                       (False, 'bf16', 64, torch.bfloat16)])  # asked for: emulated
+def test_amp_auto_on_the_cpu_is_bf16_at_every_image_size_where_the_cpu_has_bf16_units(monkeypatch, units, amp, size,
+                                                                                       expected):
+    from csnlib import runtime
+    monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: units)
+    args = argparse.Namespace(amp=amp, image_size=size)
+    assert runtime.choose_amp(args, torch.device('cpu')) == (expected, False)
+
+
+def test_the_path_amp_auto_picks_on_a_bf16_cpu_computes_the_fp32_loss_to_bf16_rounding(monkeypatch):
+    """What --amp auto and the defaults pick at 32 px on a CPU with bf16 units (bf16 autocast, channels_last) against
+    plain fp32 NCHW on a batch of 16 triplets: channels_last alone gives the fp32 figures to float rounding, bf16 the
+    same loss, distances and gradients to bf16's rounding (8 bits of mantissa: distances within 5 % here)."""
+    from csnlib import runtime
+    from csnlib.builder import build_model
+    from csnlib.loader import to_input
+    from csnlib.options import main_parser
+    from tripletnet import csn_loss
+    monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: True)
+    args = main_parser().parse_args(['--no-pretrained', '--image-size', '32', '--dim_embed', '8'])
+    amp_dtype, _ = runtime.choose_amp(args, torch.device('cpu'))
+    assert amp_dtype == torch.bfloat16 and args.channels_last
+    torch.manual_seed(0)
+    model = build_model(args, 2)
+    u8 = torch.randint(0, 256, (3 * 16, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    c = torch.arange(16) % 2  # (16,)
+    out = {}
+    for name, dtype, channels_last in (('fp32', None, False), ('fp32 channels_last', None, True),
+                                       ('auto', amp_dtype, True)):
+        model.zero_grad(set_to_none=True)
+        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        with torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
+            d_far, d_close, emb_norm, mask_norm = model(to_input(u8, 'cpu', channels_last), c)
+        loss = csn_loss(d_far, d_close, emb_norm, mask_norm, 0.2, 5e-3, 5e-4)
+        loss.backward()
+        out[name] = (loss.detach(), torch.cat([d_far, d_close]).detach().float(),
+                     torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    (loss32, d32, g32), (loss_cl, d_cl, g_cl), (loss_bf, d_bf, g_bf) = out.values()
+    assert loss32.dtype == loss_bf.dtype == torch.float32
+    torch.testing.assert_close(loss_cl, loss32, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_cl, d32, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g_cl, g32, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(loss_bf, loss32, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(d_bf, d32, rtol=5e-2, atol=1e-2)
+    assert torch.nn.functional.cosine_similarity(g_bf, g32, dim=0) > 0.95  # all the model's gradients
+    assert torch.nn.functional.cosine_similarity(g_cl, g32, dim=0) > 0.9999
+
+
 def test_a_run_asking_for_bf16_on_a_cpu_without_bf16_units_is_told_so(shapes_data, tmp_path, monkeypatch, capsys):
     import main
     from csnlib import runtime
