@@ -138,6 +138,25 @@ def test_the_path_amp_auto_picks_on_a_bf16_cpu_computes_the_fp32_loss_to_bf16_ro
     assert torch.nn.functional.cosine_similarity(g_cl, g32, dim=0) > 0.9999
 
 
+def test_threads_set_torchs_count_and_a_resumed_run_keeps_the_checkpoints(monkeypatch):
+    """The thread count changes oneDNN's float rounding, so a resume that took a new count would not be exact."""
+    from csnlib import runtime
+    from csnlib.checkpoint import merge_checkpoint_args
+    from csnlib.options import main_parser
+    before = torch.get_num_threads()
+    try:
+        args = main_parser().parse_args(['--threads', '1'])
+        assert runtime.choose_threads(args, torch.device('cpu')) == 1 == torch.get_num_threads()
+        ckpt = {'args': vars(args), 'state_dict': {}}
+        resumed = merge_checkpoint_args(main_parser().parse_args(['--resume', 'x']), ckpt, {'resume'}, 'x')
+        assert resumed.threads == 1
+        torch.set_num_threads(before)
+        default = main_parser().parse_args([])
+        assert default.threads is None and runtime.choose_threads(default, torch.device('cpu')) == before
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_run_asking_for_bf16_on_a_cpu_without_bf16_units_is_told_so(shapes_data, tmp_path, monkeypatch, capsys):
     import main
     from csnlib import runtime
