@@ -119,6 +119,7 @@ def run(args, explicit):
            f'image cache {"on" if args.cache else "off"}, workers {rt.workers}'
            f'{f" ({rt.workers_note})" if rt.workers_note else ""}, embedding batch {rt.eval_batch_size}'
            f'{f", malloc {malloc}" if rt.device.type == "cpu" else ""}'
+           f'{f", threads {rt.threads}" if rt.device.type == "cpu" else ""}'
            f'{flip_note}')
     model = build_model(args, len(info.notions), pretrained=not args.no_pretrained and ckpt is None)
     if ckpt is not None:

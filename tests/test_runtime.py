@@ -42,13 +42,14 @@ def test_keep_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
 
 
 @pytest.mark.slow
-def test_the_start_line_says_what_was_chosen_for_memory(shapes_data, tmp_path):
+def test_the_start_line_says_what_was_chosen_for_memory_and_threads(shapes_data, tmp_path):
     p = run_main('--data', shapes_data, '--runs', tmp_path, '--name', 'a', '--epochs', 1, '--device', 'cpu', *FAST)
     assert 'malloc keeps freed memory' in p.stdout
     assert 'workers 0, embedding batch 4096' in p.stdout  # 32 px on the CPU from the cache: runtime.eval_batch_size
+    assert f'threads {torch.get_num_threads()}' in p.stdout  # torch's default, as in this process
     p = run_main('--data', shapes_data, '--runs', tmp_path, '--name', 'b', '--epochs', 1, '--device', 'cpu',
-                 '--no-keep-memory', *FAST)
-    assert 'malloc system default' in p.stdout
+                 '--no-keep-memory', '--threads', 1, *FAST)
+    assert 'malloc system default, threads 1' in p.stdout
 
 
 # ---- the GPU, MPS and torchrun paths, checked on the CPU (no GPU has run this code: see the README) ---------------
