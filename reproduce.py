@@ -16,6 +16,7 @@ report's text are in csnlib/claims.py; this script trains, tests and keeps the r
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import shlex
@@ -48,15 +49,19 @@ from csnlib.claims import (
     write_mask_figure,
 )
 from csnlib.errors import UserError, run_script
+from csnlib.run_lock import RunInUse, RunLock
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # (short name, row of the table, main.py flags, the paper's Zappos50k triplet prediction error in %)
 # main.py flags that change what a run learns: a run or record made with other values is not reused
 SETTINGS = ('num_traintriplets', 'seed', 'dim_embed', 'batch_size', 'lr', 'margin', 'embed_loss', 'mask_loss',
-            'image_size', 'conditions', 'no_pretrained', 'weights', 'num_valtriplets', 'hflip', 'three_forwards')
+            'image_size', 'conditions', 'no_pretrained', 'weights', 'num_valtriplets', 'hflip', 'three_forwards',
+            'threads')
 SET_HERE = ('--model', '--learned', '--prein', '--name', '--resume', '--test', '--runs', '--epochs', '--seed',
             '--num_traintriplets', '--num-traintriplets', '--pictures', '--no-pictures', '--patience')
 SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+STUDY_LOCK = '.reproduce.lock'  # held by the reproduce.py that trains and tests a run (main.py holds its own)
+WAIT_S = 30.0  # how often a copy that waits for the others' sweep runs looks again
 
 
 def build_parser():
@@ -264,11 +269,34 @@ def without_conditions(passthrough):
     return out
 
 
-def run_checks(args, passthrough, lr):
+def study_runs(args, passthrough, lr):
+    """The checks' runs (--checks-at), then the grid's, each once: [(model, budget, seed, lr, pictures, Variant or
+    None)]. The largest budget's first seed writes the pictures."""
     from triplet_image_loader import load_dataset_info
-    for model, budget, seed, run_lr, variant in check_runs(args, passthrough, lr, load_dataset_info(args.data).notions):
-        train_and_test(args, passthrough, main_settings(args, passthrough)[0], model, budget, seed, run_lr, False,
-                       variant)
+    top, first_seed = max(args.budgets), args.seeds[0]
+    checks = check_runs(args, passthrough, lr, load_dataset_info(args.data).notions) if args.checks_at else []
+    runs, where = [], {}
+    for model, budget, seed, run_lr, variant in [*checks, *((*g, None) for g in grid(args, lr))]:
+        name = run_name(args, variant.key if variant else model, budget, seed, run_lr)
+        pictures = variant is None and budget == top and seed == first_seed
+        if name in where:  # a check's run that is also the grid's
+            i = where[name]
+            runs[i] = (*runs[i][:4], runs[i][4] or pictures, runs[i][5])
+        else:
+            where[name] = len(runs)
+            runs.append((model, budget, seed, run_lr, pictures, variant))
+    return runs
+
+
+def train_runs(args, passthrough, settings, runs, say_busy=True):
+    """Train and test the runs here, but those that another copy of the command holds: their names."""
+    busy = []
+    for m, b, s, lr, pictures, v in runs:
+        if train_and_test(args, passthrough, settings, m, b, s, lr, pictures, v) == 'busy':
+            busy.append(run_name(args, v.key if v else m, b, s, lr))
+            if say_busy:
+                print(f'{busy[-1]}: left to the copy of this command that is training it', flush=True)
+    return busy
 
 
 def checks_summary(args, passthrough, lr):
@@ -333,20 +361,41 @@ def record_done(rec, epochs):
     return not (rec['stopped'] in ('cap', 'seen') and rec['epochs_cap'] < epochs)
 
 
+def recorded(args, name, wanted, epochs):
+    """Is the run's record there (made with the study's settings) and finished?"""
+    rec = read_record(record_path(args, name))
+    if rec is not None:
+        check_settings(record_path(args, name), rec['args'], wanted)
+    return rec is not None and record_done(rec, epochs)
+
+
 def train_and_test(args, passthrough, settings, model, budget, seed, lr, pictures, variant=None):
     """One run: nothing when its record is there, else train (or continue) and test it, then write its record.
-    variant: a check's run of `model` (a Variant: its name, main.py flags added, flags passed on, settings)."""
+    variant: a check's run of `model` (a Variant: its name, main.py flags added, flags passed on, settings).
+    Returns 'recorded', 'done', or 'busy' when another reproduce.py holds the run (it is left to that process)."""
     if variant is not None:
         passthrough, settings = variant.passthrough, variant.settings
     name = run_name(args, variant.key if variant else model, budget, seed, lr)
     epochs = epochs_for(args, budget)
     wanted = {**settings, 'lr': lr, 'num_traintriplets': budget, 'seed': seed}
-    rec = read_record(record_path(args, name))
-    if rec is not None:
-        check_settings(record_path(args, name), rec['args'], wanted)
-        if record_done(rec, epochs):
+    if recorded(args, name, wanted, epochs):
+        print(f'{name}: recorded, not trained again', flush=True)
+        return 'recorded'
+    run_dir = os.path.join(args.runs, name)
+    with contextlib.ExitStack() as claim:
+        try:  # several copies of the same command share the study: each run is trained by the one that claims it
+            claim.enter_context(RunLock(run_dir, 'trains and tests it for reproduce.py', STUDY_LOCK))
+        except RunInUse:
+            return 'busy'
+        if recorded(args, name, wanted, epochs):  # finished by another process since the look above
             print(f'{name}: recorded, not trained again', flush=True)
-            return
+            return 'recorded'
+        run_one(args, passthrough, model, budget, seed, lr, pictures, variant, name, epochs, wanted)
+    return 'done'
+
+
+def run_one(args, passthrough, model, budget, seed, lr, pictures, variant, name, epochs, wanted):
+    """train_and_test's work on a run it holds: train or continue, test, write the record (and the probes)."""
     run_dir = os.path.join(args.runs, name)
     action, ckpt = plan(run_dir, epochs)
     if ckpt is not None:
@@ -675,18 +724,30 @@ def reproduce(args, passthrough):
         args = argparse.Namespace(**{**vars(args), 'sweep_lrs': []})  # the report shows no sweep
     else:
         if not args.report_only:
-            for model, budget, seed, sweep_lr in sweep_grid(args):
-                train_and_test(args, passthrough, settings, model, budget, seed, sweep_lr, False)
+            wait_for_sweep(args, passthrough, settings)
         _, lr, why = sweep_table(args)
-    if not args.report_only and not args.sweep_only and lr is not None and args.checks_at:
-        run_checks(args, passthrough, lr)
     if not args.report_only and not args.sweep_only and lr is not None:
-        top, first_seed = max(args.budgets), args.seeds[0]
-        for model, budget, seed, run_lr in grid(args, lr):
-            train_and_test(args, passthrough, settings, model, budget, seed, run_lr,
-                           budget == top and seed == first_seed)
+        busy = train_runs(args, passthrough, settings, study_runs(args, passthrough, lr))
+        if busy:
+            print(f'reproduce.py: {len(busy)} run(s) are still being trained by other copies of this command '
+                  f'({", ".join(busy[:3])}{", ..." if len(busy) > 3 else ""}); the report below leaves them out, and '
+                  f'the last copy to finish writes the whole one', flush=True)
     report(args, passthrough, {**settings, 'lr': lr}, lr, why, t_start)
     return 0
+
+
+def wait_for_sweep(args, passthrough, settings):
+    """Train the sweep's runs that no other copy of the command holds, then wait for the others' (the rate is chosen
+    from all of them), taking over any that a copy left unfinished."""
+    sweep = [(m, b, s, lr, False, None) for m, b, s, lr in sweep_grid(args)]
+    todo, said = sweep, None
+    while busy := train_runs(args, passthrough, settings, todo, say_busy=False):
+        if busy != said:
+            print(f'reproduce.py: waiting for {len(busy)} sweep run(s) that other copies of this command are '
+                  f'training ({", ".join(busy)}); the rate is chosen from all of them', flush=True)
+            said = busy
+        time.sleep(WAIT_S)
+        todo = [r for r in sweep if run_name(args, r[0], r[1], r[2], r[3]) in busy]
 
 
 def fill_from_study(d, passthrough):

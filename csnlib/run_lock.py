@@ -9,22 +9,27 @@ from csnlib.errors import UserError
 LOCK_NAME = '.lock'
 
 
-class RunLock:
-    """with RunLock(run_dir): ... (the folder is made if needed); UserError if another process holds it."""
+class RunInUse(UserError):
+    """Another process holds the run folder's lock."""
 
-    def __init__(self, run_dir, what='writes'):
-        self.run_dir, self.what, self.fd = run_dir, what, None
+
+class RunLock:
+    """with RunLock(run_dir): ... (the folder is made if needed); RunInUse (a UserError) if another process holds it.
+    name: the lock file (main.py's LOCK_NAME; reproduce.py holds its own while it trains and tests a run)."""
+
+    def __init__(self, run_dir, what='writes', name=LOCK_NAME):
+        self.run_dir, self.what, self.name, self.fd = run_dir, what, name, None
 
     def __enter__(self):
         os.makedirs(self.run_dir, exist_ok=True)
-        path = os.path.join(self.run_dir, LOCK_NAME)
+        path = os.path.join(self.run_dir, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'unknown'
             os.close(fd)
-            raise UserError(f'{self.run_dir} is in use: process {holder} {self.what} it now. Wait for it to finish, '
+            raise RunInUse(f'{self.run_dir} is in use: process {holder} {self.what} it now. Wait for it to finish, '
                             f'stop it, or choose another --name') from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)

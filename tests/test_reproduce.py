@@ -422,3 +422,46 @@ def test_the_checks_train_the_alone_and_other_arithmetic_runs_and_compare_them_p
     # a fresh clone rebuilds the same section from the records alone
     p = reproduce('--report-only', '--results', results, '--out-dir', tmp_path / 'again', monkeypatch=monkeypatch)
     assert json.load(open(tmp_path / 'again' / 'reproduce.json'))['checks'] == rep['checks']
+
+
+@pytest.mark.slow
+def test_copies_of_the_command_share_the_study_run_by_run(shapes_data, tmp_path, monkeypatch):
+    """A run that another copy of the command holds is left to it (and out of this copy's report); the sweep waits
+    for the other copies' runs, and takes over one that a copy left unfinished."""
+    import types
+
+    import reproduce as rp
+    from csnlib.run_lock import RunLock
+    runs, results = tmp_path / 'runs', tmp_path / 'results'
+    common = ['--data', shapes_data, '--runs', runs, '--results', results, '--budgets', 32, '--seeds', 1,
+              '--epochs', 1, '--models', 'triplet', 'csn_fixed', '--no-probe', *TINY]
+    with RunLock(str(runs / 'repro_triplet_n32_s1_lr1e-3'), 'trains', rp.STUDY_LOCK):  # another copy holds it
+        p = reproduce(*common, monkeypatch=monkeypatch)
+    assert [c.split('--name ')[1].split()[0] for c in launched(p.stdout) if '--name' in c] == [
+        'repro_csn_fixed_n32_s1_lr1e-3']
+    assert 'repro_triplet_n32_s1_lr1e-3: left to the copy of this command that is training it' in p.stdout
+    assert 'still being trained by other copies' in p.stdout
+    assert 'Runs finished: 1 of 2' in (runs / 'reproduce' / 'report.md').read_text()
+    p = reproduce(*common, monkeypatch=monkeypatch)                      # released: trained here, the other reused
+    assert len([c for c in launched(p.stdout) if '--name' in c]) == 1
+    assert 'Runs finished: 2 of 2' in (runs / 'reproduce' / 'report.md').read_text()
+
+    # the sweep: one of its runs is held when this copy gets to it, and released without a record while it waits
+    held = RunLock(str(runs / 'repro_csn_fixed_n64_s1_lr3e-3'), 'trains', rp.STUDY_LOCK).__enter__()
+    waits = []
+
+    def sleep(seconds):                                                  # the other copy stops while this one waits
+        waits.append(seconds)
+        if held.fd is not None:
+            held.__exit__(None, None, None)
+    monkeypatch.setattr(rp, 'time', types.SimpleNamespace(time=time.time, sleep=sleep))
+    tiny = [f for f in TINY if f not in ('--lr', '1e-3')]
+    p = reproduce('--data', shapes_data, '--runs', runs, '--results', tmp_path / 'sweep', '--budgets', 64,
+                  '--seeds', 1, '--epochs', 1, '--models', 'triplet', 'csn_fixed', '--sweep-lrs', 1e-3, 3e-3,
+                  '--sweep-only', '--no-probe', *tiny, monkeypatch=monkeypatch)
+    assert waits == [rp.WAIT_S]
+    assert 'waiting for 1 sweep run(s) that other copies of this command are training (repro_csn_fixed_n64_s1_lr3e-3)' \
+        in p.stdout
+    names = [c.split('--name ')[1].split()[0] for c in launched(p.stdout) if '--name' in c]
+    assert names[-1] == 'repro_csn_fixed_n64_s1_lr3e-3' and len(names) == 4   # taken over once it was free
+    assert json.load(open(runs / 'reproduce' / 'reproduce.json'))['sweep']['chosen'] in (1e-3, 3e-3)
