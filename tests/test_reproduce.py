@@ -401,7 +401,8 @@ def test_the_checks_train_the_alone_and_other_arithmetic_runs_and_compare_them_p
     assert len(alone) == 4 and all('--conditions' in c and '--three-forwards' in c for c in alone)
     one = [c for c in cmds if '-one-forward_' in c]
     assert len(one) == 2 and all('--three-forwards' not in c for c in one)
-    assert p.stdout.count('recorded, not trained again') == 2   # the study's runs at 64: trained once, by the checks
+    names = [c.split('--name ')[1].split()[0] for c in cmds]
+    assert len(set(names)) == 8 and 'recorded, not trained again' not in p.stdout  # the study's runs at 64: once
     rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
     t = rep['checks']['task_alone']
     for i, seed in enumerate((1, 2)):
