@@ -119,7 +119,8 @@ def summarise(rows, models, budgets):
                 'stopped': [r['stopped'] for _, r in rs], 'epochs_trained': [r['epochs_trained'] for _, r in rs],
                 'best_epoch': [r['best_epoch'] for _, r in rs], 'lr': rs[0][1]['lr'],
                 'masks': None, 'masks_start': None, 'masks_change': None}
-            for key in ('pml_precision_at_1', 'pml_map_at_r'):  # pytorch-metric-learning's, where the tests had it
+            # pytorch-metric-learning's, where the tests had it; ASEN's protocol mAP on datasets in its layout
+            for key in ('pml_precision_at_1', 'pml_map_at_r', 'protocol_mAP'):
                 v = [r['test'][key] for _, r in rs if r['test'].get(key) is not None]
                 d[f'{key}_mean'], d[f'{key}_std'] = mean_std(v) if v else (None, None)
             if rs[0][1].get('masks') is not None and model == 'csn_learned':
@@ -362,6 +363,8 @@ def markdown(rep):
     top = str(budgets[-1])
     models = [m for m in (x[0] for x in MODELS) if top in rep['models'].get(m, {})]
     notions = list(rep['models'][models[0]][top]['per_notion_mean']) if models else []
+    # ASEN's retrieval protocol (datasets in its layout: get_data.py --dataset asen): queries against candidates
+    protocol = any(rep['models'][m][top].get('protocol_mAP_mean') is not None for m in models)
     s = rep['settings']
     forwards = ('three backbone calls per step, as the original' if s.get('three_forwards') else
                 'one backbone call per step for anchors, fars and closes '
@@ -373,20 +376,23 @@ def markdown(rep):
           f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
           f'{int(top):,} training triplets. mAP: retrieval mean average precision over the test images under each '
           f'notion\'s mask (datasets with labels); precision@1 and MAP@R: pytorch-metric-learning\'s, on the same '
-          f'embeddings (where it was installed). The paper\'s error is on Zappos50k (64-d, 200k triplets), for the '
-          f'ordering only.',
-          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | precision@1 | MAP@R | parameters | '
-          'paper error (Zappos50k) | seeds |', '|---|' + '---:|' * (len(notions) + 8)]
+          f'embeddings (where it was installed)'
+          + ('; protocol mAP: ASEN\'s, queries against candidates per attribute, weighted by queries' if protocol
+             else '') + '. The paper\'s error is on Zappos50k (64-d, 200k triplets), for the ordering only.',
+          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | precision@1 | MAP@R | '
+          + ('protocol mAP | ' if protocol else '') + 'parameters | paper error (Zappos50k) | seeds |',
+          '|---|' + '---:|' * (len(notions) + 8 + protocol)]
     for m in models:
         d = rep['models'][m][top]
         k = len(d['seeds'])
         mp = pm(d['mAP_mean'], d['mAP_std'], k) if d.get('mAP_mean') is not None else ''
-        p1, mr = (pm(d[f'{key}_mean'], d[f'{key}_std'], k) if d.get(f'{key}_mean') is not None else ''
-                  for key in ('pml_precision_at_1', 'pml_map_at_r'))
+        p1, mr, pr = (pm(d[f'{key}_mean'], d[f'{key}_std'], k) if d.get(f'{key}_mean') is not None else ''
+                      for key in ('pml_precision_at_1', 'pml_map_at_r', 'protocol_mAP'))
         L.append(f'| {TITLE[m]} | '
                  + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
                  + f' | **{pm(d["accuracy_mean"], d["accuracy_std"], k)}** | '
-                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {p1} | {mr} | {d["parameters"]:,} | '
+                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {p1} | {mr} | '
+                   + (f'{pr} | ' if protocol else '') + f'{d["parameters"]:,} | '
                    f'{paper_error(m)} | '
                    f'{", ".join(map(str, d["seeds"]))} |')
     L += ['', 'Test error (%) against training triplets (mean ± sd over seeds; the number of seeds in brackets):', '',

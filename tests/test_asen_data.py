@@ -9,51 +9,10 @@ import numpy as np
 import pytest
 
 import get_data
-from conftest import FAST, draw, error_line, in_process, run_main
+from conftest import ATTRS, FAST, VALUES, error_line, in_process, make_asen_layout, run_main
 from csnlib import asen_data
 from csnlib.search import protocol_map
 from triplet_image_loader import load_dataset_info, load_triplets, read_labels
-
-ATTRS = ['colour', 'shape']
-VALUES = {'colour': ['red', 'blue'], 'shape': ['circle', 'square']}
-
-
-def make_asen_layout(root, name='Tiny', per_kind=4, seed=0, extra_datasets=()):
-    """DIR/meta.json and DIR/NAME/ with images, filenames_{train,valid,test}.txt, label_train.txt and the
-    query/candidate lists (valid/test images labelled under one attribute each, as FashionAI's are)."""
-    rng = np.random.default_rng(seed)
-    base = os.path.join(root, name)
-    os.makedirs(os.path.join(base, 'img'), exist_ok=True)
-    kinds = [(c, s) for c in VALUES['colour'] for s in VALUES['shape']]
-    lists = {}
-    for split in ('train', 'valid', 'test'):
-        rows = []
-        for k in range(per_kind):
-            for c, s in kinds:
-                p = f'img/{split}_{c}_{s}_{k}.png'
-                draw(c, s, rng).save(os.path.join(base, p))
-                rows.append((p, c, s))
-        lists[split] = rows
-        with open(os.path.join(base, f'filenames_{split}.txt'), 'w') as f:
-            f.writelines(p + '\n' for p, _, _ in rows)
-    with open(os.path.join(base, 'label_train.txt'), 'w') as f:
-        for i, (_, c, s) in enumerate(lists['train']):
-            f.write(f'{i} 0 {VALUES["colour"].index(c)} 1 {VALUES["shape"].index(s)}\n')
-    for split in ('valid', 'test'):
-        q, cand = [], []
-        for i, (_, c, s) in enumerate(lists[split]):
-            k = i // len(kinds)
-            a = k % 2  # each image labelled under one attribute: copies 0, 2 colour, copies 1, 3 shape
-            line = f'{i} {a} {VALUES[ATTRS[a]].index(c if a == 0 else s)}\n'
-            (q if k < 2 else cand).append(line)
-        for kind, lines in (('query', q), ('candidate', cand)):
-            with open(os.path.join(base, f'{kind}_{split}.txt'), 'w') as f:
-                f.writelines(lines)
-    meta = {n: {'ATTRIBUTES': ATTRS, 'ATTRIBUTES_NUM': {a: 2 for a in ATTRS}, 'ATTRIBUTES_VALUES': VALUES}
-            for n in (name, *extra_datasets)}
-    with open(os.path.join(root, 'meta.json'), 'w') as f:
-        json.dump(meta, f)
-    return lists
 
 
 def convert(src, out, *more):

@@ -466,3 +466,33 @@ def test_copies_of_the_command_share_the_study_run_by_run(shapes_data, tmp_path,
     names = [c.split('--name ')[1].split()[0] for c in launched(p.stdout) if '--name' in c]
     assert names[-1] == 'repro_csn_fixed_n64_s1_lr3e-3' and len(names) == 4   # taken over once it was free
     assert json.load(open(runs / 'reproduce' / 'reproduce.json'))['sweep']['chosen'] in (1e-3, 3e-3)
+
+
+@pytest.mark.slow
+def test_csn_and_its_successors_side_by_side_on_a_dataset_in_asens_layout(tmp_path, monkeypatch):
+    """The same protocol on the fashion benchmarks' layout: every model's row, its parameters, and ASEN's protocol
+    mAP where the model has an embedding per notion (SCE-Net has none)."""
+    import get_data
+    from conftest import make_asen_layout
+    make_asen_layout(str(tmp_path / 'asen'))
+    data = tmp_path / 'data'
+    assert in_process(get_data.main, ['--dataset', 'asen', '--from', tmp_path / 'asen', '--out', data,
+                                      '--train-triplets', 40, '--val-triplets', 12, '--test-triplets', 12])[0] == 0
+    runs, results = tmp_path / 'runs', tmp_path / 'results'
+    tiny = [f for f in TINY if f not in ('--num_valtriplets', '40', '--num_testtriplets')]
+    reproduce('--data', data, '--runs', runs, '--results', results, '--budgets', 32, '--seeds', 1, 2, '--epochs', 1,
+              '--models', 'csn_fixed', 'asen', 'scenet', '--no-probe', *tiny, '--num_valtriplets', 12,
+              '--num_testtriplets', 12, monkeypatch=monkeypatch)
+    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    assert set(rep['models']) == {'csn_fixed', 'asen', 'scenet'}
+    for m in ('csn_fixed', 'asen'):
+        d = rep['models'][m]['32']
+        protocol = [json.load(open(results / f'repro_{m}_n32_s{s}_lr1e-3.json'))['test']['protocol_mAP']
+                    for s in (1, 2)]
+        assert all(0 < v <= 1 for v in protocol) and d['protocol_mAP_mean'] == pytest.approx(np.mean(protocol))
+    assert rep['models']['scenet']['32']['protocol_mAP_mean'] is None
+    params = {m: rep['models'][m]['32']['parameters'] for m in rep['models']}
+    assert params['asen'] > params['csn_fixed'] and params['scenet'] > params['csn_fixed']
+    text = (runs / 'reproduce' / 'report.md').read_text()
+    assert '| protocol mAP | parameters |' in text and f'{params["asen"]:,}' in text
+    assert 'ASEN (attention conditioned on the notion)' in text and 'SCE-Net (masks weighed per triplet)' in text
