@@ -10,7 +10,6 @@ steps are left out, and the median of --repeats rounds is reported. Prints a tab
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -85,17 +84,6 @@ def cpu_seconds():
     """CPU time (user + system) of this process's threads so far; DataLoader workers not included."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 NVML_HINT = 'the GPU busy share needs nvidia-ml-py (pip install nvidia-ml-py; requirements-dev.txt has it)'
@@ -199,7 +187,7 @@ def measure(opts, impl, mode):
     out = {'seconds': seconds, 'cpu_seconds': cpu_s, 'triplets': n, 'peak_rss_mb': round(peak_rss_mb(), 1),
            'base_rss_mb': round(base_rss, 1), 'gpu_busy_pct': gpu.mean(),
            **({'gpu_busy_error': gpu.error} if gpu.error else {}), 'device': device.type,
-           'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
+           'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else runtime.cpu_name(),
            'settings': settings}
     if device.type == 'cuda':
         out['peak_gpu_mb'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
@@ -430,7 +418,7 @@ def peak_speed(device, n=4096, repeats=5):
             times.append(time.perf_counter() - t0)
         out[str(dtype).replace('torch.', '')] = round(2 * n ** 3 / statistics.median(times[1:]) / 1e9, 1)
     fig = {'mode': 'peak', 'matmul_n': n, 'gflop_per_s': out, 'device': device.type,
-           'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
+           'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else runtime.cpu_name(),
            'threads': torch.get_num_threads()}
     print(f'{n} x {n} matrix product on {fig["device_name"]}: '
           + ', '.join(f'{k} {v:,.0f} GFLOP/s' if v is not None else f'{k} not timed (no bf16 units: emulated)'
@@ -522,7 +510,7 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
                        'setting': setting, 'build_s': round(build, 2),
                        'queries_per_s': round(qps, 1), 'ms_per_query': round(ms, 3),
                        f'recall_at_{k}': round(float(recall), 4), 'queries': int(len(found)),
-                       'peak_rss_mb': round(peak_rss_mb()), 'cpu': cpu_name()}
+                       'peak_rss_mb': round(peak_rss_mb()), 'cpu': runtime.cpu_name()}
                 rows.append(fig)
                 print(f'{n:>10,} {name:<6} {setting:<32} {build:>8.1f} {qps:>10,.0f} {ms:>9.2f} {recall:>9.3f}',
                       flush=True)

@@ -39,6 +39,7 @@ from csnlib.claims import (
     claim_e,
     false_verdict_rate,
     lr_tag,
+    machine_tag,
     markdown,
     mean_std,
     paired,
@@ -469,6 +470,7 @@ def read_metrics(path):
 
 def make_record(args, run_dir, model, budget, seed, lr, epochs):
     """What outlives the run folder: args, per-epoch metrics, test results, stop reason, masks and their start."""
+    from csnlib import runtime
     from csnlib.checkpoint import load_checkpoint
     ck = load_checkpoint(os.path.join(run_dir, 'checkpoint.pth.tar'))
     best = load_checkpoint(os.path.join(run_dir, 'model_best.pth.tar'))
@@ -489,7 +491,8 @@ def make_record(args, run_dir, model, budget, seed, lr, epochs):
             'best_val_acc': ck['best_acc'], 'epochs_cap': epochs, 'patience': 0 if args.seen else args.patience,
             'parameters': count_parameters(best['state_dict']), 'masks': masks,
             'masks_start': start_masks(ck['args'], len(ck.get('notions') or [])) if masks is not None else None,
-            'train_s': round(times.get('train_s', 0.0), 1), 'test_s': round(times.get('test_s', 0.0), 1)}
+            'train_s': round(times.get('train_s', 0.0), 1), 'test_s': round(times.get('test_s', 0.0), 1),
+            'machine': runtime.machine_info()}
 
 
 def count_parameters(state_dict):
@@ -682,6 +685,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
                     for _, r in sorted(rows.items())},
            'runs_finished': len(rows), 'runs_planned': len(grid(args, lr)),
            'wall_s': round(sum(r['train_s'] + r['test_s'] for r in rows.values()), 1),
+           'machines': dict(collections.Counter(machine_tag(r.get('machine')) for _, r in sorted(rows.items()))),
            'this_call_s': round(time.time() - t_start, 1)}
     if summary:
         write_curve(summary, budgets, os.path.join(out_dir, 'curve.png'))

@@ -94,7 +94,11 @@ def combine(words):
 
 
 def pct(p):
-    return f'{p["mean"] * 100:.2f} ± {p["std"] * 100:.2f}' if p else 'not run'
+    """'mean ± sd' in %, or the mean alone where one seed gives no spread."""
+    if not p:
+        return 'not run'
+    n = p.get('n', len(p.get('values') or [0, 0]))
+    return f'{p["mean"] * 100:.2f}' if n < 2 else f'{p["mean"] * 100:.2f} ± {p["std"] * 100:.2f}'
 
 
 def summarise(rows, models, budgets):
@@ -236,10 +240,10 @@ def claim_d(rows, budget):
     sparse, shared = mean_std([s['sparse'] for s in stats]), mean_std([s['overlap'] for s in stats])
     sparse0, shared0 = mean_std([s['sparse'] for s in starts]), mean_std([s['overlap'] for s in starts])
     fixed = f'(fixed disjoint masks: {1 - 1 / len(stats[0]["active"]):.2f} under, overlap 0)'
-    text = (f'fraction of mask weights under 0.1 of their row\'s maximum {sparse[0]:.2f} ± {sparse[1]:.2f} (at their '
-            f'start {sparse0[0]:.2f} ± {sparse0[1]:.2f}); overlap (Jaccard of the dimensions at or above 0.1 of the '
-            f'maximum) between notions {shared[0]:.2f} ± {shared[1]:.2f} (at their start {shared0[0]:.2f} ± '
-            f'{shared0[1]:.2f}) {fixed}; mean absolute change from the start '
+    ms = lambda t: f'{t[0]:.2f}' if len(seeds) < 2 else f'{t[0]:.2f} ± {t[1]:.2f}'  # no spread from one seed
+    text = (f'fraction of mask weights under 0.1 of their row\'s maximum {ms(sparse)} (at their start {ms(sparse0)}); '
+            f'overlap (Jaccard of the dimensions at or above 0.1 of the maximum) between notions {ms(shared)} (at '
+            f'their start {ms(shared0)}) {fixed}; mean absolute change from the start '
             f'{np.mean([c["mean_abs_change"] for c in change]):.3f} ({np.mean(rel) * 100:.1f} % of the start\'s mean '
             f'absolute value); sparser than the start: {w_sparse} ({why_sparse}); overlap below the start\'s: '
             f'{w_less} ({why_less}); rule: sparse = sparser than the start by the interval, '
@@ -448,8 +452,25 @@ def markdown(rep):
           f'with four notions)' + (f'; main.py flags: `{shlex.join(rep["passed_to_main"])}`' if rep['passed_to_main']
                                    else '') + '.', '',
           f'Runs finished: {rep["runs_finished"]} of {rep["runs_planned"]}; training and testing took '
-          f'{rep["wall_s"] / 3600:.2f} h of this machine in all (as run, summed over runs).', '']
+          f'{rep["wall_s"] / 3600:.2f} h in all (as run, summed over runs){machines_text(rep.get("machines"))}.', '']
     return '\n'.join(L)
+
+
+def machines_text(machines):
+    """', on CPU A (n runs), ...' from the records' machines; records made before they kept one are counted apart."""
+    if not machines:
+        return ''
+    parts = [f'{m} ({n} run{"s" if n != 1 else ""})' for m, n in machines.items()]
+    return '; the runs\' machines: ' + ', '.join(parts)
+
+
+def machine_tag(machine):
+    """One line for a record's machine: CPU, cores, bf16 units, torch."""
+    if not machine:
+        return 'not recorded'
+    gpu = f', GPU {machine["gpu"]}' if machine.get('gpu') else ''
+    return (f'{machine["cpu"]}, {machine["cores"]} cores, {"with" if machine["bf16"] else "without"} bf16 units'
+            f'{gpu}, torch {machine["torch"]}')
 
 
 def sweep_markdown(rep):
@@ -485,11 +506,12 @@ def checks_markdown(checks, study_forwards):
         for s, a, j, e in zip(t['seeds'], t['values'], t['joint'], t['epochs_trained']):
             L.append(f'| {s} | {j * 100:.2f} | {a * 100:.2f} | {", ".join(map(str, e))} |')
         L += ['', f'Alone minus joint: {fmt(t["pair"])}: **{t["verdict"] if t["pair"] else "inconclusive"}** '
-              f'(holds: training alone is better).', '']
+              f'(it would hold, training alone better, with the interval above zero; not hold with it below).', '']
     if checks['forwards']:
         L += [f'Forward arithmetic: the study makes {study_forwards} backbone call(s) per step; the same runs with '
               f'{checks["other_forwards"]} (test accuracy, %):', '',
-              f'| model | seeds | {study_forwards} (the study) | {checks["other_forwards"]} | difference |',
+              f'| model | seeds | {study_forwards} (the study) | {checks["other_forwards"]} | '
+              f'{checks["other_forwards"]} minus {study_forwards} |',
               '|---|---|---|---|---|']
         for m, f in checks['forwards'].items():
             L.append(f'| {TITLE[m]} | {", ".join(map(str, f["seeds"]))} | '

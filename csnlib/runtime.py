@@ -184,6 +184,23 @@ def choose_device(args, local_rank=0):
     return torch.device(want)
 
 
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info():
+    """The machine a run's figures came from: CPU, cores, bf16 units, the GPU if any, torch."""
+    return {'cpu': cpu_name(), 'cores': os.cpu_count(), 'bf16': cpu_has_bf16(),
+            'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'torch': torch.__version__}
+
+
 def cpu_has_bf16():
     try:
         with open('/proc/cpuinfo') as f:

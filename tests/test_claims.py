@@ -136,3 +136,18 @@ def test_mask_stats_tell_disjoint_from_shared_masks_and_judge_them_against_their
     assert claim_d(rows([shared] * 3), 9)[0] == 'does not hold'          # shared, but more than at the start
     word, _, _, _, extra = claim_d(rows([st + 1e-4 for st in starts]), 9)
     assert word == 'inconclusive' and extra['reason'] == 'the masks did not train'
+
+
+def test_a_single_seed_gives_a_mean_without_a_spread_and_the_report_names_each_run_s_machine():
+    from csnlib.claims import claim_a, machine_tag, machines_text, pct
+    assert pct(point_of([0.8, 0.9])) == '85.00 ± 7.07' and pct(point_of([0.8])) == '80.00' and pct(None) == 'not run'
+    one = summary_of(triplet={9: [0.60]}, task={9: [0.80]}, csn_fixed={9: [0.79]}, csn_learned={9: [0.78]})
+    word, text, _ = claim_a(one, 9)
+    assert word == 'inconclusive' and '±' not in text and 'from a single seed' in text
+    cpu = {'cpu': 'Some CPU', 'cores': 2, 'bf16': True, 'gpu': None, 'torch': '2.14.1'}
+    assert machine_tag(cpu) == 'Some CPU, 2 cores, with bf16 units, torch 2.14.1'
+    assert machine_tag({**cpu, 'bf16': False, 'gpu': 'Some GPU'}) == ('Some CPU, 2 cores, without bf16 units, GPU '
+                                                                      'Some GPU, torch 2.14.1')
+    assert machine_tag(None) == 'not recorded'
+    assert machines_text({'A': 3, 'not recorded': 1}) == "; the runs' machines: A (3 runs), not recorded (1 run)"
+    assert machines_text({}) == ''

@@ -105,6 +105,9 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
                 assert rec['metrics'] == metrics and rec['test']['accuracy'] == accs[s_ - 1]
                 assert best == max(metrics, key=lambda m: m['val_acc'])['epoch']
                 assert (rec['masks'] is None) == (model in ('triplet', 'task'))
+                machine = rec['machine']                                   # which machine gave the figure
+                assert machine['cores'] == os.cpu_count() and machine['torch'] == torch.__version__
+                assert machine['cpu'] and isinstance(machine['bf16'], bool)
             learned = model == 'csn_learned'
             assert (d['masks_start'] is not None) == learned and (d['masks_change'] is not None) == learned
     assert set(rep['claims']) == set('abcde') and set(rep['claims_ci']) == set('abcde')
@@ -125,6 +128,8 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
                '(e) the CSN', 'Runs finished: 16 of 16', '| 1, 2 |', ' ± ', '95 % CI', 'seen, seen',
                'false verdict 5%'):
         assert s_ in text, text
+    from csnlib.claims import machine_tag
+    assert f"the runs' machines: {machine_tag(machine)} (16 runs)." in text
 
     # a fresh clone: the records alone rebuild the same report, with no dataset, run or checkpoint
     clone = tmp_path / 'clone'
