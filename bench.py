@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from csnlib import runtime
-from csnlib.builder import build_model
+from csnlib.builder import build_model, place
 from csnlib.errors import UserError, run_script
 from csnlib.evaluate import evaluate
 from csnlib.image_cache import ImageStore, build_image_cache
@@ -228,8 +228,7 @@ def repo_runner(args, rt, info, model, trip, cond, mode, settings, opts, impl, t
                     forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
                     workers=rt.workers, pin_memory=device.type == 'cuda', malloc=malloc,
                     flags=impl_flags(opts, impl)[0])
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    place(model, args, device, training=mode == 'train')
     quiet = lambda *a, **k: None
     store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
     if mode == 'eval':

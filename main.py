@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from csnlib import add_notion, options, runtime
+from csnlib import add_notion, conv_wgrad, options, runtime
 from csnlib.asen_data import protocol_results
 from csnlib.atomic import atomic_open
-from csnlib.builder import build_model
+from csnlib.builder import build_model, place
 from csnlib.checkpoint import (
     describe,
     how_to_run_changes,
@@ -113,6 +113,8 @@ def run(args, explicit):
     hflip = choose_hflip(args, info)
     flip_note = '' if args.test else f', hflip {"on" if hflip[0] else "off"} ({hflip[1]})'
     amp = rt.amp_dtype and str(rt.amp_dtype).replace('torch.', '') or 'off'
+    wgrad_dtypes = () if args.test else conv_wgrad.dtypes_for(args.conv_wgrad, rt.device)  # what place() installs
+    wgrad_note = rt.device.type == 'cpu' and not args.test
     rt.log(f'device {rt.device}{f" x{rt.world} processes" if rt.world > 1 else ""}, amp {amp}'
            f'{runtime.amp_note(rt.amp_dtype, rt.device)}'
            f'{" + grad scaler" if rt.use_scaler else ""}, channels_last {args.channels_last}, compile {args.compile}, '
@@ -120,6 +122,7 @@ def run(args, explicit):
            f'{f" ({rt.workers_note})" if rt.workers_note else ""}, embedding batch {rt.eval_batch_size}'
            f'{f", malloc {malloc}" if rt.device.type == "cpu" else ""}'
            f'{f", threads {rt.threads}" if rt.device.type == "cpu" else ""}'
+           f'{f", conv weight gradients {conv_wgrad.describe(wgrad_dtypes)}" if wgrad_note else ""}'
            f'{flip_note}')
     model = build_model(args, len(info.notions), pretrained=not args.no_pretrained and ckpt is None)
     if ckpt is not None:
@@ -128,9 +131,7 @@ def run(args, explicit):
         except RuntimeError as e:
             raise UserError(f'--resume {resume}: does not match a {describe(args)} model: '
                             f'{str(e).splitlines()[0]}') from None
-    model.to(rt.device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    place(model, args, rt.device, training=not args.test)
     if plan.new is not None:
         add_notion.freeze(model, plan.new)
 

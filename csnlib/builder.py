@@ -7,6 +7,7 @@ import torch
 
 from asen import ASEN
 from csn import ConditionalSimNet, TaskSpecificNets, TripletEmbedNet
+from csnlib import conv_wgrad
 from csnlib.checkpoint import load_checkpoint, merge_checkpoint_args
 from csnlib.errors import UserError
 from csnlib.options import explicit_flags, main_parser
@@ -14,6 +15,17 @@ from csnlib.runtime import Runtime, choose_amp, choose_device
 from Resnet_18 import EmbeddingNet
 from scenet import SCENet
 from tripletnet import TripletNet
+
+
+def place(model, args, device, training):
+    """model on device as a run uses it: channels_last if asked, and for training the convolutions that take their
+    weight gradient from one matrix product on small maps (--conv-wgrad). Returns conv_wgrad's precisions."""
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    dtypes = conv_wgrad.dtypes_for(args.conv_wgrad, device) if training else ()
+    conv_wgrad.install(model, dtypes)
+    return dtypes
 
 
 def load_imagenet_weights(args):

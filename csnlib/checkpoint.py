@@ -23,6 +23,8 @@ WHERE_TO_WRITE = ('runs', 'name', 'visdom', 'visdom_server', 'visdom_port', 'vis
 THIS_CALL = ('resume', 'test', 'export_embeddings', 'pictures', 'check_data') + HOW_TO_RUN + WHERE_TO_WRITE
 # not flags: what a run recorded about its model in its args (--add-notion's mask rows learned on fixed masks)
 RECORDED = ('learned_rows',)
+# flags added since: the value that gives a checkpoint made before them its own arithmetic when it is resumed
+BEFORE_THE_FLAG = {'conv_wgrad': 'onednn'}
 
 
 def save_checkpoint(state, path):
@@ -63,6 +65,7 @@ def merge_checkpoint_args(args, ckpt, explicit, path):
             raise CheckpointError(f'--resume {path}: the checkpoint is a {describe(stored)} model, but the command '
                                   f'line asks for --{k.replace("_", "-")} {getattr(args, k)}; drop the flag or use a '
                                   f'matching checkpoint')
+    stored = {**BEFORE_THE_FLAG, **stored}
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items()
                                                   if k not in explicit and (k in vars(args) or k in RECORDED)
                                                   and k not in THIS_CALL}})

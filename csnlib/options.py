@@ -149,6 +149,11 @@ def main_parser():
       help='channels_last memory format')
     a('--no-channels-last', '--no_channels_last', dest='channels_last', action='store_false',
       help='plain NCHW memory format')
+    a('--conv-wgrad', '--conv_wgrad', choices=['auto', 'onednn', 'matmul'], default='auto',
+      help='how a training step on the CPU takes a convolution\'s weight gradient on small maps (4x4 output positions '
+           'or fewer, as at 32 and 64 px): onednn = oneDNN\'s kernel; matmul = one matrix product over the input\'s '
+           'patches, in bf16 and fp32; auto = matmul in bf16, oneDNN in fp32 (where the product gained little or '
+           'lost). The same gradient to float rounding; a --resume takes the checkpoint\'s (default: auto)')
     a('--three-forwards', '--three_forwards', action='store_true', default=False,
       help='embed anchors, fars and closes in three backbone calls, as the original did, instead of one '
            '(BatchNorm then normalises each role on its own; what that costs or gains: see the README) (default: off)')
