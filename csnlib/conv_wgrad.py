@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_POSITIONS = 16  # output positions (Ho * Wo) up to which the matrix product is used: 4x4 maps and smaller
+FORWARD_POSITIONS = 4  # and up to which the forward pass is a matrix product too: 2x2 maps (1.6 to 5x oneDNN's there)
 CHOICES = ('auto', 'onednn', 'matmul')
 
 
@@ -20,33 +21,43 @@ def patches(x, k, stride, padding, out_hw):
     return view.reshape(n * ho * wo, k * k * c)
 
 
-def weight_grad(gy, x, k, stride, padding):
+def weight_grad(gy, x, k, stride, padding, cols=None):
     """d(loss)/d(weight) of conv2d(x, weight) (no groups, no dilation) from gy = d(loss)/d(output) (N, O, Ho, Wo):
-    the sum over images and positions of gy's column times the patch under it, one matrix product."""
+    the sum over images and positions of gy's column times the patch under it, one matrix product (cols: x's
+    patches, when the forward pass made them)."""
     o, ho, wo = gy.shape[1:]
     g = gy.permute(0, 2, 3, 1).reshape(-1, o)  # (N * Ho * Wo, O)
-    gw = g.t() @ patches(x, k, stride, padding, (ho, wo))  # (O, k * k * C)
+    gw = g.t() @ (patches(x, k, stride, padding, (ho, wo)) if cols is None else cols)  # (O, k * k * C)
     return gw.reshape(o, k, k, -1).permute(0, 3, 1, 2)  # (O, C, k, k)
 
 
 class _PatchGradConv(torch.autograd.Function):
-    """conv2d whose backward takes the input's gradient from oneDNN and the weight's from weight_grad."""
+    """conv2d whose backward takes the input's gradient from oneDNN and the weight's from one matrix product over
+    the patches; on maps of FORWARD_POSITIONS or fewer the forward pass is that product too (and keeps its patches)."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding):
-        ctx.save_for_backward(x, weight)
+        k = weight.shape[-1]
+        ho, wo = ((n + 2 * padding - k) // stride + 1 for n in x.shape[-2:])
         ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(x, weight, None, stride, padding)
+        if ho * wo > FORWARD_POSITIONS:
+            ctx.save_for_backward(x, weight, None)
+            return F.conv2d(x, weight, None, stride, padding)
+        cols = patches(x, k, stride, padding, (ho, wo))  # (N * Ho * Wo, k * k * C)
+        ctx.save_for_backward(x, weight, cols)
+        y = cols @ weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).t()  # (N * Ho * Wo, O)
+        return y.reshape(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)  # (N, O, Ho, Wo), channels last
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
+        x, weight, cols = ctx.saved_tensors
         s, p = ctx.stride, ctx.padding
-        gx = None
+        gx = gw = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.aten.convolution_backward(gy, x, weight, None, (s, s), (p, p), (1, 1), False, (0, 0), 1,
                                                      (True, False, False))[0]
-        gw = weight_grad(gy, x, weight.shape[-1], s, p).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[1]:
+            gw = weight_grad(gy, x, weight.shape[-1], s, p, cols).to(weight.dtype)
         return gx, gw, None, None
 
 

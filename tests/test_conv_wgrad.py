@@ -79,14 +79,16 @@ def test_a_swapped_backbone_gives_nn_conv2d_s_loss_and_gradients(amp, monkeypatc
     # at 32 px: layer2's maps are 4x4 and layer3's 2x2 (10 convolutions, downsamples included); layer1 (8x8) and the
     # stem (16x16) stay oneDNN's
     assert len(used) == 10 and all(s[-1] in (2, 4, 8) for s in used)  # their inputs: 8x8 (strided), 4x4, 2x2
-    assert torch.equal(loss0, loss1)                                     # the forward pass is the same
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)      # the forward pass, to float rounding
     for k in g0:
         rel = ((g0[k] - g1[k]).norm() / g0[k].norm().clamp_min(1e-12)).item()
-        assert rel < (1e-3 if amp else 1e-5), k
+        assert rel < (2e-2 if amp else 1e-5), k                         # bf16's rounding is 2 ** -8 relative
     swapped.eval()
     plain.eval()
     with torch.no_grad():
-        assert torch.equal(swapped.embednet.embed(x[:4], c), plain.embednet.embed(x[:4], c))
+        # BatchNorm's running statistics came from the two forward passes, equal to float rounding
+        torch.testing.assert_close(swapped.embednet.embed(x[:4], c), plain.embednet.embed(x[:4], c), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_the_rule_and_what_falls_back():
@@ -142,3 +144,20 @@ def test_main_says_its_choice_and_a_checkpoint_from_before_the_flag_resumes_with
     out = run_main('--resume', ck_path, '--data', shapes_data, '--epochs', 2).stdout
     assert 'conv weight gradients oneDNN' in out
     assert json.loads((runs / 'w' / 'args.json').read_text())['conv_wgrad'] == 'onednn'
+
+
+@pytest.mark.parametrize('size,stride', [(2, 1), (4, 2), (4, 1), (3, 1)])
+def test_on_the_smallest_maps_the_forward_pass_is_the_product_too(size, stride):
+    torch.manual_seed(2)
+    plain = nn.Conv2d(6, 5, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
+    swapped = conv_wgrad.PatchGradConv2d(copy.deepcopy(plain), (torch.float32,))
+    x = torch.randn(3, 6, size, size).contiguous(memory_format=torch.channels_last)
+    x0, x1 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y0, y1 = plain(x0), swapped(x1)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    assert y1.is_contiguous(memory_format=torch.channels_last)         # as oneDNN's output, for the next layer
+    gy = torch.randn_like(y0)
+    (y0 * gy).sum().backward()
+    (y1 * gy).sum().backward()
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(swapped.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
