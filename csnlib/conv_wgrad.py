@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from csnlib.runtime import cpu_has_amx
+
 MAX_POSITIONS = 16  # output positions (Ho * Wo) up to which the matrix product is used: 4x4 maps and smaller
 FORWARD_POSITIONS = 4  # and up to which the forward pass is a matrix product too: 2x2 maps (1.6 to 5x oneDNN's there)
 CHOICES = ('auto', 'onednn', 'matmul')
@@ -93,12 +95,14 @@ def fits(conv):
             and conv.padding[0] == conv.padding[1])
 
 
-def dtypes_for(choice, device):
-    """The precisions in which the matrix product is used: auto = bf16 on the CPU (in fp32 it won only at 2x2 maps,
-    1.4 to 2.3x, and lost at 4x4), matmul = bf16 and fp32, onednn = none."""
+def dtypes_for(choice, device, amx=None):
+    """The precisions in which the matrix product is used: auto = bf16 on a CPU with AMX (where it was measured; in
+    fp32 it gained 1.02x, and a CPU without AMX could not be measured), matmul = bf16 and fp32, onednn = none."""
     if device.type != 'cpu' or choice == 'onednn':
         return ()
-    return (torch.bfloat16,) if choice == 'auto' else (torch.bfloat16, torch.float32)
+    if choice == 'matmul':
+        return (torch.bfloat16, torch.float32)
+    return (torch.bfloat16,) if (cpu_has_amx() if amx is None else amx) else ()
 
 
 def install(model, dtypes):

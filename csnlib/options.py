@@ -152,8 +152,9 @@ def main_parser():
     a('--conv-wgrad', '--conv_wgrad', choices=['auto', 'onednn', 'matmul'], default='auto',
       help='how a training step on the CPU takes a convolution\'s weight gradient on small maps (4x4 output positions '
            'or fewer, as at 32 and 64 px): onednn = oneDNN\'s kernel; matmul = one matrix product over the input\'s '
-           'patches, in bf16 and fp32; auto = matmul in bf16, oneDNN in fp32 (where the product gained little or '
-           'lost). The same gradient to float rounding; a --resume takes the checkpoint\'s (default: auto)')
+           'patches (and on 2x2 maps the forward pass too), in bf16 and fp32; auto = matmul in bf16 on a CPU with AMX, '
+           'oneDNN elsewhere (in fp32 the product gained little; without AMX it was not measured). The same '
+           'gradient to float rounding; a --resume takes the checkpoint\'s (default: auto)')
     a('--three-forwards', '--three_forwards', action='store_true', default=False,
       help='embed anchors, fars and closes in three backbone calls, as the original did, instead of one '
            '(BatchNorm then normalises each role on its own; what that costs or gains: see the README) (default: off)')

@@ -201,6 +201,16 @@ def machine_info():
             'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'torch': torch.__version__}
 
 
+def cpu_has_amx():
+    """Whether the CPU has AMX tile units for bf16 (amx_bf16), where oneDNN's matrix products run several times
+    faster than with avx512_bf16 alone."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return 'amx_bf16' in f.read()
+    except OSError:
+        return False
+
+
 def cpu_has_bf16():
     try:
         with open('/proc/cpuinfo') as f:

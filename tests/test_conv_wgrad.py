@@ -93,7 +93,8 @@ def test_a_swapped_backbone_gives_nn_conv2d_s_loss_and_gradients(amp, monkeypatc
 
 def test_the_rule_and_what_falls_back():
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    assert conv_wgrad.dtypes_for('auto', cpu) == (torch.bfloat16,)
+    assert conv_wgrad.dtypes_for('auto', cpu, amx=True) == (torch.bfloat16,)
+    assert conv_wgrad.dtypes_for('auto', cpu, amx=False) == ()                # measured on AMX only
     assert conv_wgrad.dtypes_for('matmul', cpu) == (torch.bfloat16, torch.float32)
     assert conv_wgrad.dtypes_for('onednn', cpu) == () and conv_wgrad.dtypes_for('auto', cuda) == ()
     assert conv_wgrad.install(nn.Sequential(nn.Conv2d(3, 4, 3)), ()) == 0
