@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from csnlib import runtime
+from csnlib import conv_wgrad, runtime
 from csnlib.builder import build_model, place
 from csnlib.errors import UserError, run_script
 from csnlib.evaluate import evaluate
@@ -228,7 +228,7 @@ def repo_runner(args, rt, info, model, trip, cond, mode, settings, opts, impl, t
                     forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
                     workers=rt.workers, pin_memory=device.type == 'cuda', malloc=malloc,
                     flags=impl_flags(opts, impl)[0])
-    place(model, args, device, training=mode == 'train')
+    settings.update(conv_wgrad=conv_wgrad.describe(place(model, args, device, training=mode == 'train')))
     quiet = lambda *a, **k: None
     store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
     if mode == 'eval':
@@ -323,6 +323,8 @@ def print_table(figs, header):
                 f'{s["decode"]}, workers {s["workers"]}')
         if s.get('malloc'):
             what += f', malloc {s["malloc"]}'
+        if s.get('conv_wgrad'):
+            what += f', conv weight gradients {s["conv_wgrad"]}'
         if s.get('flags'):
             what += f', flags: {s["flags"]}'
         if 'eval_triplets' in s:

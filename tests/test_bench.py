@@ -147,8 +147,14 @@ def test_original_loop_computes_the_same_loss_and_gradients_as_tripletnet(zappos
 def test_baseline_flags_measure_a_second_setting_of_this_repo_in_the_same_run(zappos):
     p = run_bench('--data', zappos, '--batch-size', 4, '--image-size', 32, '--steps', 1, '--warmup', 1,
                   '--repeats', 1, '--device', 'cpu', '--modes', 'train', '--impls', 'repo', 'baseline',
-                  '--baseline-flags=--three-forwards --no-keep-memory')
+                  '--baseline-flags=--three-forwards --no-keep-memory --conv-wgrad matmul')
     by = {f['impl']: f for f in (json.loads(line) for line in p.stdout.splitlines() if line.startswith('{'))}
+    import torch
+
+    from csnlib import conv_wgrad  # what each trained with, as main.py says
+    assert by['baseline']['settings']['conv_wgrad'] == conv_wgrad.describe((torch.bfloat16, torch.float32))
+    assert by['repo']['settings']['conv_wgrad'] == conv_wgrad.describe(conv_wgrad.dtypes_for('auto',
+                                                                                             torch.device('cpu')))
     assert sorted(by) == ['baseline', 'repo']
     assert by['baseline']['settings']['forwards_per_step'] == 3 and by['repo']['settings']['forwards_per_step'] == 1
     assert by['baseline']['settings']['malloc'] == 'system default'
@@ -156,6 +162,7 @@ def test_baseline_flags_measure_a_second_setting_of_this_repo_in_the_same_run(za
     assert by['repo']['repo_over_baseline'] == pytest.approx(
         by['repo']['triplets_per_s'] / by['baseline']['triplets_per_s'], rel=0.01)
     assert 'repo / baseline, train' in p.stdout and '--three-forwards --no-keep-memory' in p.stdout
+    assert 'conv weight gradients one matmul on maps of 16 positions or fewer in bf16 and fp32' in p.stdout
 
 
 @pytest.mark.slow
