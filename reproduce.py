@@ -536,6 +536,8 @@ def ensure_probes(args, rows, budget):
     runs = [(k, r) for k, r in sorted(rows.items()) if k[1] == budget and k[0] != 'task']
     for (model, _, seed), r in runs:
         if 'probe' not in r and not probe_record(args, r):
+            print(f'note: {r["run"]} has no probe in its record and its checkpoint is not here: claim (e) goes on '
+                  f'without it (the report names it)', flush=True)
             continue
         for name, acc in r['probe'].items():
             out.setdefault(name, {}).setdefault(model, {})[seed] = acc
@@ -681,6 +683,8 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
            'probe': probe, 'probes': {p: {'description': probe_descriptions.get(p, p), 'points': v}
                                       for p, v in (probes or {}).items()},
            'probe_task': probe_note or (probe_descriptions.get(claim_probe) if probes else None),
+           'probe_missing': sorted(r['run'] for k, r in rows.items()
+                                   if k[1] == top and k[0] != 'task' and 'probe' not in r),
            'runs': {r['run']: {k: v for k, v in r.items() if k not in ('masks', 'masks_start', 'metrics')}
                     for _, r in sorted(rows.items())},
            'runs_finished': len(rows), 'runs_planned': len(grid(args, lr)),

@@ -440,6 +440,9 @@ def markdown(rep):
                              for m, v in p['points'].items()) + '.')
     if rep.get('probe_task'):
         L += ['', f'Probe of claim (e)\'s verdict: {rep["probe_task"]}.']
+    if rep.get('probe_missing'):
+        L += ['', f'Runs without a probe (their record has none and their checkpoint was not there to compute it), '
+                  f'left out of claim (e): {", ".join(rep["probe_missing"])}.']
     if rep.get('masks_figure'):
         L += ['', '![masks](masks.png)']
     L += ['', *checks_markdown(rep.get('checks'), 'three' if s.get('three_forwards') else 'one')]

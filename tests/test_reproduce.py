@@ -140,6 +140,18 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
     assert launched(p.stdout) == []
     assert (clone / 'report' / 'report.md').read_text() == text
     assert all(os.path.getsize(clone / 'report' / f) > 500 for f in ('curve.png', 'masks.png'))
+    # a record that lost its probe, with no checkpoint here to compute it: named, not silently left out
+    path = clone / 'results' / 'repro_csn_fixed_n64_s2_lr1e-3.json'
+    kept = path.read_text()
+    rec = json.loads(kept)
+    del rec['probe']
+    path.write_text(json.dumps(rec))
+    p = reproduce('--report-only', '--results', clone / 'results', '--out-dir', clone / 'report2',
+                  monkeypatch=monkeypatch)
+    assert json.load(open(clone / 'report2' / 'reproduce.json'))['probe_missing'] == ['repro_csn_fixed_n64_s2_lr1e-3']
+    assert 'left out of claim (e): repro_csn_fixed_n64_s2_lr1e-3.' in (clone / 'report2' / 'report.md').read_text()
+    assert 'repro_csn_fixed_n64_s2_lr1e-3 has no probe' in p.stdout
+    path.write_text(kept)
     os.rename(clone / 'results', results)
 
     # the same command again: the recorded runs are not trained again, even with their run folders gone (a study
