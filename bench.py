@@ -228,7 +228,9 @@ def repo_runner(args, rt, info, model, trip, cond, mode, settings, opts, impl, t
                     forwards_per_step=3 if args.three_forwards else 1, decode='uint8 cache' if args.cache else 'PIL',
                     workers=rt.workers, pin_memory=device.type == 'cuda', malloc=malloc,
                     flags=impl_flags(opts, impl)[0])
-    settings.update(conv_wgrad=conv_wgrad.describe(place(model, args, device, training=mode == 'train')))
+    wgrad_dtypes = conv_wgrad.dtypes_for(args.conv_wgrad, device) if mode == 'train' else ()
+    place(model, args, device, wgrad_dtypes)
+    settings.update(conv_wgrad=conv_wgrad.describe(wgrad_dtypes))
     quiet = lambda *a, **k: None
     store = ImageStore(info, args.image_size, build_image_cache(info, args.image_size, args.cache_dir, log=quiet))
     if mode == 'eval':

@@ -113,7 +113,7 @@ def run(args, explicit):
     hflip = choose_hflip(args, info)
     flip_note = '' if args.test else f', hflip {"on" if hflip[0] else "off"} ({hflip[1]})'
     amp = rt.amp_dtype and str(rt.amp_dtype).replace('torch.', '') or 'off'
-    wgrad_dtypes = () if args.test else conv_wgrad.dtypes_for(args.conv_wgrad, rt.device)  # what place() installs
+    wgrad_dtypes = () if args.test else conv_wgrad.dtypes_for(args.conv_wgrad, rt.device)
     wgrad_note = rt.device.type == 'cpu' and not args.test
     rt.log(f'device {rt.device}{f" x{rt.world} processes" if rt.world > 1 else ""}, amp {amp}'
            f'{runtime.amp_note(rt.amp_dtype, rt.device)}'
@@ -131,7 +131,7 @@ def run(args, explicit):
         except RuntimeError as e:
             raise UserError(f'--resume {resume}: does not match a {describe(args)} model: '
                             f'{str(e).splitlines()[0]}') from None
-    place(model, args, rt.device, training=not args.test)
+    place(model, args, rt.device, wgrad_dtypes)
     if plan.new is not None:
         add_notion.freeze(model, plan.new)
 

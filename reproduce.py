@@ -531,18 +531,20 @@ NO_LABEL = 'no label for a probe in this dataset (fonts: the test families and t
 def ensure_probes(args, rows, budget):
     """Claim (e)'s probes on every run at `budget` but the task-specific networks (a backbone per notion), and on a
     random backbone per seed: read from the records, computed and added to them where a checkpoint is there (a record's
-    "probe" is {} where the dataset has no label to probe). Returns ({probe: {model: point}} or None, a note)."""
-    out, tasks, info = {}, None, None
+    "probe" is {} where the dataset has no label to probe). Returns ({probe: {model: point}} or None, a note, the runs
+    left out: no probe in their record and no checkpoint here to compute it)."""
+    out, tasks, info, missing = {}, None, None, []
     runs = [(k, r) for k, r in sorted(rows.items()) if k[1] == budget and k[0] != 'task']
     for (model, _, seed), r in runs:
         if 'probe' not in r and not probe_record(args, r):
             print(f'note: {r["run"]} has no probe in its record and its checkpoint is not here: claim (e) goes on '
                   f'without it (the report names it)', flush=True)
+            missing.append(r['run'])
             continue
         for name, acc in r['probe'].items():
             out.setdefault(name, {}).setdefault(model, {})[seed] = acc
     if runs and all(r.get('probe') == {} for _, r in runs):
-        return None, NO_LABEL
+        return None, NO_LABEL, missing
     for seed in sorted({k[2] for k, _ in runs}) if out else []:
         rargs = runs[0][1]['args']
         name = f'{args.prefix}_untrained_s{seed}_size{rargs["image_size"]}_d{rargs["dim_embed"]}'
@@ -559,11 +561,11 @@ def ensure_probes(args, rows, budget):
         for pname, acc in rec['probe'].items():
             out.setdefault(pname, {}).setdefault('random', {})[seed] = acc
     if not out:
-        return None, 'no probe: no record holds one, and no checkpoint or dataset is here to compute it'
+        return None, 'no probe: no record holds one, and no checkpoint or dataset is here to compute it', missing
     points = {pname: {m: {'seeds': sorted(v), 'values': [v[s] for s in sorted(v)],
                           **dict(zip(('mean', 'std'), mean_std([v[s] for s in sorted(v)]))), 'n': len(v)}
                       for m, v in per.items()} for pname, per in out.items()}
-    return points, None
+    return points, None, sorted(missing)
 
 
 def probe_record(args, rec):
@@ -634,7 +636,8 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
     rows = collect(args, grid(args, lr)) if lr is not None else {}
     summary = summarise(rows, models, budgets)
     top = max([b for b in budgets if any(b in summary.get(m, {}) for m in models)], default=budgets[-1])
-    probes, probe_note = (None, 'not run (--no-probe)') if args.no_probe else ensure_probes(args, rows, top)
+    probes, probe_note, probe_missing = ((None, 'not run (--no-probe)', []) if args.no_probe else
+                                         ensure_probes(args, rows, top))
     probe, claim_probe = None, None
     if probes:
         from csnlib.probe import PROBE_FOR_CLAIM
@@ -683,8 +686,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
            'probe': probe, 'probes': {p: {'description': probe_descriptions.get(p, p), 'points': v}
                                       for p, v in (probes or {}).items()},
            'probe_task': probe_note or (probe_descriptions.get(claim_probe) if probes else None),
-           'probe_missing': sorted(r['run'] for k, r in rows.items()
-                                   if k[1] == top and k[0] != 'task' and 'probe' not in r),
+           'probe_missing': probe_missing,
            'runs': {r['run']: {k: v for k, v in r.items() if k not in ('masks', 'masks_start', 'metrics')}
                     for _, r in sorted(rows.items())},
            'runs_finished': len(rows), 'runs_planned': len(grid(args, lr)),

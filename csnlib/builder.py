@@ -17,15 +17,13 @@ from scenet import SCENet
 from tripletnet import TripletNet
 
 
-def place(model, args, device, training):
-    """model on device as a run uses it: channels_last if asked, and for training the convolutions that take their
-    weight gradient from one matrix product on small maps (--conv-wgrad). Returns conv_wgrad's precisions."""
+def place(model, args, device, wgrad_dtypes=()):
+    """model on device as a run uses it: channels_last if asked, and for training in wgrad_dtypes (conv_wgrad.dtypes_for
+    of --conv-wgrad) the convolutions that take their weight gradient from one matrix product on small maps."""
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    dtypes = conv_wgrad.dtypes_for(args.conv_wgrad, device) if training else ()
-    conv_wgrad.install(model, dtypes)
-    return dtypes
+    conv_wgrad.install(model, wgrad_dtypes)
 
 
 def load_imagenet_weights(args):

@@ -1,7 +1,8 @@
 """A convolution's weight gradient as one matrix product over its input's patches, for the small feature maps of 32
 and 64 px images: on the CPU, oneDNN's weight-gradient kernel is slow there (at 2x2 and 4x4 output positions in bf16
-it ran 1.8 to 10 times as long as the matrix product on an Intel Xeon with AMX; README, "Small images"). The input's
-gradient and the forward pass stay oneDNN's; evaluation never goes through here."""
+it ran 1.8 to 10 times as long as the matrix product on an Intel Xeon with AMX; README, "Small images"). On 2x2 maps
+the forward pass is the same product; elsewhere it, and everywhere the input's gradient, stay oneDNN's; evaluation
+never goes through here."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,7 +11,11 @@ from csnlib.runtime import cpu_has_amx
 
 MAX_POSITIONS = 16  # output positions (Ho * Wo) up to which the matrix product is used: 4x4 maps and smaller
 FORWARD_POSITIONS = 4  # and up to which the forward pass is a matrix product too: 2x2 maps (1.6 to 5x oneDNN's there)
-CHOICES = ('auto', 'onednn', 'matmul')
+
+
+def output_size(x, k, stride, padding):
+    """The output map's height and width of a k x k convolution of x (N, C, H, W)."""
+    return tuple((n + 2 * padding - k) // stride + 1 for n in x.shape[-2:])
 
 
 def patches(x, k, stride, padding, out_hw):
@@ -40,7 +45,7 @@ class _PatchGradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, stride, padding):
         k = weight.shape[-1]
-        ho, wo = ((n + 2 * padding - k) // stride + 1 for n in x.shape[-2:])
+        ho, wo = output_size(x, k, stride, padding)
         ctx.stride, ctx.padding = stride, padding
         if ho * wo > FORWARD_POSITIONS:
             ctx.save_for_backward(x, weight, None)
@@ -78,7 +83,7 @@ class PatchGradConv2d(nn.Conv2d):
         if not (self.training and torch.is_grad_enabled() and x.device.type == 'cpu'):
             return super().forward(x)
         k, s, p = self.kernel_size[0], self.stride[0], self.padding[0]
-        ho, wo = ((n + 2 * p - k) // s + 1 for n in x.shape[-2:])
+        ho, wo = output_size(x, k, s, p)
         cast = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else None
         if ho * wo > MAX_POSITIONS or (cast or self.weight.dtype) not in self.dtypes:
             return super().forward(x)

@@ -201,23 +201,23 @@ def machine_info():
             'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'torch': torch.__version__}
 
 
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return set(next((line.split(':', 1)[1] for line in f if line.startswith('flags')), '').split())
+    except OSError:
+        return set()
+
+
 def cpu_has_amx():
     """Whether the CPU has AMX tile units for bf16 (amx_bf16), where oneDNN's matrix products run several times
     faster than with avx512_bf16 alone."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            return 'amx_bf16' in f.read()
-    except OSError:
-        return False
+    return 'amx_bf16' in cpu_flags()
 
 
 def cpu_has_bf16():
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-        return 'avx512_bf16' in flags or 'amx_bf16' in flags
-    except OSError:
-        return False
+    return bool({'avx512_bf16', 'amx_bf16'} & cpu_flags())
 
 
 def cuda_has_bf16(device):

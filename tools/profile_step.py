@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: csnlib
-from csnlib import runtime  # noqa: E402
+from csnlib import conv_wgrad, runtime  # noqa: E402
 from csnlib.builder import build_model, place  # noqa: E402
 from csnlib.errors import run_script  # noqa: E402
 from csnlib.image_cache import ImageStore, build_image_cache  # noqa: E402
@@ -40,7 +40,7 @@ def setup(opts, size, batch, amp):
     runtime.keep_freed_memory(args, rt.device)
     info = load_dataset_info(args.data)
     model = build_model(args, len(info.notions))
-    place(model, args, rt.device, training=True)
+    place(model, args, rt.device, conv_wgrad.dtypes_for(args.conv_wgrad, rt.device))
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, rt.device)
     store = ImageStore(info, size, build_image_cache(info, size, args.cache_dir, log=lambda *a, **k: None))
     n = (opts.warmup + 2 * opts.steps) * batch
