@@ -502,12 +502,13 @@ def count_parameters(state_dict):
 
 
 def masks_of(state_dict, run_args):
-    """The masks m_c as a (C, D) list, through ReLU where they are learned; None for models without masks."""
+    """The masks m_c as a (C, D) list, through ReLU where they are learned (CSN's --learned or --prein, SCE-Net's K
+    masks); None for models without masks."""
     import torch
     w = state_dict.get('embednet.masks.weight')
     if w is None:
         return None
-    learned = run_args.get('learned') or run_args.get('prein')
+    learned = run_args.get('learned') or run_args.get('prein') or run_args.get('model') == 'scenet'
     return (torch.relu(w) if learned else w).float().tolist()
 
 

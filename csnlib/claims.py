@@ -304,7 +304,7 @@ def write_curve(summary, budgets, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.6, 4.2))
     for model, title, _, _ in MODELS:
         pts = [(b, summary[model][b]) for b in budgets if b in summary.get(model, {})]
         if not pts:
@@ -315,36 +315,61 @@ def write_curve(summary, budgets, path):
         ax.plot(x, err, marker='o', label=title)
         ax.fill_between(x, err - sd, err + sd, alpha=0.2)
     ax.set_xscale('log')
+    ax.set_xticks(budgets, [f'{b:,}' for b in budgets])  # the budgets themselves, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel('training triplets (unique, over all notions)')
     ax.set_ylabel('test triplet error (%)')
     ax.set_title('error against training triplets (band: ± one sd over seeds)')
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the plot: no line hidden under it
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def figure_masks(model, masks):
+    """A record's masks as the model uses them: SCE-Net's records before the fix kept its weights without the ReLU."""
+    m = np.asarray(masks, dtype=float)  # (C, D)
+    return np.maximum(m, 0) if model == 'scenet' else m
+
+
 def write_mask_figure(rows, budget, notions, path):
-    """Each learned-mask run's start and trained masks at `budget` (and a fixed-mask run's), one heat map each."""
+    """The masks at `budget`, one row per run and a column each for the start and the trained masks: the fixed
+    disjoint masks once (they never change), then each seed's learned masks (CSN) and SCE-Net's K masks, which belong
+    to no notion (rows 'mask 1'..'mask K')."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     from csnlib.pictures import draw_masks
-    found = []
-    for (m, b, s), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][2])):
-        if b == budget and r.get('masks') is not None:
-            if m == 'csn_learned':
-                found.append((f'{TITLE[m]}, seed {s}, start', r['masks_start']))
-            found.append((f'{TITLE[m]}, seed {s}' + (', trained' if m == 'csn_learned' else ''), r['masks']))
+    found = []  # (title, row labels, start or None, trained)
+    for (m, b, s), r in sorted(rows.items(), key=lambda kv: ([x[0] for x in MODELS].index(kv[0][0]), kv[0][2])):
+        if b != budget or r.get('masks') is None:
+            continue
+        if m == 'csn_fixed':
+            if not any(f[0].startswith(TITLE[m]) for f in found):
+                found.append((f'{TITLE[m]} (the same for every seed)', notions, None, figure_masks(m, r['masks'])))
+            continue
+        labels = [f'mask {k + 1}' for k in range(len(r['masks']))] if m == 'scenet' else notions
+        start = r.get('masks_start')
+        found.append((f'{TITLE[m]}, seed {s}', labels, None if start is None else figure_masks(m, start),
+                      figure_masks(m, r['masks'])))
     if not found:
         return False
-    fig, axes = plt.subplots(len(found), 1, figsize=(8, 1.0 + 0.45 * len(notions) * len(found)), squeeze=False)
-    for ax, (title, masks) in zip(axes[:, 0], found):
-        draw_masks(ax, masks, notions, title, xlabel=ax is axes[-1, 0], title_size=9, fraction=0.02)
+    n_rows = max(len(f[1]) for f in found)
+    fig, axes = plt.subplots(len(found), 2, figsize=(13, 0.6 + (0.3 * n_rows + 0.55) * len(found)), squeeze=False)
+    for i, (title, labels, start, trained) in enumerate(found):
+        last = i == len(found) - 1
+        for ax, masks, when in ((axes[i, 0], start, 'start'), (axes[i, 1], trained, 'trained')):
+            if masks is None:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f'{title}: fixed, no start to show', ha='center', va='center', fontsize=8)
+                continue
+            draw_masks(ax, masks, labels, f'{title}, {when}', vmin=0, xlabel=last, title_size=8, fraction=0.03,
+                       pad=0.01)
+            ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 

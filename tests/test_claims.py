@@ -151,3 +151,16 @@ def test_a_single_seed_gives_a_mean_without_a_spread_and_the_report_names_each_r
     assert machine_tag(None) == 'not recorded'
     assert machines_text({'A': 3, 'not recorded': 1}) == "; the runs' machines: A (3 runs), not recorded (1 run)"
     assert machines_text({}) == ''
+
+
+def test_the_mask_figure_shows_sce_nets_masks_through_relu_and_each_run_beside_its_start(tmp_path):
+    from csnlib.claims import figure_masks, write_mask_figure
+    raw = np.array([[-0.5, 0.2], [1.0, -2.0]])                        # an SCE-Net record from before the ReLU fix
+    assert figure_masks('scenet', raw).tolist() == [[0, 0.2], [1.0, 0]]
+    assert figure_masks('csn_learned', raw).tolist() == raw.tolist()    # CSN's records hold relu(M) already
+    rows = {('csn_fixed', 9, s): {'masks': np.kron(np.eye(2), np.ones(2)).tolist()} for s in (1, 2)}
+    rows |= {(m, 9, s): {'masks': raw.tolist(), 'masks_start': raw.tolist()} for m in ('csn_learned', 'scenet')
+             for s in (1, 2)}
+    rows[('triplet', 9, 1)] = {'masks': None}
+    assert write_mask_figure(rows, 9, ['a', 'b'], tmp_path / 'm.png') and (tmp_path / 'm.png').stat().st_size > 500
+    assert not write_mask_figure(rows, 10, ['a', 'b'], tmp_path / 'none.png')   # no run at that budget

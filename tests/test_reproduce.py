@@ -508,6 +508,11 @@ def test_csn_and_its_successors_side_by_side_on_a_dataset_in_asens_layout(tmp_pa
                     for s in (1, 2)]
         assert all(0 < v <= 1 for v in protocol) and d['protocol_mAP_mean'] == pytest.approx(np.mean(protocol))
     assert rep['models']['scenet']['32']['protocol_mAP_mean'] is None
+    rec = json.load(open(results / 'repro_scenet_n32_s1_lr1e-3.json'))  # SCE-Net's K masks as it uses them: ReLU
+    weights = torch.load(runs / 'repro_scenet_n32_s1_lr1e-3' / 'model_best.pth.tar',
+                         weights_only=False)['state_dict']['embednet.masks.weight']
+    assert (weights < 0).any() and np.allclose(rec['masks'], torch.relu(weights).float().numpy(), atol=1e-6)
+    assert np.min(rec['masks_start']) == 0 and np.min(rec['masks']) == 0
     params = {m: rep['models'][m]['32']['parameters'] for m in rep['models']}
     assert params['asen'] > params['csn_fixed'] and params['scenet'] > params['csn_fixed']
     text = (runs / 'reproduce' / 'report.md').read_text()
