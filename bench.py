@@ -310,6 +310,9 @@ def build_parser():
     a('--search', nargs='*', type=positive_int, default=None, metavar='N',
       help='only time the search: queries/s and recall@10 of the exact, ivf and hnsw indexes over N random 64-d '
            'embeddings, for each N given (default: 100000 1000000 10000000; faiss-cpu, numpy for exact without it)')
+    a('--search-indexes', nargs='+', choices=SEARCH_INDEXES, default=list(SEARCH_INDEXES), metavar='INDEX',
+      help='with --search: which indexes to time, of ' + ', '.join(SEARCH_INDEXES) + ' (numpy: the exact search '
+           'without faiss); recall is always against exact search (default: all of them)')
     a('--gpu-check', action='store_true', help='the first command on a GPU machine: runs the GPU checks of '
                                                'tests/test_gpu.py (pytest -m gpu; exit 2 without CUDA)')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
@@ -430,13 +433,17 @@ def peak_speed(device, n=4096, repeats=5):
     return 0
 
 
-def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1000, min_s=3.0, build_budget_s=400):
+SEARCH_INDEXES = ('exact', 'numpy', 'ivf', 'hnsw')
+
+
+def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1000, min_s=3.0, build_budget_s=400,
+                 indexes=SEARCH_INDEXES):
     """Queries per second and recall@k against exact search of csnlib.search.Index over random dim-d embeddings
     under a learned (non-binary) mask: exact (faiss, and numpy as without faiss), ivf and hnsw, each at its former
     settings (ivf: float codes, hnsw: m 16, ef_construction 40) and at its defaults, two search settings each.
     A size whose arrays would not fit in the available memory is skipped, and so are approximate indexes whose build
     would take longer than build_budget_s (estimated from the previous size's: as N^1.5 for IVF's sqrt(N) cells, as
-    N log N for HNSW's graph)."""
+    N log N for HNSW's graph). `indexes`: the names of those to time; recall is against exact search either way."""
     import inspect
     import math
 
@@ -472,6 +479,7 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
                  ('ivf', 'ivf', {}, 'pq4 codes', 'nprobe', [64, 128]),
                  ('hnsw', 'hnsw', {'m': 16, 'ef_construction': 40}, 'm 16 efc 40', 'ef_search', [64, 256]),  # former
                  ('hnsw', 'hnsw', {}, 'm 32 efc 80', 'ef_search', [128, 192, 256])]
+    kinds = [kd for kd in kinds if kd[0] in indexes]
     defaults = inspect.signature(Index).parameters
     rows, build_s = [], {}
     print(f'{"images":>10} {"index":<6} {"setting":<32} {"build s":>8} {"queries/s":>10} {"ms/query":>9} '
@@ -485,7 +493,9 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
         space = rng.standard_normal((n, dim), dtype=np.float32)  # (N, D) raw embeddings
         space *= mask  # (N, D) the notion's subspace f(x) * m_c
         q = rng.standard_normal((queries, dim), dtype=np.float32) * mask  # (Q, D) new images' masked embeddings
-        truth = None
+        truth = None  # the exact neighbours: the first index's when it is exact, else computed here untimed
+        if kinds and kinds[0][1] != 'exact':
+            truth = Index(space, 'exact').search(q, k)[0]
         for name, kind, opts, about, param, values in kinds:
             key = f'{name} {about}'
             grow = n / max(build_s.get(key + '_n', n), 1)  # over the last size built
@@ -541,7 +551,7 @@ def main(argv=None):
     if opts.gpu_check:
         return gpu_check()
     if opts.search is not None:
-        return search_speed(tuple(opts.search)) if opts.search else search_speed()
+        return search_speed(*([tuple(opts.search)] if opts.search else []), indexes=opts.search_indexes)
     if opts.peak:
         return peak_speed(runtime.choose_device(argparse.Namespace(no_cuda=False, device=opts.device)))
     if opts.make_data:

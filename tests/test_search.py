@@ -188,11 +188,28 @@ def test_bench_search_prints_each_index_with_its_recall(capsys):
         assert all(r['recall_at_10'] > 0.9 for r in rows[3:6] + rows[7:])  # 45 cells: 64 probes search them all
 
 
+def test_bench_search_times_only_the_indexes_asked_for_with_recall_against_exact_search(capsys):
+    import bench
+    from csnlib.search import faiss_or_none
+    if faiss_or_none() is None:
+        pytest.skip('faiss-cpu is not installed: only the numpy search exists')
+    assert bench.search_speed(sizes=(2000,), dim=16, queries=120, min_s=0.01, indexes=('ivf',)) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+    assert [r['index'] for r in rows] == ['ivf'] * 4                 # no exact, numpy or hnsw row
+    assert all(r['recall_at_10'] > 0.9 for r in rows[1:])           # against the exact neighbours, not its own
+    assert rows[0]['recall_at_10'] < 1.0                              # 16 of 45 cells: it misses some
+
+
 def test_bench_search_takes_the_sizes_to_measure():
     import bench
     assert bench.build_parser().parse_args(['--search', '1000', '20000']).search == [1000, 20000]
     assert bench.build_parser().parse_args(['--search']).search == []
     assert bench.build_parser().parse_args([]).search is None
+    assert bench.build_parser().parse_args(['--search', '--search-indexes', 'exact', 'ivf']).search_indexes == [
+        'exact', 'ivf']
+    assert bench.build_parser().parse_args([]).search_indexes == list(bench.SEARCH_INDEXES)
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(['--search-indexes', 'lsh'])
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(['--search', '0'])
 
