@@ -43,6 +43,7 @@ from csnlib.claims import (
     markdown,
     mean_std,
     paired,
+    successors_against_csn,
     summarise,
     sweep_markdown,
     verdict,
@@ -681,7 +682,8 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
                                         for m, r in per.items()} for k, per in table.items()}},
            'models': {m: {str(b): v for b, v in d.items()} for m, d in summary.items()},
            'claims': claims, 'claims_detail': detail, 'claims_reason': reason, 'claims_ci': cis,
-           'false_verdict_rate': false_verdict_rate(2), 'masks': masks,
+           'false_verdict_rate': false_verdict_rate(2), 'successors': successors_against_csn(summary, budgets),
+           'masks': masks,
            'masks_start': mask_extra and mask_extra['masks_start'],
            'masks_change': mask_extra and mask_extra['masks_change'],
            'probe': probe, 'probes': {p: {'description': probe_descriptions.get(p, p), 'points': v}

@@ -292,6 +292,42 @@ def untrained(random, trained):
     return f'; randomly initialised backbone (untrained) {pct(random)} %, {where}'
 
 
+SUCCESSORS, REFERENCES = ('asen', 'scenet'), ('csn_fixed', 'csn_learned', 'task')
+
+
+def successors_against_csn(summary, budgets):
+    """Where CSN's successors stand against the paper's models, paired by seed at every budget: reproduce.json's
+    "successors", in points (reported, not judged: no claim of the paper is about them)."""
+    out = []
+    for m in SUCCESSORS:
+        for ref in REFERENCES:
+            for b in budgets:
+                a, r = point(summary, m, b), point(summary, ref, b)
+                pair = paired(a, r) if a and r else None
+                if pair:
+                    out.append(ci_entry([m, ref], pair, budget=b))
+    return out
+
+
+def successors_markdown(entries, budgets):
+    """The successors' table: successor minus reference, points and the 95 % interval, a column per budget."""
+    if not entries:
+        return []
+    cell = {(tuple(e['models']), e['budget']): e for e in entries}
+    L = ['## CSN\'s successors against the paper\'s models', '',
+         'Test accuracy of ASEN and SCE-Net minus that of each of the paper\'s models, in points, paired by seed: the '
+         'mean difference and its 95 % confidence interval (the number of seeds in brackets). No claim of the paper is '
+         'about these models, so the study reports them and gives no verdict.', '',
+         '| successor minus | ' + ' | '.join(f'{b:,}' for b in budgets) + ' |', '|---|' + '---:|' * len(budgets)]
+    for pair in dict.fromkeys(tuple(e['models']) for e in entries):
+        cells = []
+        for b in budgets:
+            e = cell.get((pair, b))
+            cells.append(f'{e["difference"]:+.2f} [{e["ci95"][0]:+.2f}, {e["ci95"][1]:+.2f}] ({e["n"]})' if e else '')
+        L.append(f'| {TITLE[pair[0]]} minus {TITLE[pair[1]]} | ' + ' | '.join(cells) + ' |')
+    return L + ['']
+
+
 def false_verdict_rate(n):
     """The rule's rate of a verdict ("holds" or "does not hold") for one comparison of two equal models, with n seeds:
     the interval's 1 - CONFIDENCE when the seed differences are normal (half of it each way); none below two seeds."""
@@ -470,7 +506,8 @@ def markdown(rep):
                   f'left out of claim (e): {", ".join(rep["probe_missing"])}.']
     if rep.get('masks_figure'):
         L += ['', '![masks](masks.png)']
-    L += ['', *checks_markdown(rep.get('checks'), 'three' if s.get('three_forwards') else 'one')]
+    L += ['', *successors_markdown(rep.get('successors'), budgets)]
+    L += [*checks_markdown(rep.get('checks'), 'three' if s.get('three_forwards') else 'one')]
     L += ['', f'Command: `{rep["command"]}`', '',
           f'Settings (the same for every model): {s["dim_embed"]}-d embedding, batch {s["batch_size"]} (main.py\'s '
           f'default, the original\'s, is 256), lr {lr_tag(s["lr"])} ({rep["lr_choice"]}), margin {s["margin"]}, image '

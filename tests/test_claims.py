@@ -164,3 +164,23 @@ def test_the_mask_figure_shows_sce_nets_masks_through_relu_and_each_run_beside_i
     rows[('triplet', 9, 1)] = {'masks': None}
     assert write_mask_figure(rows, 9, ['a', 'b'], tmp_path / 'm.png') and (tmp_path / 'm.png').stat().st_size > 500
     assert not write_mask_figure(rows, 10, ['a', 'b'], tmp_path / 'none.png')   # no run at that budget
+
+
+def test_the_successors_stand_against_each_of_the_paper_s_models_paired_by_seed_without_a_verdict():
+    from csnlib.claims import paired, successors_against_csn, successors_markdown
+    summary = summary_of(asen=({600: [0.70, 0.72, 0.71], 6000: [0.80, 0.83]}),
+                         csn_fixed=({600: [0.68, 0.69, 0.70], 6000: [0.82, 0.81]}),
+                         task=({600: [0.75, 0.74, 0.76]}))
+    entries = successors_against_csn(summary, [600, 6000])
+    got = {(tuple(e['models']), e['budget']): e for e in entries}
+    assert set(got) == {(('asen', 'csn_fixed'), 600), (('asen', 'csn_fixed'), 6000), (('asen', 'task'), 600)}
+    e = got[(('asen', 'csn_fixed'), 600)]                               # (0.02 + 0.03 + 0.01) / 3, in points
+    assert e['difference'] == pytest.approx(2.0) and e['n'] == 3
+    pair = paired(point_of([0.70, 0.72, 0.71]), point_of([0.68, 0.69, 0.70]))
+    assert e['ci95'] == pytest.approx([100 * x for x in pair['ci95']])
+    text = '\n'.join(successors_markdown(entries, [600, 6000]))
+    assert '| ASEN (attention conditioned on the notion) minus CSN, fixed disjoint masks | +2.00 [' in text
+    assert '| ASEN (attention conditioned on the notion) minus task-specific triplet networks | -4.00 [' in text
+    assert text.rstrip().endswith('|  |') and 'holds' not in text                # no 6,000 task run; no verdict
+    assert successors_markdown([], [600]) == []
+    assert successors_against_csn(summary_of(csn_fixed={600: [0.7]}), [600]) == []   # no successor ran

@@ -513,8 +513,12 @@ def test_csn_and_its_successors_side_by_side_on_a_dataset_in_asens_layout(tmp_pa
                          weights_only=False)['state_dict']['embednet.masks.weight']
     assert (weights < 0).any() and np.allclose(rec['masks'], torch.relu(weights).float().numpy(), atol=1e-6)
     assert np.min(rec['masks_start']) == 0 and np.min(rec['masks']) == 0
+    standing = {tuple(e['models']): e for e in rep['successors']}         # where they stand against CSN, paired
+    assert set(standing) == {('asen', 'csn_fixed'), ('scenet', 'csn_fixed')}
+    assert all(e['n'] == 2 and e['budget'] == 32 for e in standing.values())
     params = {m: rep['models'][m]['32']['parameters'] for m in rep['models']}
     assert params['asen'] > params['csn_fixed'] and params['scenet'] > params['csn_fixed']
     text = (runs / 'reproduce' / 'report.md').read_text()
     assert '| protocol mAP | parameters |' in text and f'{params["asen"]:,}' in text
     assert 'ASEN (attention conditioned on the notion)' in text and 'SCE-Net (masks weighed per triplet)' in text
+    assert '| SCE-Net (masks weighed per triplet) minus CSN, fixed disjoint masks | ' in text
