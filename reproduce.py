@@ -741,6 +741,7 @@ def reproduce(args, passthrough):
         _, lr, why = sweep_table(args)
     if not args.report_only and not args.sweep_only and lr is not None:
         busy = train_runs(args, passthrough, settings, study_runs(args, passthrough, lr))
+        busy = [n for n in busy if read_record(record_path(args, n)) is None]  # not those finished since
         if busy:
             print(f'reproduce.py: {len(busy)} run(s) are still being trained by other copies of this command '
                   f'({", ".join(busy[:3])}{", ..." if len(busy) > 3 else ""}); the report below leaves them out, and '

@@ -464,6 +464,24 @@ def test_copies_of_the_command_share_the_study_run_by_run(shapes_data, tmp_path,
     assert len([c for c in launched(p.stdout) if '--name' in c]) == 1
     assert 'Runs finished: 2 of 2' in (runs / 'reproduce' / 'report.md').read_text()
 
+    # a run left to another copy that records it before this copy ends is not called "still being trained"
+    record = results / 'repro_triplet_n32_s1_lr1e-3.json'
+    kept = record.read_text()
+    record.unlink()
+    train_and_test = rp.train_and_test
+
+    def other_copy_finishes(*a, **kw):
+        out = train_and_test(*a, **kw)
+        if out == 'busy':
+            record.write_text(kept)                                     # the other copy writes its record
+        return out
+    monkeypatch.setattr(rp, 'train_and_test', other_copy_finishes)
+    with RunLock(str(runs / 'repro_triplet_n32_s1_lr1e-3'), 'trains', rp.STUDY_LOCK):
+        p = reproduce(*common, monkeypatch=monkeypatch)
+    monkeypatch.setattr(rp, 'train_and_test', train_and_test)
+    assert 'repro_triplet_n32_s1_lr1e-3: left to the copy' in p.stdout and 'still being trained' not in p.stdout
+    assert 'Runs finished: 2 of 2' in (runs / 'reproduce' / 'report.md').read_text()
+
     # the sweep: one of its runs is held when this copy gets to it, and released without a record while it waits
     held = RunLock(str(runs / 'repro_csn_fixed_n64_s1_lr3e-3'), 'trains', rp.STUDY_LOCK).__enter__()
     waits = []
