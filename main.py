@@ -251,7 +251,7 @@ def test(model, ckpt, info, conditions, rt, out_dir):
     store = make_store(info, rt)
     t0 = time.time()
     embedded = {}
-    res = evaluate(model, trip, cond, store, rt, info.notions, embeddings=embedded)
+    res = evaluate(model, trip, cond, store, rt, info.notions, embeddings=embedded, order_check=True)
     if not rt.is_main:
         return 0
     res['checkpoint'] = rt.resume
@@ -263,6 +263,14 @@ def test(model, ckpt, info, conditions, rt, out_dir):
     for n, acc in res['per_notion'].items():
         log(f'  {n:<12} {acc * 100:6.2f} %')
     log(f'  {"overall":<12} {res["accuracy"] * 100:6.2f} %')
+    oc = res['order_check']
+    log(f'  order check: {oc["swapped_accuracy"] * 100:.2f} % with far and close swapped, excess '
+        f'{oc["excess"] * 100:+.2f} points (0 for a model that cannot see which slot holds the close image)')
+    if oc['leaks']:
+        log(f'warning: the model reads the answer from the order of the triplet\'s images: its accuracy with far and '
+            f'close swapped ({oc["swapped_accuracy"] * 100:.2f} %) and as given ({res["accuracy"] * 100:.2f} %) add up '
+            f'to {(1 + oc["excess"]) * 100:.2f} %, not 100 %; its accuracy is not comparable with an order-free '
+            f'model\'s')
     os.makedirs(out_dir, exist_ok=True)
     retrieval_and_pictures(res, model, info, trip, store, rt, out_dir, embedded)
     path = os.path.join(out_dir, 'test_results.json')

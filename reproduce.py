@@ -29,6 +29,7 @@ import numpy as np
 
 from csnlib.atomic import atomic_open
 from csnlib.claims import (
+    LEAKY,
     MODELS,
     PAPER_MODELS,
     TITLE,
@@ -58,7 +59,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # main.py flags that change what a run learns: a run or record made with other values is not reused
 SETTINGS = ('num_traintriplets', 'seed', 'dim_embed', 'batch_size', 'lr', 'margin', 'embed_loss', 'mask_loss',
             'image_size', 'conditions', 'no_pretrained', 'weights', 'num_valtriplets', 'hflip', 'three_forwards',
-            'threads')
+            'threads', 'conv_wgrad')
 SET_HERE = ('--model', '--learned', '--prein', '--name', '--resume', '--test', '--runs', '--epochs', '--seed',
             '--num_traintriplets', '--num-traintriplets', '--pictures', '--no-pictures', '--patience')
 SWEEP_LRS = [1e-4, 3e-4, 1e-3, 3e-3]
@@ -82,8 +83,14 @@ def build_parser():
       help='seeds: each model and budget is trained once per seed (subset, order, initialisation) (default: 1; '
            '--report-only: the study\'s)')
     a('--more-seeds', nargs='+', type=nonneg_int, default=[], metavar='S',
-      help='seeds trained at the largest budget only, after the others (e.g. five seeds there, three elsewhere) '
-           '(default: none)')
+      help='seeds trained at the budgets of --more-seeds-at only, after the others (e.g. five seeds there, three '
+           'elsewhere) (default: none)')
+    a('--more-seeds-at', nargs='+', type=positive_int, default=None, metavar='N',
+      help='the budgets that --more-seeds are trained at (default: the largest budget)')
+    a('--released-scenet-at', type=positive_int, default=None, metavar='N',
+      help='also train SCE-Net with the released code\'s condition branch (on the triplet in role order, which reads '
+           'the answer from the slot order) at budget N for the seeds trained there, to show how much the order gives '
+           'it; never in the sweep or the claims (default: off)')
     a('--patience', type=nonneg_int, default=5,
       help='train each run until its validation accuracy has not improved for this many epochs (main.py --patience); '
            '0 trains every run for --epochs (default: 5)')
@@ -101,9 +108,9 @@ def build_parser():
     a('--results', default=None, metavar='DIR',
       help='folder of the runs\' records, meant to be committed (default: results/DATASET, e.g. results/fonts)')
     a('--prefix', default='repro', help='runs are named PREFIX_MODEL_nBUDGET_sSEED_lrLR (default: repro)')
-    a('--models', nargs='+', default=None, choices=[m[0] for m in MODELS], metavar='MODEL',
-      help='which models to run: triplet task csn_fixed csn_learned, and CSN\'s successors asen scenet (default: '
-           'the paper\'s four)')
+    a('--models', nargs='+', default=None, choices=[m[0] for m in MODELS if m[0] not in LEAKY], metavar='MODEL',
+      help='which models to run: triplet task csn_fixed csn_learned, and CSN\'s successors asen scenet (SCE-Net with '
+           'its branch on pairs of images; the released branch: --released-scenet-at) (default: the paper\'s four)')
     a('--out-dir', default=None, metavar='DIR', help='report folder (default: RUNS/reproduce)')
     a('--report-only', action='store_true',
       help='train nothing: write the report from the records in --results alone (default: off)')
@@ -212,19 +219,24 @@ def main_settings(args, passthrough):
 
 def grid(args, lr):
     """The study's runs in the order they are trained: seed by seed, so a partial study already spans the budgets,
-    the largest budget first (its first seed also writes the pictures)."""
-    top = max(args.budgets)
+    the largest budget first (its first seed also writes the pictures); --more-seeds at --more-seeds-at only; the
+    released SCE-Net (--released-scenet-at) after the others at its budget."""
+    more_at = args.more_seeds_at or [max(args.budgets)]
+    released = ['scenet_triplet'] if args.released_scenet_at else []
     return [(model, budget, seed, lr) for seed in [*args.seeds, *args.more_seeds]
-            for budget in sorted(args.budgets, reverse=True) if budget == top or seed in args.seeds
-            for model in [m[0] for m in MODELS if m[0] in args.models]]
+            for budget in sorted(args.budgets, reverse=True) if budget in more_at or seed in args.seeds
+            for model in [m[0] for m in MODELS if m[0] in args.models]
+            + (released if budget == args.released_scenet_at else [])]
 
 
 def sweep_grid(args):
     return [(model, args.sweep_budget, args.seeds[0], lr) for lr in args.sweep_lrs
-            for model in [m[0] for m in MODELS if m[0] in args.models]]
+            for model in [m[0] for m in MODELS if m[0] in args.models and m[0] not in LEAKY]]
 
 
-Variant = collections.namedtuple('Variant', 'key flags passthrough settings')  # a check's run: see check_runs
+# a check's run: its name, main.py flags added, flags passed on, settings, and how many times the study's epochs and
+# patience it gets (the task-specific networks trained alone take a share of the steps per epoch)
+Variant = collections.namedtuple('Variant', 'key flags passthrough settings scale')
 
 
 def other_forwards(passthrough):
@@ -245,14 +257,18 @@ def check_runs(args, passthrough, lr, notions):
     out = []
     wanted = main_settings(args, passthrough)[0]['conditions']  # a --conditions subset passed on, or None
     alone = without_conditions(passthrough)
+    alone_notions = wanted or notions
     for seed in args.seeds:
         out += [(m, b, seed, lr, None) for m in paper]
         if 'task' in paper:
-            for n in (wanted or notions):
+            for n in alone_notions:
                 extra = ['--conditions', n]
+                # the joint run's triplets of notion n (main.py draws every notion as the joint run does), a
+                # len(alone_notions)-th of its steps per epoch: as many epochs more, for the cap and the patience alike
                 out.append(('task', b, seed, lr, Variant(f'task-alone-{n}', extra, alone,
-                                                         main_settings(args, [*alone, *extra])[0])))
-        out += [(m, b, seed, lr, Variant(f'{m}-{word}-forward', [], other, main_settings(args, other)[0]))
+                                                         main_settings(args, [*alone, *extra])[0],
+                                                         len(alone_notions))))
+        out += [(m, b, seed, lr, Variant(f'{m}-{word}-forward', [], other, main_settings(args, other)[0], 1))
                 for m in paper]
     return out
 
@@ -378,7 +394,7 @@ def train_and_test(args, passthrough, settings, model, budget, seed, lr, picture
     if variant is not None:
         passthrough, settings = variant.passthrough, variant.settings
     name = run_name(args, variant.key if variant else model, budget, seed, lr)
-    epochs = epochs_for(args, budget)
+    epochs = epochs_for(args, budget) * (variant.scale if variant else 1)
     wanted = {**settings, 'lr': lr, 'num_traintriplets': budget, 'seed': seed}
     if recorded(args, name, wanted, epochs):
         print(f'{name}: recorded, not trained again', flush=True)
@@ -410,9 +426,9 @@ def run_one(args, passthrough, model, budget, seed, lr, pictures, variant, name,
                 reuse='finished, reused')[action]
     print(f'{name}: {said}', flush=True)
     flags = next(m[2] for m in MODELS if m[0] == model) + (variant.flags if variant else [])
+    patience = 0 if args.seen else args.patience * (variant.scale if variant else 1)
     if action in ('train', 'resume'):
-        common = ['--data', args.data, '--epochs', str(epochs), '--patience', str(0 if args.seen else args.patience),
-                  *passthrough]
+        common = ['--data', args.data, '--epochs', str(epochs), '--patience', str(patience), *passthrough]
         argv = (['--resume', os.path.join(run_dir, 'checkpoint.pth.tar'), *common] if action == 'resume' else
                 ['--runs', args.runs, '--name', name, '--num_traintriplets', str(budget), '--seed', str(seed),
                  '--lr', str(lr), *flags, *common])
@@ -434,7 +450,7 @@ def run_one(args, passthrough, model, budget, seed, lr, pictures, variant, name,
             raise UserError(f'testing {name} failed (exit status {rc}; see {log_path})')
         times['test_s'] = seconds
         write_json(times_path, times)
-    rec = make_record(args, run_dir, variant.key if variant else model, budget, seed, lr, epochs)
+    rec = make_record(args, run_dir, variant.key if variant else model, budget, seed, lr, epochs, patience)
     write_json(record_path(args, name), rec)
     if budget == max(args.budgets) and model != 'task' and variant is None and not args.no_probe:
         probe_record(args, rec)  # now, while its checkpoint is on this machine: claim (e) reads it from the record
@@ -469,10 +485,12 @@ def read_metrics(path):
     return out
 
 
-def make_record(args, run_dir, model, budget, seed, lr, epochs):
-    """What outlives the run folder: args, per-epoch metrics, test results, stop reason, masks and their start."""
+def make_record(args, run_dir, model, budget, seed, lr, epochs, patience):
+    """What outlives the run folder: args, per-epoch metrics, test results (with the order check), stop reason, masks
+    and their start, the dataset's name and fingerprint."""
     from csnlib import runtime
     from csnlib.checkpoint import load_checkpoint
+    from triplet_image_loader import load_dataset_info
     ck = load_checkpoint(os.path.join(run_dir, 'checkpoint.pth.tar'))
     best = load_checkpoint(os.path.join(run_dir, 'model_best.pth.tar'))
     with open(os.path.join(run_dir, 'test_results.json')) as f:
@@ -487,13 +505,20 @@ def make_record(args, run_dir, model, budget, seed, lr, epochs):
             'notions': ck.get('notions'), 'metrics': read_metrics(os.path.join(run_dir, 'metrics.jsonl')),
             'test': {k: res.get(k) for k in ('accuracy', 'per_notion', 'triplets', 'mAP', 'mAP_per_notion',
                                               'pml_precision_at_1', 'pml_map_at_r', 'pml_precision_at_1_per_notion',
-                                              'pml_map_at_r_per_notion', 'protocol_mAP', 'protocol_mAP_per_notion')},
+                                              'pml_map_at_r_per_notion', 'protocol_mAP', 'protocol_mAP_per_notion',
+                                              'order_check')},
             'stopped': stopped, 'epochs_trained': ck['next_epoch'] - 1, 'best_epoch': ck['best_epoch'],
-            'best_val_acc': ck['best_acc'], 'epochs_cap': epochs, 'patience': 0 if args.seen else args.patience,
+            'best_val_acc': ck['best_acc'], 'epochs_cap': epochs, 'patience': patience,
             'parameters': count_parameters(best['state_dict']), 'masks': masks,
             'masks_start': start_masks(ck['args'], len(ck.get('notions') or [])) if masks is not None else None,
             'train_s': round(times.get('train_s', 0.0), 1), 'test_s': round(times.get('test_s', 0.0), 1),
-            'machine': runtime.machine_info()}
+            'machine': runtime.machine_info(), 'dataset': dataset_tag(load_dataset_info(args.data))}
+
+
+def dataset_tag(info):
+    """What a record says of its data: the dataset's name, sizes and fingerprint (triplet_image_loader)."""
+    from triplet_image_loader import dataset_fingerprint
+    return {'name': info.name, 'images': len(info.filenames), 'sha256': dataset_fingerprint(info)}
 
 
 def count_parameters(state_dict):
@@ -612,18 +637,41 @@ def sweep_table(args):
         rec = read_record(record_path(args, run_name(args, model, budget, seed, lr)))
         if rec is not None:
             table.setdefault(lr, {})[model] = rec
-    models = [m for m in (x[0] for x in MODELS) if m in args.models]
-    complete = {lr: per for lr, per in table.items() if all(m in per for m in models)}
+    swept = [m for m in (x[0] for x in MODELS) if m in args.models and m not in LEAKY]
+    complete = {lr: per for lr, per in table.items() if all(m in per for m in swept)}
     if len(complete) < len(args.sweep_lrs):
         return table, None, f'the sweep is not finished ({len(complete)} of {len(args.sweep_lrs)} rates)'
+    # a model that reads the answer from the slot order has a validation accuracy no other model can reach: no vote
+    leaking = [m for m in swept if any(leaks(per[m]) for per in complete.values())]
+    models = [m for m in swept if m not in leaking]
     score = {lr: float(np.mean([per[m]['best_val_acc'] for m in models])) for lr, per in complete.items()}
     best = max(score, key=score.get)
     own = {m: max(complete, key=lambda lr, m=m: complete[lr][m]['best_val_acc']) for m in models}
     why = (f'the best mean validation accuracy over the {len(models)} models ({score[best] * 100:.2f} %) at '
            f'{args.sweep_budget:,} triplets, seed {args.seeds[0]}; one rate for every model, so that no model is tuned '
            f'more than another; each model\'s own best: '
-           + ', '.join(f'{TITLE[m]} {lr_tag(lr)}' for m, lr in own.items()))
+           + ', '.join(f'{TITLE[m]} {lr_tag(lr)}' for m, lr in own.items())
+           + (f'; left out, as their order check fails: {", ".join(TITLE[m] for m in leaking)}' if leaking else ''))
     return table, best, why
+
+
+def leaks(rec):
+    """Does a record's test say that its model reads the answer from the slot order?"""
+    return bool(((rec.get('test') or {}).get('order_check') or {}).get('leaks'))
+
+
+def check_one_dataset(records):
+    """Refuse to pool records of different datasets (their fingerprints differ); records made before fingerprints
+    were recorded pass. Returns the fingerprint or None."""
+    seen = collections.defaultdict(list)
+    for r in records:
+        if (r.get('dataset') or {}).get('sha256'):
+            seen[r['dataset']['sha256']].append(r['run'])
+    if len(seen) > 1:
+        lines = '; '.join(f'{h[:12]}: {len(runs)} run(s), e.g. {runs[0]}' for h, runs in seen.items())
+        raise UserError(f'the records in the results folder come from {len(seen)} different datasets ({lines}): a '
+                        f'report pools one dataset\'s runs only; move the other records to their own --results folder')
+    return next(iter(seen), None)
 
 
 
@@ -634,8 +682,10 @@ def rests_on_cap(rows, keys):
 
 def report(args, passthrough, settings, lr, lr_choice, t_start):
     budgets = sorted(args.budgets)
-    models = [m for m in (x[0] for x in MODELS) if m in args.models]
+    models = [m for m in (x[0] for x in MODELS)
+              if m in args.models or (m == 'scenet_triplet' and args.released_scenet_at)]
     rows = collect(args, grid(args, lr)) if lr is not None else {}
+    fingerprint = check_one_dataset(rows.values())
     summary = summarise(rows, models, budgets)
     top = max([b for b in budgets if any(b in summary.get(m, {}) for m in models)], default=budgets[-1])
     probes, probe_note, probe_missing = ((None, 'not run (--no-probe)', []) if args.no_probe else
@@ -669,7 +719,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
     if probes:
         from csnlib.probe import DESCRIPTIONS
         probe_descriptions = DESCRIPTIONS
-    rep = {'command': args.command, 'data': args.data or args.study_data,
+    rep = {'command': args.command, 'data': args.data or args.study_data, 'dataset_sha256': fingerprint,
            'budgets': budgets, 'seeds': args.seeds + args.more_seeds,
            'epochs': {str(b): epochs_for(args, b) for b in budgets},
            'epochs_cap': args.epochs, 'patience': 0 if args.seen else args.patience, 'seen': args.seen,
@@ -726,7 +776,9 @@ def reproduce(args, passthrough):
     settings, lr_given = main_settings(args, passthrough)
     if not args.report_only:
         write_json(study_file(args), {'command': args.command, 'data': args.data, 'budgets': args.budgets,
-                                      'seeds': args.seeds, 'more_seeds': args.more_seeds, 'models': args.models,
+                                      'seeds': args.seeds, 'more_seeds': args.more_seeds,
+                                      'more_seeds_at': args.more_seeds_at,
+                                      'released_scenet_at': args.released_scenet_at, 'models': args.models,
                                       'prefix': args.prefix, 'sweep_lrs': args.sweep_lrs,
                                       'sweep_budget': args.sweep_budget, 'patience': args.patience,
                                       'epochs': args.epochs, 'seen': args.seen, 'checks_at': args.checks_at,
@@ -777,6 +829,8 @@ def fill_from_study(d, passthrough):
         if d[k] is None:
             d[k] = study[k]
     d['more_seeds'] = d['more_seeds'] or study.get('more_seeds', [])
+    d['more_seeds_at'] = d['more_seeds_at'] or study.get('more_seeds_at')
+    d['released_scenet_at'] = d['released_scenet_at'] or study.get('released_scenet_at')
     for k in ('patience', 'epochs', 'seen', 'sweep_lrs'):
         d[k] = study[k]
     d['checks_at'] = d['checks_at'] or study.get('checks_at')

@@ -127,6 +127,22 @@ class DatasetInfo:
         return os.path.join(self.root, 'tripletlists', f'{notion}_tripletlist_{split}.txt')
 
 
+def dataset_fingerprint(info):
+    """SHA-256 over what defines a dataset's runs: dataset.json, filenames.json, the labels and every triplet list
+    (their names and bytes). Two folders with the same fingerprint give the same triplets and labels."""
+    import hashlib
+    lists = os.path.join(info.root, 'tripletlists')
+    listed = sorted(f for f in os.listdir(lists) if f.endswith('.txt')) if os.path.isdir(lists) else []
+    paths = [os.path.join(info.root, 'dataset.json'), os.path.join(info.root, 'filenames.json'), info.labels_file,
+             *(os.path.join(lists, f) for f in listed)]
+    h = hashlib.sha256()
+    for path in (p for p in paths if p and os.path.isfile(p)):
+        h.update(os.path.relpath(path, info.root).encode() + b'\0')
+        with open(path, 'rb') as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
 def load_dataset_info(root):
     """Read DIR/dataset.json (or the Zappos defaults when it is absent) and DIR/filenames.json."""
     if not os.path.isdir(root):
@@ -262,12 +278,17 @@ def load_triplets(info, split, conditions, n_total, seed, skip_bad=False, log=pr
     per_notion = n_total // len(info.notions)
     rng = np.random.RandomState(seed + SPLITS.index(split))
     trip, cond, problems = [], [], []
-    for c in conditions:
+    # every notion with a list is drawn, in the dataset's order, so that a subset (--conditions) gets the very triplets
+    # the run on all notions gets for it; only the selected notions' lists are checked and kept
+    for c in [c for c in range(len(info.notions)) if c in conditions or os.path.exists(
+            info.triplet_file(info.notions[c], split))]:
         t, _, bad = check_triplet_file(info.triplet_file(info.notions[c], split), len(info.filenames))
-        problems += bad
         if len(t) > per_notion:
             t = t[np.sort(rng.choice(len(t), per_notion, replace=False))]
-        elif len(t) < per_notion:
+        if c not in conditions:
+            continue
+        problems += bad
+        if len(t) < per_notion:
             log(f'note: {info.triplet_file(info.notions[c], split)} has {len(t)} usable triplets, fewer than the '
                 f'{per_notion} asked for; using all of them')
         trip.append(t)

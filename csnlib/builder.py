@@ -69,7 +69,8 @@ def build_model(args, n_notions, pretrained=None):
         net = TripletEmbedNet(backbone())
     elif args.model in ('asen', 'scenet'):
         refuse_successor_flags(args)
-        net = ASEN(backbone(), n_notions) if args.model == 'asen' else SCENet(backbone(), n_notions, args.dim_embed)
+        net = (ASEN(backbone(), n_notions) if args.model == 'asen' else
+               SCENet(backbone(), n_notions, args.dim_embed, branch=getattr(args, 'scenet_branch', 'pair')))
     else:
         net = TaskSpecificNets([backbone() for _ in range(n_notions)])
     return TripletNet(net, three_forwards=getattr(args, 'three_forwards', False))

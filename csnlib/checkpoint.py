@@ -10,7 +10,7 @@ from csnlib.errors import CheckpointError, UserError
 from triplet_image_loader import parse_conditions
 
 # flags that fix the model's shape: taken from a checkpoint, and must match it when given on the command line
-MODEL_FLAGS = ('model', 'dim_embed', 'learned', 'prein')
+MODEL_FLAGS = ('model', 'dim_embed', 'learned', 'prein', 'scenet_branch')
 # how to run: the current machine's business (a run started on the CPU continues on a GPU, a checkpoint from a GPU
 # tests on a laptop); never taken from the checkpoint's run. Flags that change what is learned (--three-forwards,
 # --hflip, the model's shape, the data) do come back.
@@ -24,7 +24,7 @@ THIS_CALL = ('resume', 'test', 'export_embeddings', 'pictures', 'check_data') + 
 # not flags: what a run recorded about its model in its args (--add-notion's mask rows learned on fixed masks)
 RECORDED = ('learned_rows',)
 # flags added since: the value that gives a checkpoint made before them its own arithmetic when it is resumed
-BEFORE_THE_FLAG = {'conv_wgrad': 'onednn'}
+BEFORE_THE_FLAG = {'conv_wgrad': 'onednn', 'scenet_branch': 'triplet'}  # SCE-Net had the released branch only
 
 
 def save_checkpoint(state, path):
@@ -80,6 +80,8 @@ def how_to_run_changes(args, ckpt, explicit):
 
 def describe(a):
     a = a if isinstance(a, dict) else vars(a)
+    if a['model'] == 'scenet':
+        return f'--model scenet ({a.get("scenet_branch", "triplet")} branch), {a["dim_embed"]}-d'
     if a['model'] != 'csn':
         return f'--model {a["model"]}, {a["dim_embed"]}-d'
     return (f'CSN ({"prein" if a.get("prein") else "learned" if a.get("learned") else "fixed"} masks), '

@@ -10,7 +10,13 @@ MODELS = [('triplet', 'standard triplet network', ['--model', 'triplet'], 23.72)
           ('csn_learned', 'CSN, learned masks', ['--model', 'csn', '--learned'], 10.73),
           # CSN's successors, under the same protocol (on request: --models ... asen scenet; not in the paper's table)
           ('asen', 'ASEN (attention conditioned on the notion)', ['--model', 'asen'], None),
-          ('scenet', 'SCE-Net (masks weighed per triplet)', ['--model', 'scenet'], None)]
+          ('scenet', 'SCE-Net (masks weighed per pair of images)', ['--model', 'scenet', '--scenet-branch', 'pair'],
+           None),
+          # the released SCE-Net code's branch, which reads the answer from the slot order: trained only to show how
+          # much that gives it (reproduce.py --released-scenet-at), never in the sweep, the claims or the standing
+          ('scenet_triplet', 'SCE-Net as released (branch on the triplet in role order: reads the slot order)',
+           ['--model', 'scenet', '--scenet-branch', 'triplet'], None)]
+LEAKY = ('scenet_triplet',)  # models known to see which slot holds the close image
 PAPER_MODELS = ('triplet', 'task', 'csn_fixed', 'csn_learned')  # the default: the models of the paper's table
 TITLE = {m[0]: m[1] for m in MODELS}
 CONFIDENCE = 0.95
@@ -366,7 +372,7 @@ def write_curve(summary, budgets, path):
 def figure_masks(model, masks):
     """A record's masks as the model uses them: SCE-Net's records before the fix kept its weights without the ReLU."""
     m = np.asarray(masks, dtype=float)  # (C, D)
-    return np.maximum(m, 0) if model == 'scenet' else m
+    return np.maximum(m, 0) if model.startswith('scenet') else m
 
 
 def write_mask_figure(rows, budget, notions, path):
@@ -386,7 +392,7 @@ def write_mask_figure(rows, budget, notions, path):
             if not any(f[0].startswith(TITLE[m]) for f in found):
                 found.append((f'{TITLE[m]} (the same for every seed)', notions, None, figure_masks(m, r['masks'])))
             continue
-        labels = [f'mask {k + 1}' for k in range(len(r['masks']))] if m == 'scenet' else notions
+        labels = [f'mask {k + 1}' for k in range(len(r['masks']))] if m.startswith('scenet') else notions
         start = r.get('masks_start')
         found.append((f'{TITLE[m]}, seed {s}', labels, None if start is None else figure_masks(m, start),
                       figure_masks(m, r['masks'])))

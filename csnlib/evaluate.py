@@ -39,16 +39,21 @@ def broadcast_buffers(model, rt):
             dist.broadcast(b, 0)
 
 
+ORDER_TOLERANCE = 0.01  # |excess| above this: the model's decision depends on which slot holds the close image
+
+
 @torch.no_grad()
-def evaluate(model, triplets, conds, store, rt, notions, embeddings=None):
+def evaluate(model, triplets, conds, store, rt, notions, embeddings=None, order_check=False):
     """Triplet accuracy and ranking loss of a split (triplets (M, 3), conds (M,)), each image embedded once (under
     torchrun a share per process, all with rank 0's model). Returns {'accuracy', 'loss' (ranking loss only),
     'per_notion' {name: acc}, 'triplets'}. embeddings: a dict to fill with {notion or None (one embedding for all):
-    (sorted image indices, their raw embeddings (U, D))}."""
+    (sorted image indices, their raw embeddings (U, D))}. order_check: also score every triplet with far and close
+    swapped in everything the model sees (res['order_check'], see order_summary)."""
     model.eval()
     broadcast_buffers(model, rt)
     net = model.embednet
     correct = torch.zeros(len(triplets), dtype=torch.bool, device=rt.device)
+    swapped = torch.zeros(len(triplets), dtype=torch.bool, device=rt.device)
     losses = torch.zeros(len(triplets), device=rt.device)
     groups = ([(c, conds == c) for c in np.unique(conds)] if net.per_notion_backbone
               else [(None, np.ones(len(conds), bool))])
@@ -65,10 +70,29 @@ def evaluate(model, triplets, conds, store, rt, notions, embeddings=None):
             idx = torch.from_numpy(np.flatnonzero(sel)[start:start + 65536]).to(rt.device)
             correct[idx] = triplet_correct(d_far, d_close)
             losses[idx] = ranking_loss(d_far, d_close, rt.args.margin)
+            if order_check:  # the same triplets written a c b: the close image in the far slot
+                s_far, s_close, _ = masked_distances(net, emb[p[:, [0, 2, 1]].T.reshape(-1)], cc)
+                swapped[idx] = triplet_correct(s_far, s_close)
     correct, losses = correct.cpu().numpy(), losses.cpu().numpy()
     per = {notions[c]: float(correct[conds == c].mean()) for c in np.unique(conds)}
-    return {'accuracy': float(correct.mean()), 'loss': float(losses.mean()), 'per_notion': per,
-            'triplets': int(len(triplets))}
+    res = {'accuracy': float(correct.mean()), 'loss': float(losses.mean()), 'per_notion': per,
+           'triplets': int(len(triplets))}
+    if order_check:
+        res['order_check'] = order_summary(correct, swapped.cpu().numpy(), conds, notions)
+    return res
+
+
+def order_summary(correct, swapped, conds, notions):
+    """The order check from each triplet's two verdicts (M,) bool, as given and with far and close swapped:
+    {'swapped_accuracy', 'excess' = accuracy + swapped_accuracy - 1, 'per_notion' {name: {...}}, 'leaks'}. A model
+    whose decision does not depend on the slot order has an excess of 0, less its ties (a tie is wrong both ways)."""
+    def one(sel):
+        acc, sw = float(correct[sel].mean()), float(swapped[sel].mean())
+        return {'swapped_accuracy': sw, 'excess': acc + sw - 1}
+    out = one(np.ones(len(correct), bool))
+    out['per_notion'] = {notions[c]: one(conds == c) for c in np.unique(conds)}
+    out['leaks'] = bool(abs(out['excess']) > ORDER_TOLERANCE)
+    return out
 
 
 @torch.no_grad()

@@ -109,7 +109,13 @@ def main_parser():
       help='csn = Conditional Similarity Network; triplet = standard triplet network (no masks); '
            'task = a set of task-specific triplet networks (one per notion); asen = ASEN (AAAI 2020: attention '
            'conditioned on the notion, unit embeddings, ranking loss on dot products; asen.py); scenet = SCE-Net '
-           '(ICCV 2019: CSN masks weighed per triplet from its three images, no notion input; scenet.py)')
+           '(ICCV 2019: CSN masks weighed per pair of images, no notion input; scenet.py)')
+    a('--scenet-branch', '--scenet_branch', choices=['pair', 'triplet'], default='pair',
+      help='--model scenet only: what its condition branch sees. pair = the anchor and the image it is compared with, '
+           'each distance with its own mask weights (the paper\'s figure; cannot see which slot holds the close image); '
+           'triplet = the released code\'s branch on (anchor, far, close) in role order, one weight vector for both '
+           'distances: it reads the answer from the slot order (main.py --test\'s order check shows how much), kept to '
+           'measure that (default: pair)')
     a('--no-pretrained', '--no_pretrained', action='store_true', default=False,
       help='start the backbone from random weights instead of ImageNet')
     a('--weights', default='', metavar='FILE', help='ImageNet weights: a torchvision resnet18 state dict file '

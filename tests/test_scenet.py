@@ -18,26 +18,30 @@ from tripletnet import TripletNet, csn_loss, masked_distances
 SMALL = ['--dim_embed', '16', '--num_traintriplets', '96', '--num_valtriplets', '32', '--num_testtriplets', '48']
 
 
-def tiny(n_masks=3, dim=8, seed=0):
+def tiny(n_masks=3, dim=8, seed=0, branch='pair'):
     """A fresh copy of one seeded SCE-Net in eval mode."""
-    return copy.deepcopy(_built(n_masks, dim, seed))
+    return copy.deepcopy(_built(n_masks, dim, seed, branch))
 
 
 @functools.lru_cache
-def _built(n_masks, dim, seed):
+def _built(n_masks, dim, seed, branch='pair'):
     torch.manual_seed(seed)
-    net = SCENet(EmbeddingNet(dim), n_masks, dim).eval()
+    net = SCENet(EmbeddingNet(dim), n_masks, dim, branch=branch).eval()
     with torch.no_grad():
         net.fc2.weight.mul_(10)  # weights far from uniform
     return net
 
 
-def reference(net, fa, ff, fc):
-    """SCE-Net's equations for one triplet of raw embeddings (D,): (weights (K,), d_far, d_close)."""
-    unit = [f / math.sqrt(sum(float(v) ** 2 for v in f)) for f in (fa, ff, fc)]
+def weights_of(net, *fs):
+    """The branch's weights (K,) over the masks for the raw embeddings (D,) it sees, written out."""
+    unit = [f / math.sqrt(sum(float(v) ** 2 for v in f)) for f in fs]
     h = torch.relu(net.fc1.weight @ torch.cat(unit) + net.fc1.bias)
     logits = [float(net.fc2.weight[k] @ h + net.fc2.bias[k]) for k in range(len(net.fc2.bias))]
-    w = [math.exp(v) / sum(math.exp(u) for u in logits) for v in logits]
+    return torch.tensor([math.exp(v) / sum(math.exp(u) for u in logits) for v in logits])
+
+
+def distance(net, w, fa, fy):
+    """||e_w(a) - e_w(y)|| with e_w(z) = sum_k w_k * (f(z) * m_k) / ||f(z) * m_k||, written out."""
     masks = torch.relu(net.masks.weight)
 
     def e(f):
@@ -46,28 +50,57 @@ def reference(net, fa, ff, fc):
             fm = f * m
             out = out + w[k] * fm / fm.norm()
         return out
+    return float((e(fa) - e(fy)).norm())
 
-    ea, ef, ec = e(fa), e(ff), e(fc)
-    return torch.tensor(w), float((ea - ef).norm()), float((ea - ec).norm())
+
+def reference(net, fa, ff, fc):
+    """SCE-Net's equations for one triplet of raw embeddings (D,): (weights for d_far (K,), for d_close (K,), d_far,
+    d_close). The pair branch weighs each distance from its own pair; the released branch once from all three."""
+    if net.branch == 'pair':
+        w_far, w_close = weights_of(net, fa, ff), weights_of(net, fa, fc)
+    else:
+        w_far = w_close = weights_of(net, fa, ff, fc)
+    return w_far, w_close, distance(net, w_far, fa, ff), distance(net, w_close, fa, fc)
 
 
 @torch.no_grad()
-def test_weights_and_distances_match_a_written_out_loop():
-    net = tiny()
+@pytest.mark.parametrize('branch', ['pair', 'triplet'])
+def test_weights_and_distances_match_a_written_out_loop(branch):
+    net = tiny(branch=branch)
     B = 4
     emb = torch.randn(3 * B, 8)
-    w = net.condition_weights(emb)
+    fa, ff, fc = emb.chunk(3)
+    w = net.condition_weights(fa, ff) if branch == 'pair' else net.condition_weights(fa, ff, fc)
     assert w.shape == (B, 3)
     torch.testing.assert_close(w.sum(1), torch.ones(B))
     assert float(w.max()) > 0.5  # not uniform: the test would pass constant weights otherwise
     d_far, d_close, mask_l1 = masked_distances(net, emb, torch.zeros(B, dtype=torch.long))
     for i in range(B):
-        want_w, want_far, want_close = reference(net, emb[i], emb[B + i], emb[2 * B + i])
-        torch.testing.assert_close(w[i], want_w.float(), atol=1e-6, rtol=1e-5)
+        want_far_w, _, want_far, want_close = reference(net, fa[i], ff[i], fc[i])
+        torch.testing.assert_close(w[i], want_far_w.float(), atol=1e-6, rtol=1e-5)
         assert abs(float(d_far[i]) - want_far) < 1e-5 and abs(float(d_close[i]) - want_close) < 1e-5
     masks = torch.relu(net.masks.weight)
     assert (net.masks.weight < 0).any()  # N(0.9, 0.7): ReLU matters
     torch.testing.assert_close(mask_l1, torch.full((3 * B,), float(masks.abs().sum(1).mean())))
+
+
+@torch.no_grad()
+def test_the_pair_branch_cannot_see_the_slot_order_and_the_released_one_can():
+    """Far and close swapped: the pair branch's two distances swap exactly; the released branch's do not (its weights
+    depend on which slot holds which image)."""
+    B = 64
+    emb = torch.randn(3 * B, 8)
+    fa, ff, fc = emb.chunk(3)
+    swapped = torch.cat([fa, fc, ff])
+    c = torch.zeros(B, dtype=torch.long)
+    pair = tiny(branch='pair')
+    d_far, d_close, _ = masked_distances(pair, emb, c)
+    s_far, s_close, _ = masked_distances(pair, swapped, c)
+    assert torch.equal(s_far, d_close) and torch.equal(s_close, d_far)
+    released = tiny(branch='triplet')
+    d_far, d_close, _ = masked_distances(released, emb, c)
+    s_far, s_close, _ = masked_distances(released, swapped, c)
+    assert not torch.allclose(s_far, d_close, atol=1e-4)
 
 
 @torch.no_grad()
@@ -113,7 +146,7 @@ def test_loss_is_csns_against_a_hand_computation_and_backward_reaches_every_part
 
 def test_deterministic_and_what_has_no_meaning_is_refused():
     x = torch.randn(6, 3, 32, 32)
-    a, b = tiny(seed=2), _built.__wrapped__(3, 8, 2)
+    a, b = tiny(seed=2), _built.__wrapped__(3, 8, 2, 'pair')
     with torch.no_grad():
         assert all(torch.equal(u, v) for u, v in zip(TripletNet(a)(x, torch.tensor([0, 1])),
                                                       TripletNet(b)(x, torch.tensor([0, 1]))))
