@@ -8,7 +8,7 @@ per step or three), then every model, budget and seed at the best common rate, e
 each, as a user would) until its validation accuracy stops improving (--patience; --epochs is the cap; --seen N trains
 every run on the same number of triplets instead), then `main.py --test` of its best checkpoint. Each finished run
 leaves a small record, RESULTS/RUN.json (its args, per-epoch metrics, test results, stop reason, learned masks and
-their start), from which RUNS/reproduce/ is written: report.md (tables, the sweep, the claims with their confidence
+their start), from which the same folder gets: report.md (tables, the sweep, the claims with their confidence
 intervals), reproduce.json, curve.png and masks.png. Run the same command again after an interruption, here or on
 another machine: runs with a record are not trained again, a stopped run continues from its checkpoint. --report-only
 writes the report from the records alone (no dataset or checkpoint needed). The statistics, the claims' rules and the
@@ -111,7 +111,9 @@ def build_parser():
     a('--models', nargs='+', default=None, choices=[m[0] for m in MODELS if m[0] not in LEAKY], metavar='MODEL',
       help='which models to run: triplet task csn_fixed csn_learned, and CSN\'s successors asen scenet (SCE-Net with '
            'its branch on pairs of images; the released branch: --released-scenet-at) (default: the paper\'s four)')
-    a('--out-dir', default=None, metavar='DIR', help='report folder (default: RUNS/reproduce)')
+    a('--out-dir', default=None, metavar='DIR',
+      help='report folder: report.md, reproduce.json, curve.png, masks.png (default: the --results folder, where they '
+           'are committed beside the records they come from)')
     a('--report-only', action='store_true',
       help='train nothing: write the report from the records in --results alone (default: off)')
     a('--no-probe', action='store_true',
@@ -711,7 +713,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
             claims[k], reason[k] = 'inconclusive', 'not converged'
     if mask_extra and mask_extra.get('reason'):
         reason['d'] = mask_extra['reason']
-    out_dir = args.out_dir or os.path.join(args.runs, 'reproduce')
+    out_dir = args.out_dir or args.results
     os.makedirs(out_dir, exist_ok=True)
     notions = next((r['notions'] for r in rows.values() if r.get('notions')), None) or []
     table, _, _ = sweep_table(args)
@@ -751,7 +753,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
     rep['checks'] = checks_summary(args, passthrough, lr)
     rep['masks_figure'] = write_mask_figure(rows, top, notions, os.path.join(out_dir, 'masks.png'))
     write_json(os.path.join(out_dir, 'reproduce.json'), rep, indent=2)
-    text = markdown(rep) if summary else ('\n'.join([f'# No finished run of the study yet in {args.results}', '',
+    text = markdown(rep) if summary else ('\n'.join([f'# No finished run of the study yet on {rep["data"]}', '',
                                                      *sweep_markdown(rep)]) + '\n')
     with atomic_open(os.path.join(out_dir, 'report.md')) as f:
         f.write(text)

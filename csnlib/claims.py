@@ -76,8 +76,28 @@ def compare(a, b):
         d = a['mean'] - b['mean']
         return 'inconclusive', f'difference {d * 100:+.2f} points from a single seed', None
     lo, hi = pair['ci95']
-    return verdict(pair), (f'difference {pair["difference"] * 100:+.2f} points, 95 % CI [{lo * 100:+.2f}, '
-                           f'{hi * 100:+.2f}] over {pair["n"]} seeds, paired t-test p = {pair["p"]:.3g}'), pair
+    word = verdict(pair)
+    more = seeds_to_decide(pair) if word == 'inconclusive' else None
+    return word, (f'difference {pair["difference"] * 100:+.2f} points, 95 % CI [{lo * 100:+.2f}, '
+                  f'{hi * 100:+.2f}] over {pair["n"]} seeds, paired t-test p = {pair["p"]:.3g}'
+                  + (f'; at this difference and spread about {more} seeds would decide it' if more else
+                     '; at this difference and spread more than 100 seeds would be needed' if more == 0 else '')), pair
+
+
+def seeds_to_decide(pair, most=100):
+    """The fewest seeds whose 95 % interval would exclude zero if the paired differences kept their mean and standard
+    deviation; 0 when more than `most` would be needed (or the mean difference is 0)."""
+    from scipy import stats
+    n0 = pair['n']
+    half = (pair['ci95'][1] - pair['ci95'][0]) / 2
+    sd = half * np.sqrt(n0) / float(stats.t.ppf(0.5 + CONFIDENCE / 2, n0 - 1))
+    d = abs(pair['difference'])
+    if d == 0:
+        return 0
+    for n in range(n0 + 1, most + 1):
+        if float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / np.sqrt(n) < d:
+            return n
+    return 0
 
 
 def ci_entry(models, pair, **extra):
@@ -128,7 +148,9 @@ def summarise(rows, models, budgets):
                 'parameters': rs[0][1]['parameters'], 'epochs': max(r['epochs_trained'] for _, r in rs),
                 'stopped': [r['stopped'] for _, r in rs], 'epochs_trained': [r['epochs_trained'] for _, r in rs],
                 'best_epoch': [r['best_epoch'] for _, r in rs], 'lr': rs[0][1]['lr'],
-                'masks': None, 'masks_start': None, 'masks_change': None}
+                'masks': None, 'masks_start': None, 'masks_change': None,
+                # accuracy + accuracy with far and close swapped - 1, per seed (None: tested before the check)
+                'order_excess': [((r['test'].get('order_check') or {}).get('excess')) for _, r in rs]}
             # pytorch-metric-learning's, where the tests had it; ASEN's protocol mAP on datasets in its layout
             for key in ('pml_precision_at_1', 'pml_map_at_r', 'protocol_mAP'):
                 v = [r['test'][key] for _, r in rs if r['test'].get(key) is not None]
@@ -153,6 +175,18 @@ def mask_summary(stats):
     """The form of reproduce.json's "masks": mean and sd of the fraction under and of the overlap, and each seed's."""
     return {'sparse': mean_std([s['sparse'] for s in stats]), 'overlap': mean_std([s['overlap'] for s in stats]),
             'per_seed': stats}
+
+
+def chance_overlap(active, dim, draws=4000, seed=0):
+    """The overlap (mean pairwise Jaccard) that random active sets with each notion's own number of active dimensions
+    (active: C counts) would have among `dim` dimensions: the mean over `draws` draws (a permutation null)."""
+    rng = np.random.default_rng(seed)
+    k = np.asarray(active, dtype=int)[None, :, None]  # (1, C, 1)
+    ranks = rng.random((draws, len(active), dim)).argsort(2).argsort(2)  # (draws, C, dim): a random order per set
+    sets = ranks < k  # (draws, C, dim): k_c dimensions drawn without replacement for notion c
+    pairs = [(i, j) for i in range(len(active)) for j in range(i + 1, len(active))]
+    jac = [(sets[:, i] & sets[:, j]).sum(1) / np.maximum((sets[:, i] | sets[:, j]).sum(1), 1) for i, j in pairs]
+    return float(np.mean(jac))
 
 
 def mask_change(masks, start):
@@ -230,8 +264,10 @@ def claim_c(summary, budgets):
 
 
 def claim_d(rows, budget):
-    """(d) learned masks are sparse and share dimensions between notions, judged against their own start: sparser than
-    the start (paired by seed) and sharing a small subset (overlap above 0.05 and below the start's, paired)."""
+    """(d) learned masks are sparse and share dimensions between notions: sparser than their own start (paired by
+    seed), and sharing a small subset, judged against chance: overlap above 0.05 and below what random active sets
+    with each notion's own sizes would share (chance_overlap, per seed, paired). Making masks sparser lowers their
+    overlap by itself, so the start is not the reference for the sharing."""
     rs = sorted(((s, r) for (m, b, s), r in rows.items() if m == 'csn_learned' and b == budget), key=lambda t: t[0])
     if not rs:
         return 'inconclusive', 'no CSN with learned masks at this budget', None, [], None
@@ -241,21 +277,25 @@ def claim_d(rows, budget):
     change = [mask_change(r['masks'], r['masks_start']) for _, r in rs]
     rel = [c['mean_abs_change'] / max(c['start_mean_abs'], 1e-12) for c in change]
     val = lambda xs, key: {'seeds': seeds, 'values': [x[key] for x in xs], 'mean': float(np.mean([x[key] for x in xs]))}
+    for x in stats:
+        x['chance'] = chance_overlap(x['active'], len(rs[0][1]['masks'][0]))
     w_sparse, why_sparse, p_sparse = compare(val(stats, 'sparse'), val(starts, 'sparse'))
-    w_less, why_less, p_less = compare(val(starts, 'overlap'), val(stats, 'overlap'))
+    w_less, why_less, p_less = compare(val(stats, 'chance'), val(stats, 'overlap'))
     sparse, shared = mean_std([s['sparse'] for s in stats]), mean_std([s['overlap'] for s in stats])
     sparse0, shared0 = mean_std([s['sparse'] for s in starts]), mean_std([s['overlap'] for s in starts])
+    chance = mean_std([s['chance'] for s in stats])
     fixed = f'(fixed disjoint masks: {1 - 1 / len(stats[0]["active"]):.2f} under, overlap 0)'
     ms = lambda t: f'{t[0]:.2f}' if len(seeds) < 2 else f'{t[0]:.2f} ± {t[1]:.2f}'  # no spread from one seed
     text = (f'fraction of mask weights under 0.1 of their row\'s maximum {ms(sparse)} (at their start {ms(sparse0)}); '
             f'overlap (Jaccard of the dimensions at or above 0.1 of the maximum) between notions {ms(shared)} (at '
-            f'their start {ms(shared0)}) {fixed}; mean absolute change from the start '
-            f'{np.mean([c["mean_abs_change"] for c in change]):.3f} ({np.mean(rel) * 100:.1f} % of the start\'s mean '
-            f'absolute value); sparser than the start: {w_sparse} ({why_sparse}); overlap below the start\'s: '
-            f'{w_less} ({why_less}); rule: sparse = sparser than the start by the interval, '
-            f'shared = overlap above 0.05 and below the start\'s by the interval')
+            f'their start {ms(shared0)}; random active sets of the same sizes: {ms(chance)}) {fixed}; mean absolute '
+            f'change from the start {np.mean([c["mean_abs_change"] for c in change]):.3f} ({np.mean(rel) * 100:.1f} % '
+            f'of the start\'s mean absolute value); sparser than the start: {w_sparse} ({why_sparse}); overlap below '
+            f'chance (random active sets with each notion\'s own number of dimensions, 4,000 draws per seed): '
+            f'{w_less} ({why_less}); rule: sparse = sparser than the start by the interval, shared = overlap above '
+            f'0.05 and below chance by the interval')
     cis = [ci_entry(['trained', 'start'], p_sparse, what='sparse') if p_sparse else None,
-           ci_entry(['start', 'trained'], p_less, what='overlap') if p_less else None]
+           ci_entry(['chance', 'trained'], p_less, what='overlap below chance') if p_less else None]
     masks = mask_summary(stats)
     extra = {'masks_start': mask_summary(starts), 'masks_change': change}
     if max(rel) < MOVED:
@@ -266,6 +306,10 @@ def claim_d(rows, budget):
         word = 'does not hold'
     else:
         word = 'inconclusive'
+    if w_sparse == 'holds' and w_less == 'inconclusive':
+        extra['reason'] = 'sparse, but the notions share what random masks of the same sizes would share'
+    elif w_sparse == 'holds' and w_less == 'does not hold':
+        extra['reason'] = 'sparse, but the notions share more dimensions than random masks of the same sizes would'
     return word, text, masks, [c for c in cis if c], extra
 
 
@@ -445,14 +489,17 @@ def markdown(rep):
     L += [f'Triplet prediction accuracy (%) on the test triplets, from each run\'s best checkpoint (by validation '
           f'accuracy): mean ± standard deviation over the seeds of the last column (asked for: '
           f'{", ".join(map(str, rep["seeds"]))}; a single seed gives no spread). '
-          f'{int(top):,} training triplets. mAP: retrieval mean average precision over the test images under each '
+          f'{int(top):,} training triplets. Order check: the accuracy with far and close swapped in everything the '
+          f'model sees, plus the accuracy as given, minus 100 %, in points (the largest over the seeds): 0 for a model '
+          f'that cannot see which slot holds the close image, ties aside; a model far from 0 reads the answer from the '
+          f'order of the triplet\'s images, and its accuracy is not comparable with the others\'. mAP: retrieval mean average precision over the test images under each '
           f'notion\'s mask (datasets with labels); precision@1 and MAP@R: pytorch-metric-learning\'s, on the same '
           f'embeddings (where it was installed)'
           + ('; protocol mAP: ASEN\'s, queries against candidates per attribute, weighted by queries' if protocol
              else '') + '. The paper\'s error is on Zappos50k (64-d, 200k triplets), for the ordering only.',
-          '', '| model | ' + ' | '.join(notions) + ' | overall | error | mAP | precision@1 | MAP@R | '
+          '', '| model | ' + ' | '.join(notions) + ' | overall | error | order check | mAP | precision@1 | MAP@R | '
           + ('protocol mAP | ' if protocol else '') + 'parameters | paper error (Zappos50k) | seeds |',
-          '|---|' + '---:|' * (len(notions) + 8 + protocol)]
+          '|---|' + '---:|' * (len(notions) + 9 + protocol)]
     for m in models:
         d = rep['models'][m][top]
         k = len(d['seeds'])
@@ -462,7 +509,7 @@ def markdown(rep):
         L.append(f'| {TITLE[m]} | '
                  + ' | '.join(pm(d['per_notion_mean'][n], d['per_notion_std'][n], k) for n in notions)
                  + f' | **{pm(d["accuracy_mean"], d["accuracy_std"], k)}** | '
-                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {mp} | {p1} | {mr} | '
+                   f'{(1 - d["accuracy_mean"]) * 100:.2f} | {order_cell(d.get("order_excess"))} | {mp} | {p1} | {mr} | '
                    + (f'{pr} | ' if protocol else '') + f'{d["parameters"]:,} | '
                    f'{paper_error(m)} | '
                    f'{", ".join(map(str, d["seeds"]))} |')
@@ -527,6 +574,16 @@ def markdown(rep):
     return '\n'.join(L)
 
 
+def order_cell(excess):
+    """The order check's excess in points, the largest in size over the seeds (accuracy + accuracy with far and close
+    swapped - 100 %: 0 for a model that cannot see which slot holds the close image); blank before the check."""
+    known = [e for e in excess or [] if e is not None]
+    if not known:
+        return ''
+    worst = max(known, key=abs)
+    return f'{worst * 100:+.2f}' + ('' if len(known) == len(excess) else f' ({len(known)} of {len(excess)} seeds)')
+
+
 def machines_text(machines):
     """', on CPU A (n runs), ...' from the records' machines; records made before they kept one are counted apart."""
     if not machines:
@@ -570,9 +627,10 @@ def checks_markdown(checks, study_forwards):
     t = checks['task_alone']
     if t:
         L += ['Task-specific networks: in the study the networks train in one optimizer, each on its notion\'s share '
-              'of every batch; here each is trained alone on its notion\'s triplets (a quarter of the budget with four '
-              'notions, drawn with the same seed; the same triplets for the first notion, others for the rest) with '
-              'the full batch and its own plateau, and the four are tested together:', '',
+              'of every batch; here each is trained alone on its notion\'s triplets of the joint run (the same '
+              'triplets, a quarter of the budget with four notions) with the full batch, so with a quarter of the '
+              'steps per epoch: its cap and its patience are four times as many epochs (the same number of optimizer '
+              'steps), and the four are tested together:', '',
               '| seed | joint (the study) | each alone | alone: epochs trained per notion |', '|---|---:|---:|---|']
         for s, a, j, e in zip(t['seeds'], t['values'], t['joint'], t['epochs_trained']):
             L.append(f'| {s} | {j * 100:.2f} | {a * 100:.2f} | {", ".join(map(str, e))} |')

@@ -130,12 +130,45 @@ def test_mask_stats_tell_disjoint_from_shared_masks_and_judge_them_against_their
     rows = lambda masks: {('csn_learned', 9, k + 1): {'masks': m.tolist(), 'masks_start': st.tolist()}
                           for k, (m, st) in enumerate(zip(masks, starts))}
     word, text, masks, cis, extra = claim_d(rows([subset + 0.001 * k for k in range(3)]), 9)
-    assert word == 'holds' and 0.05 < masks['overlap'][0] < 0.5 and {c['what'] for c in cis} == {'sparse', 'overlap'}
-    assert 'at their start' in text and len(extra['masks_change']) == 3
+    assert word == 'holds' and 0.05 < masks['overlap'][0] < 0.5
+    assert {c['what'] for c in cis} == {'sparse', 'overlap below chance'}
+    assert 'at their start' in text and 'random active sets of the same sizes' in text
+    assert len(extra['masks_change']) == 3
     assert claim_d(rows([disjoint] * 3), 9)[0] == 'does not hold'        # sparse, but nothing shared
-    assert claim_d(rows([shared] * 3), 9)[0] == 'does not hold'          # shared, but more than at the start
+    assert claim_d(rows([shared] * 3), 9)[0] == 'does not hold'          # shared, more than chance
+    # sparse masks whose active dimensions are drawn at random: they share what chance gives, which is no structure
+    chance_like = []
+    for k in range(5):
+        m = np.zeros((4, 64))
+        for c in range(4):
+            m[c, np.random.default_rng(100 + 10 * k + c).choice(64, 20, replace=False)] = 1.0
+        chance_like.append(m)
+    starts5 = [np.maximum(rng.normal(0.9, 0.7, (4, 64)), 0) for _ in range(5)]
+    rows5 = {('csn_learned', 9, k + 1): {'masks': m.tolist(), 'masks_start': st.tolist()}
+             for k, (m, st) in enumerate(zip(chance_like, starts5))}
+    word, text, masks, cis, extra = claim_d(rows5, 9)
+    overlap = [s['overlap'] for s in masks['per_seed']]
+    assert word == 'inconclusive' and 'random masks of the same sizes' in extra['reason']
+    assert 0.05 < np.mean(overlap) < np.mean([s['overlap'] for s in extra['masks_start']['per_seed']])  # below start
     word, _, _, _, extra = claim_d(rows([st + 1e-4 for st in starts]), 9)
     assert word == 'inconclusive' and extra['reason'] == 'the masks did not train'
+
+
+def test_chance_overlap_against_the_exact_value_and_seeds_to_decide_against_the_t_interval():
+    from scipy import stats
+
+    from csnlib.claims import chance_overlap, paired, seeds_to_decide
+    # two 2-sets of 4 dimensions: Jaccard 0 (1 in 6), 1/3 (4 in 6) or 1 (1 in 6): expected 7/18
+    assert chance_overlap([2, 2], 4, draws=20000) == pytest.approx(7 / 18, abs=0.01)
+    assert chance_overlap([4, 4, 4], 4, draws=10) == 1.0 and chance_overlap([1, 1], 64, draws=2000) < 0.05
+    a = {'seeds': [1, 2, 3], 'values': [0.50, 0.53, 0.49]}
+    b = {'seeds': [1, 2, 3], 'values': [0.49, 0.50, 0.50]}
+    pair = paired(a, b)
+    n = seeds_to_decide(pair)
+    d = np.array([0.01, 0.03, -0.01])
+    half = lambda k: stats.t.ppf(0.975, k - 1) * d.std(ddof=1) / np.sqrt(k)
+    assert half(n) < abs(d.mean()) <= half(n - 1)  # the first n whose interval would exclude zero
+    assert seeds_to_decide({**pair, 'difference': 0.0}) == 0
 
 
 def test_a_single_seed_gives_a_mean_without_a_spread_and_the_report_names_each_run_s_machine():

@@ -540,3 +540,24 @@ def test_csn_and_its_successors_side_by_side_on_a_dataset_in_asens_layout(tmp_pa
     assert '| protocol mAP | parameters |' in text and f'{params["asen"]:,}' in text
     assert 'ASEN (attention conditioned on the notion)' in text and 'SCE-Net (masks weighed per triplet)' in text
     assert '| SCE-Net (masks weighed per triplet) minus CSN, fixed disjoint masks | ' in text
+
+
+def test_the_committed_study_report_is_the_one_its_records_give(tmp_path):
+    """results/fonts/report.md and reproduce.json are generated: rebuilt from the committed records alone they come out
+    the same (the time the call took aside), so a record added without its report, or a report edited by hand, fails."""
+    import shutil
+
+    import reproduce as rp
+    committed = os.path.join(REPO, 'results', 'fonts')
+    for f in os.listdir(committed):
+        if f.endswith('.json') and f != 'reproduce.json':
+            shutil.copy(os.path.join(committed, f), tmp_path / f)
+    code, out, err = in_process(rp.main, ['--report-only', '--results', tmp_path], escape_fails=True)
+    assert code == 0, err
+    with open(os.path.join(committed, 'report.md')) as f:
+        want = f.read()
+    assert (tmp_path / 'report.md').read_text() == want, ('results/fonts/report.md is not what its records give: run '
+                                                          'python reproduce.py --report-only --results results/fonts')
+    got, kept = (json.load(open(p)) for p in (tmp_path / 'reproduce.json', os.path.join(committed, 'reproduce.json')))
+    assert {k: v for k, v in got.items() if k != 'this_call_s'} == {k: v for k, v in kept.items() if k != 'this_call_s'}
+    assert (tmp_path / 'curve.png').exists() == ('curve.png' in os.listdir(committed))
