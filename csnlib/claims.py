@@ -492,7 +492,8 @@ def markdown(rep):
           f'{int(top):,} training triplets. Order check: the accuracy with far and close swapped in everything the '
           f'model sees, plus the accuracy as given, minus 100 %, in points (the largest over the seeds): 0 for a model '
           f'that cannot see which slot holds the close image, ties aside; a model far from 0 reads the answer from the '
-          f'order of the triplet\'s images, and its accuracy is not comparable with the others\'. mAP: retrieval mean average precision over the test images under each '
+          f'order of the triplet\'s images, and its accuracy is not comparable with the others\'. mAP: retrieval mean '
+          f'average precision over the test images under each '
           f'notion\'s mask (datasets with labels); precision@1 and MAP@R: pytorch-metric-learning\'s, on the same '
           f'embeddings (where it was installed)'
           + ('; protocol mAP: ASEN\'s, queries against candidates per attribute, weighted by queries' if protocol

@@ -112,7 +112,8 @@ def main_parser():
            '(ICCV 2019: CSN masks weighed per pair of images, no notion input; scenet.py)')
     a('--scenet-branch', '--scenet_branch', choices=['pair', 'triplet'], default='pair',
       help='--model scenet only: what its condition branch sees. pair = the anchor and the image it is compared with, '
-           'each distance with its own mask weights (the paper\'s figure; cannot see which slot holds the close image); '
+           'each distance with its own mask weights (the paper\'s figure; cannot see which slot holds the close '
+           'image); '
            'triplet = the released code\'s branch on (anchor, far, close) in role order, one weight vector for both '
            'distances: it reads the answer from the slot order (main.py --test\'s order check shows how much), kept to '
            'measure that (default: pair)')
