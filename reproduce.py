@@ -87,6 +87,11 @@ def build_parser():
            'elsewhere) (default: none)')
     a('--more-seeds-at', nargs='+', type=positive_int, default=None, metavar='N',
       help='the budgets that --more-seeds are trained at (default: the largest budget)')
+    a('--order', choices=['seed', 'budget'], default='seed',
+      help='the order the grid is trained in: seed = seed by seed, the largest budget first within a seed, so that a '
+           'partial study spans the budgets; budget = budget by budget from the smallest, every seed of a budget '
+           'before the next (to extend a finished study to larger budgets, each with its interval as soon as it is '
+           'done) (default: seed)')
     a('--released-scenet-at', type=positive_int, default=None, metavar='N',
       help='also train SCE-Net with the released code\'s condition branch (on the triplet in role order, which reads '
            'the answer from the slot order) at budget N for the seeds trained there, to show how much the order gives '
@@ -225,10 +230,14 @@ def grid(args, lr):
     released SCE-Net (--released-scenet-at) after the others at its budget."""
     more_at = args.more_seeds_at or [max(args.budgets)]
     released = ['scenet_triplet'] if args.released_scenet_at else []
-    return [(model, budget, seed, lr) for seed in [*args.seeds, *args.more_seeds]
-            for budget in sorted(args.budgets, reverse=True) if budget in more_at or seed in args.seeds
-            for model in [m[0] for m in MODELS if m[0] in args.models]
-            + (released if budget == args.released_scenet_at else [])]
+    models = lambda budget: ([m[0] for m in MODELS if m[0] in args.models]
+                             + (released if budget == args.released_scenet_at else []))
+    points = [(seed, budget) for seed in [*args.seeds, *args.more_seeds]
+              for budget in sorted(args.budgets, reverse=True) if budget in more_at or seed in args.seeds]
+    if getattr(args, 'order', 'seed') == 'budget':
+        seeds = [*args.seeds, *args.more_seeds]
+        points.sort(key=lambda p: (p[1], p[0] in args.more_seeds, seeds.index(p[0])))
+    return [(model, budget, seed, lr) for seed, budget in points for model in models(budget)]
 
 
 def sweep_grid(args):
@@ -780,7 +789,8 @@ def reproduce(args, passthrough):
         write_json(study_file(args), {'command': args.command, 'data': args.data, 'budgets': args.budgets,
                                       'seeds': args.seeds, 'more_seeds': args.more_seeds,
                                       'more_seeds_at': args.more_seeds_at,
-                                      'released_scenet_at': args.released_scenet_at, 'models': args.models,
+                                      'released_scenet_at': args.released_scenet_at, 'order': args.order,
+                                      'models': args.models,
                                       'prefix': args.prefix, 'sweep_lrs': args.sweep_lrs,
                                       'sweep_budget': args.sweep_budget, 'patience': args.patience,
                                       'epochs': args.epochs, 'seen': args.seen, 'checks_at': args.checks_at,

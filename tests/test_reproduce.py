@@ -561,3 +561,42 @@ def test_the_committed_study_report_is_the_one_its_records_give(tmp_path):
     got, kept = (json.load(open(p)) for p in (tmp_path / 'reproduce.json', os.path.join(committed, 'reproduce.json')))
     assert {k: v for k, v in got.items() if k != 'this_call_s'} == {k: v for k, v in kept.items() if k != 'this_call_s'}
     assert (tmp_path / 'curve.png').exists() == ('curve.png' in os.listdir(committed))
+
+
+def test_the_grid_trains_more_seeds_where_asked_the_released_sce_net_at_its_budget_and_in_either_order():
+    import argparse
+
+    import reproduce as rp
+    a = argparse.Namespace(budgets=[600, 2000, 6000, 20000], seeds=[1, 2], more_seeds=[3], more_seeds_at=[600, 20000],
+                           released_scenet_at=2000, models=['csn_fixed', 'scenet'], order='seed')
+    by_seed = [(m, b, s) for m, b, s, _ in rp.grid(a, 1e-3)]
+    assert by_seed[:2] == [('csn_fixed', 20000, 1), ('scenet', 20000, 1)]  # seed by seed, the largest budget first
+    assert {(b, s) for _, b, s in by_seed if s == 3} == {(600, 3), (20000, 3)}  # --more-seeds at --more-seeds-at only
+    assert {(b, s) for m, b, s in by_seed if m == 'scenet_triplet'} == {(2000, 1), (2000, 2)}
+    assert len(by_seed) == len(set(by_seed)) == 2 * 4 * 2 + 2 * 2 + 2
+    by_budget = [(m, b, s) for m, b, s, _ in rp.grid(argparse.Namespace(**{**vars(a), 'order': 'budget'}), 1e-3)]
+    assert sorted(by_budget) == sorted(by_seed)
+    assert [b for _, b, _ in by_budget] == sorted(b for _, b, _ in by_budget)  # every seed of a budget before the next
+    assert [s for _, b, s in by_budget if b == 600] == [1, 1, 2, 2, 3, 3]
+    sweep = rp.sweep_grid(argparse.Namespace(**{**vars(a), 'sweep_budget': 2000, 'sweep_lrs': [1e-3]}))
+    assert [m for m, _, _, _ in sweep] == ['csn_fixed', 'scenet']  # the released branch never votes on the rate
+
+
+def test_a_model_whose_order_check_fails_has_no_vote_on_the_rate_and_two_datasets_are_not_pooled(tmp_path):
+    import argparse
+
+    import reproduce as rp
+    from csnlib.errors import UserError
+    a = argparse.Namespace(results=str(tmp_path), prefix='repro', sweep_lrs=[1e-3, 3e-3], sweep_budget=100, seeds=[1],
+                           models=['csn_fixed', 'scenet'])
+    acc = {('csn_fixed', 1e-3): 0.70, ('csn_fixed', 3e-3): 0.72, ('scenet', 1e-3): 0.95, ('scenet', 3e-3): 0.60}
+    for (m, lr), v in acc.items():
+        leak = {'order_check': {'leaks': m == 'scenet'}}
+        rp.write_json(rp.record_path(a, rp.run_name(a, m, 100, 1, lr)),
+                      {'best_val_acc': v, 'test': leak, 'epochs_trained': 5, 'best_epoch': 1, 'stopped': 'plateau'})
+    _, best, why = rp.sweep_table(a)
+    assert best == 3e-3 and 'left out, as their order check fails' in why  # with SCE-Net's vote: 1e-3
+    recs = [{'run': 'x', 'dataset': {'sha256': 'a' * 64}}, {'run': 'y'}, {'run': 'z', 'dataset': {'sha256': 'b' * 64}}]
+    assert rp.check_one_dataset(recs[:2]) == 'a' * 64
+    with pytest.raises(UserError, match='2 different datasets'):
+        rp.check_one_dataset(recs)
