@@ -106,6 +106,11 @@ def build_parser():
     a('--sweep-lrs', nargs='+', type=positive_float, default=SWEEP_LRS, metavar='LR',
       help='learning rates of the sweep; the study uses the one with the best mean validation accuracy over the models '
            f'(default: {" ".join(map(str, SWEEP_LRS))}; skipped when --lr is passed on to main.py)')
+    a('--rate', type=positive_float, default=None, metavar='LR',
+      help='train the study at LR although the sweep\'s rule may pick another: the sweep still runs and the report '
+           'shows both, so that a study whose rule changed its pick (e.g. once a model was found to read the answer) '
+           'keeps its runs; check its verdicts at the other rate in a study of their own (--lr there) '
+           '(default: the sweep\'s pick)')
     a('--sweep-budget', type=positive_int, default=None, metavar='N',
       help='the budget the sweep trains at (default: the middle of --budgets)')
     a('--sweep-only', action='store_true', help='stop after the sweep, with its report (default: off)')
@@ -754,6 +759,8 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
            'runs': {r['run']: {k: v for k, v in r.items() if k not in ('masks', 'masks_start', 'metrics')}
                     for _, r in sorted(rows.items())},
            'runs_finished': len(rows), 'runs_planned': len(grid(args, lr)),
+           'runs_without_dataset': sorted(r['run'] for r in rows.values()
+                                          if not (r.get('dataset') or {}).get('sha256')),
            'wall_s': round(sum(r['train_s'] + r['test_s'] for r in rows.values()), 1),
            'machines': dict(collections.Counter(machine_tag(r.get('machine')) for _, r in sorted(rows.items()))),
            'this_call_s': round(time.time() - t_start, 1)}
@@ -790,6 +797,7 @@ def reproduce(args, passthrough):
                                       'seeds': args.seeds, 'more_seeds': args.more_seeds,
                                       'more_seeds_at': args.more_seeds_at,
                                       'released_scenet_at': args.released_scenet_at, 'order': args.order,
+                                      'rate': args.rate,
                                       'models': args.models,
                                       'prefix': args.prefix, 'sweep_lrs': args.sweep_lrs,
                                       'sweep_budget': args.sweep_budget, 'patience': args.patience,
@@ -803,6 +811,14 @@ def reproduce(args, passthrough):
         if not args.report_only:
             wait_for_sweep(args, passthrough, settings)
         _, lr, why = sweep_table(args)
+        if args.rate is not None:
+            if lr is None:
+                why = f'set with --rate (the sweep is not finished: {why})'
+            elif lr == args.rate:
+                why = f'set with --rate, and the sweep\'s rule picks it too: {why}'
+            else:
+                why = f'set with --rate; the sweep\'s rule would pick {lr_tag(lr)}: {why}'
+            lr = args.rate
     if not args.report_only and not args.sweep_only and lr is not None:
         busy = train_runs(args, passthrough, settings, study_runs(args, passthrough, lr))
         busy = [n for n in busy if read_record(record_path(args, n)) is None]  # not those finished since
@@ -843,6 +859,7 @@ def fill_from_study(d, passthrough):
     d['more_seeds'] = d['more_seeds'] or study.get('more_seeds', [])
     d['more_seeds_at'] = d['more_seeds_at'] or study.get('more_seeds_at')
     d['released_scenet_at'] = d['released_scenet_at'] or study.get('released_scenet_at')
+    d['rate'] = d['rate'] or study.get('rate')
     for k in ('patience', 'epochs', 'seen', 'sweep_lrs'):
         d[k] = study[k]
     d['checks_at'] = d['checks_at'] or study.get('checks_at')

@@ -570,9 +570,22 @@ def markdown(rep):
           f'task-specific networks train in one optimizer, each on its notion\'s share of every batch (about a quarter '
           f'with four notions)' + (f'; main.py flags: `{shlex.join(rep["passed_to_main"])}`' if rep['passed_to_main']
                                    else '') + '.', '',
+          *dataset_lines(rep),
           f'Runs finished: {rep["runs_finished"]} of {rep["runs_planned"]}; training and testing took '
           f'{rep["wall_s"] / 3600:.2f} h in all (as run, summed over runs){machines_text(rep.get("machines"))}.', '']
     return '\n'.join(L)
+
+
+def dataset_lines(rep):
+    """What the report says of its records' data: one dataset's fingerprint, and the records made before records
+    named theirs."""
+    if not rep.get('dataset_sha256'):
+        return []
+    old = rep.get('runs_without_dataset') or []
+    return [f'Dataset: every record that names its data names the same (SHA-256 of dataset.json, filenames.json, the '
+            f'labels and the triplet lists: {rep["dataset_sha256"][:16]}...)'
+            + (f'; {len(old)} of the {rep["runs_finished"]} runs were recorded before records named their data' if old
+               else '') + '.', '']
 
 
 def order_cell(excess):

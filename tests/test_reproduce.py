@@ -600,3 +600,20 @@ def test_a_model_whose_order_check_fails_has_no_vote_on_the_rate_and_two_dataset
     assert rp.check_one_dataset(recs[:2]) == 'a' * 64
     with pytest.raises(UserError, match='2 different datasets'):
         rp.check_one_dataset(recs)
+
+
+def test_rate_keeps_the_study_s_rate_and_the_report_says_what_the_sweep_s_rule_would_pick(tmp_path):
+    import reproduce as rp
+    results = tmp_path / 'results'
+    a = rp.argparse.Namespace(results=str(results), prefix='repro', sweep_lrs=[1e-3, 3e-3], sweep_budget=100, seeds=[1],
+                              models=['csn_fixed'])
+    for lr, v in ((1e-3, 0.7), (3e-3, 0.6)):
+        rp.write_json(rp.record_path(a, rp.run_name(a, 'csn_fixed', 100, 1, lr)),
+                      {'best_val_acc': v, 'test': {}, 'epochs_trained': 5, 'best_epoch': 1, 'stopped': 'plateau'})
+    rp.write_json(str(results / 'study.json'), {
+        'command': 'python reproduce.py ...', 'data': 'd', 'budgets': [200], 'seeds': [1], 'more_seeds': [],
+        'models': ['csn_fixed'], 'prefix': 'repro', 'sweep_lrs': [1e-3, 3e-3], 'sweep_budget': 100, 'patience': 4,
+        'epochs': 10, 'seen': None, 'checks_at': None, 'passed_to_main': [], 'rate': 3e-3})
+    code, out, err = in_process(rp.main, ['--report-only', '--results', results], escape_fails=True)
+    rep = json.load(open(results / 'reproduce.json'))
+    assert code == 0 and rep['sweep']['chosen'] == 3e-3 and "the sweep's rule would pick 1e-3" in rep['lr_choice']
