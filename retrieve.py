@@ -26,7 +26,14 @@ from csnlib.pictures import plot_retrieval, short
 from csnlib.runtime import keep_freed_memory
 from csnlib.search import export_embeddings, load_cached_embeddings, nearest
 from csnlib.trained_csn import load_trained
-from triplet_image_loader import DataError, load_dataset_info, load_image, notion_index, read_labels
+from triplet_image_loader import (
+    DataError,
+    check_image_size,
+    load_dataset_info,
+    load_image,
+    notion_index,
+    read_labels,
+)
 
 MAX_K = 100  # neighbours in one picture: a row of 1 + k thumbnails, about 150 px each (15,000 px wide at most)
 
@@ -81,6 +88,7 @@ def resolve_query(query, info):
                         f'{os.path.join(info.root, "filenames.json")}, and no such image file')
     try:
         with Image.open(path) as im:
+            check_image_size(im, f'--query {query!r}')  # from its header, before anything is decoded
             im.verify()
     except Image.DecompressionBombError as e:
         raise DataError(f'--query {query!r}: the image is too large to open safely ({e}); shrink it first') from None
