@@ -230,7 +230,8 @@ def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
     path = os.path.join(cache_dir, f'images_{size}px_{sources[:16]}.u8')
     if _usable(path, n, size, sources) is None:
         return path
-    lock = open_own(os.path.join(cache_dir, f'images_{size}px.lock'), os.O_RDWR | os.O_CREAT, 'lock file')
+    # read-only is enough to flock (a lock file of another user's build); a link there is refused, never truncated
+    lock = open_own(os.path.join(cache_dir, f'images_{size}px.lock'), os.O_RDONLY | os.O_CREAT, 'lock file')
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _build_locked(info, size, cache_dir, path, sources, workers, log)
