@@ -16,7 +16,9 @@ import functools
 import html
 import io
 import json
+import math
 import os
+import re
 import socket
 import sys
 import time
@@ -31,13 +33,22 @@ from csnlib.pictures import plot_masks, short
 from csnlib.runtime import keep_freed_memory
 from csnlib.search import dataset_embeddings, test_images
 from csnlib.trained_csn import check_notions, load_trained
-from triplet_image_loader import load_dataset_info, load_image, missing_images, read_labels
+from triplet_image_loader import (
+    MAX_IMAGE_SIDE,
+    ImageTooLarge,
+    check_image_size,
+    load_dataset_info,
+    load_image,
+    missing_images,
+    read_labels,
+)
 
 GRADIO = 'gradio==6.31.0'  # the version requirements-dev.txt pins
 GREEN, RED, GREY = '#1a7f37', '#cf222e', '#6e7781'
 FONTS = ['ui-sans-serif', 'system-ui', 'sans-serif']  # the system's own: nothing to fetch
 MONO = ['ui-monospace', 'Consolas', 'monospace']
 QUERY_SIZE = 160  # the query as the model crops it, drawn at this size
+MAX_UPLOAD = '20mb'  # the largest file the page accepts (Gradio refuses a larger one before it is stored)
 
 
 def build_parser():
@@ -63,6 +74,13 @@ def check_port(host, port):
     """Refuse an address that cannot be listened on (a port in use), before minutes of embedding."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (OSError, UnicodeError) as e:
+        raise UserError(f'--host {host}: not an address of this machine ({getattr(e, "strerror", None) or e}); the '
+                        f'default --host 127.0.0.1 always works') from None
+    if family == socket.AF_INET6:  # Gradio builds its own URL from the host and cannot with an IPv6 address
+        raise UserError(f'--host {host}: an IPv6 address; the page server takes an IPv4 address or name (--host '
+                        f'127.0.0.1, this machine only, or 0.0.0.0, every IPv4 interface)')
+    try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
             s.bind((host, port))
@@ -94,6 +112,18 @@ def read_test_results(checkpoint):
     except (OSError, ValueError):
         return None
     return res if isinstance(res, dict) and isinstance(res.get('per_notion'), dict) else None
+
+
+def number(x):
+    """x when it is a finite number from a file (not a bool), else None."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return x if ok else None
+
+
+def cell(text):
+    """Text from a file, shown as itself in the page's markdown: HTML escaped, markdown's table and code marks too."""
+    return html.escape(str(text)).replace('|', '&#124;').replace('`', '&#96;').replace('*', '&#42;') \
+        .replace('_', '&#95;').replace('[', '&#91;')
 
 
 def image_uri(u8):
@@ -140,11 +170,12 @@ class Demo:
     def query_of_name(self, text):
         """An image index (a row of filenames.json) or a path listed there."""
         text, n = (text or '').strip(), len(self.info.filenames)
-        if text.isdigit() and int(text) < n:
+        if re.fullmatch(r'[0-9]{1,18}', text) and int(text) < n:  # ASCII digits only: '²' is a digit to str.isdigit
             return self.query_of_image(int(text))
         if text in self.info.filenames:
             return self.query_of_image(self.info.filenames.index(text))
-        raise UserError(f'{text!r} is neither an image index (0 to {n - 1}) nor a path listed in '
+        shown = repr(text) if len(text) <= 80 else f'{text[:40]!r}... ({len(text)} characters)'
+        raise UserError(f'{shown} is neither an image index (0 to {n - 1}) nor a path listed in '
                         f'{os.path.join(self.info.root, "filenames.json")}; upload the file to query with it')
 
     def query_of_upload(self, path):
@@ -153,7 +184,10 @@ class Demo:
         try:
             with Image.open(path) as im:
                 what = f'{im.width}x{im.height} {im.mode}'
+                check_image_size(im, name)  # from its header, before anything is decoded
             x = self.trained.transform(path)  # (3, S, S)
+        except ImageTooLarge as e:
+            raise UserError(str(e)) from None
         except (OSError, ValueError, SyntaxError, DataError, Image.DecompressionBombError) as e:
             reason = 'too large' if isinstance(e, Image.DecompressionBombError) else 'PIL cannot read it'
             raise UserError(f'{name} is not an image ({reason}): upload a PNG, JPEG, WebP, GIF or BMP file') from None
@@ -183,7 +217,7 @@ class Demo:
         name = self.notions[c]
         lab = self.labels.get(name)
         head = [f'<b style="font-size:1.1em">{html.escape(name)}</b>']
-        acc = (self.results or {}).get('per_notion', {}).get(name)
+        acc = number((self.results or {}).get('per_notion', {}).get(name))
         if acc is not None:
             head.append(f'test accuracy {acc * 100:.1f} %')
         if lab and q_label:
@@ -212,23 +246,27 @@ class Demo:
         trained = [self.notions[c] for c in self.conditions]
         others = [n for n in self.notions if n not in trained]
         faiss = self.index[self.conditions[0]].faiss is not None
-        lines = [f'- **checkpoint** `{self.checkpoint}`' + (f' (epoch {self.epoch})' if self.epoch else ''),
-                 f'- **model** {describe(self.args)}',
-                 f'- **notions** {", ".join(trained)}' + (f' (not trained: {", ".join(others)})' if others else ''),
+        epoch = number(self.epoch)
+        lines = [f'- **checkpoint** {cell(self.checkpoint)}' + (f' (epoch {epoch:.0f})' if epoch else ''),
+                 f'- **model** {cell(describe(self.args))}',
+                 f'- **notions** {cell(", ".join(trained))}' +
+                 (f' (not trained: {cell(", ".join(others))})' if others else ''),
                  f'- **image size** {self.trained.image_size} x {self.trained.image_size} px',
-                 f'- **dataset** `{self.info.root}`: {len(self.info.filenames)} images' +
-                 (f', labels of {", ".join(self.labels)}' if self.labels else ', no labels'),
+                 f'- **dataset** {cell(self.info.root)}: {len(self.info.filenames)} images' +
+                 (f', labels of {cell(", ".join(self.labels))}' if self.labels else ', no labels'),
                  f'- **search** exact, {"faiss IndexFlatL2" if faiss else "numpy"}, over f(x) m_c']
         res = self.results
-        if res:
-            maps = res.get('mAP_per_notion') or {}
-            lines += ['', f'test results (`test_results.json` of `{os.path.basename(str(res.get("checkpoint", "")))}`'
-                          f', {res.get("triplets", "?")} triplets):', '',
+        if res:  # test_results.json is data: its text is escaped, its numbers are numbers or left out
+            maps = res.get('mAP_per_notion') if isinstance(res.get('mAP_per_notion'), dict) else {}
+            triplets = number(res.get('triplets'))
+            lines += ['', f'test results (`test_results.json` of '
+                          f'{cell(os.path.basename(str(res.get("checkpoint", ""))))}'
+                          f', {"?" if triplets is None else f"{triplets:.0f}"} triplets):', '',
                       '| notion | test accuracy | retrieval mAP |', '| --- | ---: | ---: |']
             for name, acc in [*res['per_notion'].items(), ('all', res.get('accuracy'))]:
-                m = maps.get(name) if name != 'all' else res.get('mAP')
+                m, acc = number(maps.get(name) if name != 'all' else res.get('mAP')), number(acc)
                 if acc is not None:
-                    lines.append(f'| {name} | {acc * 100:.2f} % | {"" if m is None else format(m, ".3f")} |')
+                    lines.append(f'| {cell(name)} | {acc * 100:.2f} % | {"" if m is None else format(m, ".3f")} |')
         else:
             lines += ['', f'no test results: `python main.py --test --resume {self.checkpoint}` writes them']
         return '\n'.join(lines)
@@ -307,7 +345,8 @@ def build_page(demo, a):
                                       allow_preview=False, object_fit='contain', format='png', elem_id='sample',
                                       buttons=[])
                 with gr.Row(equal_height=True):
-                    upload = gr.File(label='or upload an image (any size or mode)', type='filepath', height=110,
+                    upload = gr.File(label=f'or upload an image (any mode, up to {MAX_UPLOAD.upper()}, '
+                                           f'{MAX_IMAGE_SIDE:,} px a side)', type='filepath', height=110,
                                      elem_id='upload')
                     with gr.Column():
                         by_name = gr.Textbox(label='or an image index / a path of filenames.json (Enter)',
@@ -348,7 +387,7 @@ def serve(page, demo, a):
     try:
         _, url, _ = page.launch(server_name=a.host, server_port=a.port, share=False, inbrowser=False, quiet=True,
                                 prevent_thread_lock=True, show_error=False, footer_links=[], enable_monitoring=False,
-                                ssr_mode=False, pwa=False, mcp_server=False, theme=theme)
+                                ssr_mode=False, pwa=False, mcp_server=False, theme=theme, max_file_size=MAX_UPLOAD)
     except OSError as e:
         raise UserError(f'--port {a.port}: cannot serve on {a.host}:{a.port} ({e}): pass another --port') from None
     hint = (f'; from another machine: ssh -L {a.port}:127.0.0.1:{a.port} HOST, then open http://127.0.0.1:{a.port}'

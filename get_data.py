@@ -35,7 +35,7 @@ from csnlib.dataset_writer import (
 )
 from csnlib.errors import run_script
 from csnlib.options import int_range, nonneg_int, positive_int
-from triplet_image_loader import SPLITS, name_problem, path_problem, utf8_text
+from triplet_image_loader import SPLITS, image_size_problem, name_problem, path_problem, utf8_text
 
 
 def refuse_foreign(out, force):
@@ -235,6 +235,10 @@ def check_images(images_dir, images, attributes):
             continue
         try:
             with Image.open(full) as im:
+                why = image_size_problem(*im.size)
+                if why:
+                    bad.append(f'{full}: {im.size[0]} x {im.size[1]} px, {why}; crop or shrink it')
+                    continue
                 im.verify()
         except FileNotFoundError:
             bad.append(f'{full}: not found')

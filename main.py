@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from csnlib import add_notion, conv_wgrad, options, runtime
 from csnlib.asen_data import protocol_results
-from csnlib.atomic import atomic_open
+from csnlib.atomic import atomic_open, open_append
 from csnlib.builder import build_model, place
 from csnlib.checkpoint import (
     describe,
@@ -29,7 +29,7 @@ from csnlib.checkpoint import (
     save_checkpoint,
     trained_conditions,
 )
-from csnlib.errors import UserError, run_script
+from csnlib.errors import CheckpointError, UserError, run_script
 from csnlib.evaluate import embed_dataset, embed_images, evaluate
 from csnlib.image_cache import make_store
 from csnlib.loggers import Logger, make_logger
@@ -329,7 +329,9 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
     args, log = rt.args, rt.log
     run_dir = run_dir_for(args)
     ckpt_path = os.path.join(run_dir, 'checkpoint.pth.tar')
-    refuse_existing_run(ckpt, run_dir, ckpt_path)
+    refuse_existing_run(ckpt, run_dir, ckpt_path, rt.resume)
+    if ckpt is not None:
+        check_training_state(ckpt, rt.resume)
     learn = conditions if new is None else [new]
     n_train = args.num_traintriplets if new is None else args.num_traintriplets * len(info.notions)
     train_t, train_c = load_triplets(info, 'train', learn, n_train, args.seed, args.skip_bad_triplets, log)
@@ -337,14 +339,29 @@ def train(model, ckpt, info, conditions, rt, hflip, new=None):
     store = make_store(info, rt)
     # the folder is locked only now that the inputs are known good: a refused run leaves no trace
     with RunLock(run_dir, 'trains') if rt.is_main else nullcontext():
-        refuse_existing_run(ckpt, run_dir, ckpt_path)  # again: a run of the same name may have started meanwhile
+        refuse_existing_run(ckpt, run_dir, ckpt_path, rt.resume)  # again: a run of the same name may have started
         return fit(model, ckpt, info, learn, conditions, rt, hflip, (train_t, train_c), (val_t, val_c), store)
 
 
-def refuse_existing_run(ckpt, run_dir, ckpt_path):
+def refuse_existing_run(ckpt, run_dir, ckpt_path, resume=''):
+    """A new run never goes into a folder that holds one; a resumed run goes on only in its own folder or an empty
+    one (never into another run's, whose checkpoint and metrics it would mix with its own)."""
     if ckpt is None and os.path.exists(ckpt_path):
         raise UserError(f'{run_dir} already holds a run; continue it with --resume {ckpt_path} (or --resume auto), '
                         f'or choose another --name')
+    if ckpt is not None and resume and not same_folder(os.path.dirname(os.path.abspath(resume)), run_dir):
+        held = [f for f in ('checkpoint.pth.tar', 'metrics.jsonl') if os.path.exists(os.path.join(run_dir, f))]
+        if held:
+            raise UserError(f'--resume {resume} into {run_dir}: that folder holds another run (its {held[0]}); going '
+                            f'on there would mix the two runs\' checkpoints and metrics. Leave out --name to continue '
+                            f'in {os.path.dirname(resume) or "."}, or choose a --name that is free')
+
+
+def same_folder(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def fit(model, ckpt, info, learn, conditions, rt, hflip, train_set, val_set, store):
@@ -362,12 +379,8 @@ def fit(model, ckpt, info, learn, conditions, rt, hflip, train_set, val_set, sto
     scaler = torch.amp.GradScaler(device.type, enabled=rt.use_scaler)
     next_epoch, next_step, best_acc, best_epoch, partial = args.start_epoch, 0, 0.0, 0, None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        next_epoch, next_step = ckpt['next_epoch'], ckpt['next_step']
-        best_acc, best_epoch, partial = ckpt['best_acc'], ckpt['best_epoch'], ckpt.get('partial')
-        runtime.set_rng_state(ckpt['rng'])
+        next_epoch, next_step, best_acc, best_epoch, partial = restore_training_state(ckpt, optimizer, scaler,
+                                                                                      rt.resume)
         log(f'resumed {rt.resume}: epoch {next_epoch}, step {next_step}, best val accuracy {best_acc * 100:.2f} %')
     train_model = model
     if rt.world > 1:
@@ -440,7 +453,7 @@ def fit(model, ckpt, info, learn, conditions, rt, hflip, train_set, val_set, sto
                 f'val acc {val["accuracy"] * 100:.2f} ({per})  {m["triplets_per_s"]:.0f} triplets/s  '
                 f'{m["seconds"]:.0f} s'
                 f'{"  *best*" if is_best else ""}')
-            with open(metrics_path, 'a') as f:
+            with open_append(metrics_path, 'metrics file') as f:  # a link planted there is refused
                 f.write(json.dumps(m) + '\n')
             state = {**checkpoint_state(epoch + 1, 0, None), 'stopped': reason}
             if is_best:
@@ -460,6 +473,36 @@ def fit(model, ckpt, info, learn, conditions, rt, hflip, train_set, val_set, sto
             f'{explain(stopped, best_epoch, args.patience, args.epochs)}; test it with '
             f'python main.py --test --resume {best_path}')
     return 0
+
+
+TRAINING_STATE = ('optimizer', 'next_epoch', 'next_step', 'best_acc', 'best_epoch', 'rng')
+
+
+def check_training_state(ckpt, resume):
+    """CheckpointError for a checkpoint to resume that holds a model but not the state of its run."""
+    missing = [k for k in TRAINING_STATE if k not in ckpt]
+    if missing:
+        raise CheckpointError(f'--resume {resume}: the checkpoint has no {", ".join(missing)}: it holds a model but '
+                              f'not the state a run goes on from (a checkpoint stripped, or made elsewhere); test it '
+                              f'(--test), query it (retrieve.py), or teach it a notion (--add-notion)')
+
+
+def restore_training_state(ckpt, optimizer, scaler, resume):
+    """Load a resumed checkpoint's optimizer, scaler and RNG states: (next epoch, next step, best accuracy, best epoch,
+    partial epoch's sums). CheckpointError for a state that does not fit."""
+    check_training_state(ckpt, resume)
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        runtime.set_rng_state(ckpt['rng'])
+        return (int(ckpt['next_epoch']), int(ckpt['next_step']), float(ckpt['best_acc']), int(ckpt['best_epoch']),
+                ckpt.get('partial'))
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        why = (str(e).strip().splitlines() or [''])[0][:200]
+        raise CheckpointError(f'--resume {resume}: its training state does not fit this model ({type(e).__name__}: '
+                              f'{why}); the checkpoint is damaged or of another run: test it (--test) or use another') \
+            from None
 
 
 def log_val_embeddings(logger, model, info, val_t, store, rt, n=500):
@@ -493,6 +536,10 @@ def keep_metrics(path, next_epoch, log=print, going_on=False):
                 continue
             raise UserError(f'{path}:{i}: not a JSON line ({ln.strip()[:80]!r}); the file was edited or damaged: '
                             f'fix or delete that line, then --resume again') from None
+        if not (isinstance(m, dict) and isinstance(m.get('epoch'), int) and not isinstance(m['epoch'], bool)):
+            raise UserError(f'{path}:{i}: not an epoch\'s record ({ln.strip()[:80]!r}: each line is a JSON object '
+                            f'with an integer "epoch"); the file was edited or damaged: fix or delete that line, then '
+                            f'--resume again')
         if m['epoch'] < next_epoch:
             if going_on and 'stopped' in m:
                 ln = json.dumps({k: v for k, v in m.items() if k != 'stopped'})

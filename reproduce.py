@@ -17,6 +17,8 @@ report's text are in csnlib/claims.py; this script trains, tests and keeps the r
 import argparse
 import collections
 import contextlib
+import ctypes
+import functools
 import json
 import os
 import shlex
@@ -27,7 +29,7 @@ import time
 
 import numpy as np
 
-from csnlib.atomic import atomic_open
+from csnlib.atomic import atomic_open, open_append
 from csnlib.claims import (
     LEAKY,
     MODELS,
@@ -194,9 +196,10 @@ def run_main(argv, log_path):
     # the child has its own session, so a Ctrl-C at the terminal reaches it once, through this process
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with open(log_path, 'a') as log:
+        with open_append(log_path, 'log') as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
-                                    env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                                    env={**os.environ, 'PYTHONUNBUFFERED': '1'},
+                                    preexec_fn=functools.partial(die_with, os.getpid()))
             for line in proc.stdout:
                 sys.stdout.write(line)
                 sys.stdout.flush()
@@ -210,6 +213,17 @@ def run_main(argv, log_path):
               f'command again to continue', file=sys.stderr)
         raise KeyboardInterrupt
     return rc, time.time() - t0
+
+
+def die_with(parent):
+    """In main.py's process before it starts (Linux): SIGTERM when reproduce.py dies, even by kill -9, so main.py
+    saves a checkpoint and exits (a copy that remains takes the run over) instead of going on orphaned."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def main_settings(args, passthrough):
@@ -322,12 +336,18 @@ def study_runs(args, passthrough, lr):
     return runs
 
 
+def name_of(args, run):
+    """The name of a run of study_runs."""
+    m, b, s, lr, _, v = run
+    return run_name(args, v.key if v else m, b, s, lr)
+
+
 def train_runs(args, passthrough, settings, runs, say_busy=True):
     """Train and test the runs here, but those that another copy of the command holds: their names."""
     busy = []
     for m, b, s, lr, pictures, v in runs:
         if train_and_test(args, passthrough, settings, m, b, s, lr, pictures, v) == 'busy':
-            busy.append(run_name(args, v.key if v else m, b, s, lr))
+            busy.append(name_of(args, (m, b, s, lr, pictures, v)))
             if say_busy:
                 print(f'{busy[-1]}: left to the copy of this command that is training it', flush=True)
     return busy
@@ -424,8 +444,25 @@ def train_and_test(args, passthrough, settings, model, budget, seed, lr, picture
         if recorded(args, name, wanted, epochs):  # finished by another process since the look above
             print(f'{name}: recorded, not trained again', flush=True)
             return 'recorded'
+        wait_for_main(run_dir, name)
         run_one(args, passthrough, model, budget, seed, lr, pictures, variant, name, epochs, wanted)
     return 'done'
+
+
+def wait_for_main(run_dir, name):
+    """Wait until no main.py holds the run folder: one that a killed copy of this command started saves its
+    checkpoint and exits (die_with) before this copy continues the run."""
+    said = False
+    while True:
+        try:
+            with RunLock(run_dir, 'is looked at by reproduce.py'):
+                return
+        except RunInUse as e:
+            if not said:
+                print(f'{name}: waiting: {e}'.split('. Wait for it')[0] + ' (a main.py left by a copy of this command '
+                      'that stopped saves its checkpoint and exits)', flush=True)
+                said = True
+            time.sleep(1)
 
 
 def run_one(args, passthrough, model, budget, seed, lr, pictures, variant, name, epochs, wanted):
@@ -820,12 +857,18 @@ def reproduce(args, passthrough):
                 why = f'set with --rate; the sweep\'s rule would pick {lr_tag(lr)}: {why}'
             lr = args.rate
     if not args.report_only and not args.sweep_only and lr is not None:
-        busy = train_runs(args, passthrough, settings, study_runs(args, passthrough, lr))
-        busy = [n for n in busy if read_record(record_path(args, n)) is None]  # not those finished since
-        if busy:
+        runs = study_runs(args, passthrough, lr)
+        busy = train_runs(args, passthrough, settings, runs)
+        while busy:  # again: a copy that stopped meanwhile (killed: its lock is gone) left its run to this one
+            again = train_runs(args, passthrough, settings, [r for r in runs if name_of(args, r) in busy], False)
+            if again == busy:
+                break
+            busy = again
+        if busy:  # held by a live process right now (its lock)
             print(f'reproduce.py: {len(busy)} run(s) are still being trained by other copies of this command '
-                  f'({", ".join(busy[:3])}{", ..." if len(busy) > 3 else ""}); the report below leaves them out, and '
-                  f'the last copy to finish writes the whole one', flush=True)
+                  f'({", ".join(busy[:3])}{", ..." if len(busy) > 3 else ""}); the report below leaves them out. The '
+                  f'last copy to finish writes the whole one; if those copies stop first, run this command again to '
+                  f'finish their runs', flush=True)
     report(args, passthrough, {**settings, 'lr': lr}, lr, why, t_start)
     return 0
 

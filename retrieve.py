@@ -26,7 +26,14 @@ from csnlib.pictures import plot_retrieval, short
 from csnlib.runtime import keep_freed_memory
 from csnlib.search import export_embeddings, load_cached_embeddings, nearest
 from csnlib.trained_csn import load_trained
-from triplet_image_loader import DataError, load_dataset_info, load_image, notion_index, read_labels
+from triplet_image_loader import (
+    DataError,
+    check_image_size,
+    load_dataset_info,
+    load_image,
+    notion_index,
+    read_labels,
+)
 
 MAX_K = 100  # neighbours in one picture: a row of 1 + k thumbnails, about 150 px each (15,000 px wide at most)
 
@@ -81,6 +88,7 @@ def resolve_query(query, info):
                         f'{os.path.join(info.root, "filenames.json")}, and no such image file')
     try:
         with Image.open(path) as im:
+            check_image_size(im, f'--query {query!r}')  # from its header, before anything is decoded
             im.verify()
     except Image.DecompressionBombError as e:
         raise DataError(f'--query {query!r}: the image is too large to open safely ({e}); shrink it first') from None
@@ -158,11 +166,15 @@ def run(a):
     q_tag = str(q_index) if q_index is not None else os.path.splitext(os.path.basename(q_path))[0]
     out = a.out or os.path.join(cache_dir, 'retrieval',
                                 f'{safe_name(name)}_{safe_name(q_tag)}.png')  # in the run's folder
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     neigh = [(load_image(info.image_path(j), size), f'{j}' + (f'\n{short(lab[j])}' if lab else '') + f'\n{d:.3f}',
               (lab[j] == q_lab) if lab and q_lab and lab[j] else None) for j, d in zip(idx, dist)]
-    plot_retrieval([(load_image(q_path, size), f'query {q_tag}' + (f'\n{short(q_lab)}' if q_lab else ''), neigh)], out,
-                   f'{a.k} nearest by {name} ({describe(args)})')
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        plot_retrieval([(load_image(q_path, size), f'query {q_tag}' + (f'\n{short(q_lab)}' if q_lab else ''), neigh)],
+                       out, f'{a.k} nearest by {name} ({describe(args)})')
+    except OSError as e:  # a read-only run folder, a full disk
+        raise UserError(f'cannot write the picture {out} ({e.strerror or e}); the neighbours are listed above. Give '
+                        f'--out a file in a folder you can write to') from None
     print(f'wrote {out} ({time.time() - t_start:.1f} s in all)')
     return 0
 

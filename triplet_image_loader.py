@@ -199,6 +199,11 @@ def check_meta(meta, meta_path):
     for key in ('name', 'labels'):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise DataError(f'{meta_path}: "{key}" must be a string, not {meta[key]!r}')
+    name = meta.get('name')
+    why = name is not None and (name_problem(name) or ('it starts with "."' if name.startswith('.') else None))
+    if why:  # the name chooses folders (reproduce.py's results/NAME): it must stay one plain name
+        raise DataError(f'{meta_path}: "name" {name!r} is not a plain name ({why}): it names folders such as '
+                        f'results/NAME; use letters, digits, "-" or "_"')
     if meta.get('labels') and path_problem(meta['labels']):
         raise DataError(f'{meta_path}: "labels" {meta["labels"]!r} {path_problem(meta["labels"])}: labels.csv must '
                         f'lie inside the data folder')
@@ -346,15 +351,53 @@ def read_labels(info, log=print):
 
 # ---------------------------------------------------------------------------------------------------------- images
 
+# images larger than this are refused from their header, before anything is decoded: a 1 x 100,000 px PNG of a few
+# hundred bytes passes PIL's pixel limit, but resized to 112 px on its shorter side it is 112 x 11 million
+MAX_IMAGE_SIDE = 16384       # px, either side
+MAX_IMAGE_PIXELS = 40000000  # width x height (a 40-megapixel photo)
+MAX_IMAGE_ASPECT = 32        # longer side / shorter side
+
+
+def image_size_problem(width, height):
+    """Why an image of width x height px is refused before decoding, or None."""
+    if min(width, height) < 1:
+        return 'it has no pixels'
+    if max(width, height) > MAX_IMAGE_SIDE:
+        return f'a side over {MAX_IMAGE_SIDE:,} px'
+    if width * height > MAX_IMAGE_PIXELS:
+        return f'over {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels'
+    if max(width, height) > MAX_IMAGE_ASPECT * min(width, height):
+        return f'one side over {MAX_IMAGE_ASPECT} times the other (resized, it would be huge)'
+    return None
+
+
+class ImageTooLarge(DataError):
+    """An image refused from its header: too many pixels, a side too long, or too long for its width."""
+
+
+def check_image_size(im, what):
+    """ImageTooLarge (a DataError) naming `what` when the opened, not yet decoded PIL image im is too large or too long
+    to decode."""
+    why = image_size_problem(*im.size)
+    if why:
+        raise ImageTooLarge(f'{what}: the image is {im.size[0]} x {im.size[1]} px, {why}; refused before decoding. Crop '
+                        f'or shrink it (at most {MAX_IMAGE_SIDE:,} px a side, {MAX_IMAGE_PIXELS / 1e6:.0f} million '
+                        f'pixels, {MAX_IMAGE_ASPECT}:1)')
+
+
 def load_image(path, size):
     """Decode, resize the shorter side to `size`, centre-crop size x size, RGB: (S, S, 3) uint8.
-    The same transform as the original's Resize(112) + CenterCrop(112), done on the PIL image."""
+    The same transform as the original's Resize(112) + CenterCrop(112), done on the PIL image. Its size is checked
+    from the header first (check_image_size)."""
     from torchvision.transforms import functional as TF
     try:
         with Image.open(path) as im:
+            check_image_size(im, path)
             im = im.convert('RGB')
             im = TF.center_crop(TF.resize(im, size), size)
             return np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f'image not found: {path}') from None
     except Image.DecompressionBombError as e:

@@ -13,6 +13,7 @@ import torch
 from csnlib.builder import build_model
 from csnlib.checkpoint import trained_conditions
 from csnlib.options import UserError
+from triplet_image_loader import name_problem
 
 MASK_LR = 1e-2  # --lr of a new mask row unless given: one row of D weights learns in a few hundred steps
 
@@ -22,6 +23,10 @@ def prepare(args, ckpt, info, explicit, resume):
     index, fresh). fresh: a new run from a trained model (a new mask row or network in the checkpoint's state);
     otherwise the checkpoint is a run teaching this notion, which goes on."""
     name = args.add_notion
+    why = name_problem(name)
+    if why:  # the name becomes a folder (RUNS/NAME+NOTION) and file names (tripletlists/NOTION_tripletlist_*.txt)
+        raise UserError(f'--add-notion {name!r}: not a notion name ({why}); a notion name is a plain name without '
+                        f'"/", "\\" or ".."')
     if ckpt is None:
         raise UserError(f'--add-notion {name} needs --resume CHECKPOINT: the trained model to teach')
     if args.model == 'triplet':

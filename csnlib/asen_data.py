@@ -18,12 +18,13 @@ ASEN draws new training triplets every epoch; here they are drawn once (--train-
 """
 import json
 import os
+import re
 
 import numpy as np
 
 from csnlib.dataset_writer import GetDataError, Staging, write_layout, write_triplets
 from csnlib.errors import UserError
-from triplet_image_loader import SPLITS
+from triplet_image_loader import SPLITS, utf8_text
 
 ASEN_SPLITS = {'train': 'train', 'val': 'valid', 'test': 'test'}  # ours -> theirs
 WHERE = ('ASEN\'s data: the meta files of github.com/Maryeon/asen (its README links them) and the images of FashionAI, '
@@ -89,8 +90,7 @@ def value_names(entry, path):
 def read_lines(path):
     if not os.path.exists(path):
         raise GetDataError(f'{path} not found: ASEN\'s layout needs it ({WHERE})')
-    with open(path) as f:
-        return [ln.rstrip('\n') for ln in f]
+    return utf8_text(path, GetDataError, 'ASEN\'s lists are UTF-8 text').split('\n')  # a latin-1 byte: file, line
 
 
 def read_labels(path, n_images, values, attrs, pairs=True):
@@ -101,10 +101,11 @@ def read_labels(path, n_images, values, attrs, pairs=True):
         parts = text.split()
         if not parts:
             continue
-        ok = all(p.isdigit() for p in parts) and len(parts) >= 3 and len(parts) % 2 == 1 and (pairs or len(parts) == 3)
+        ok = (all(re.fullmatch(r'[0-9]{1,18}', p) for p in parts)  # ASCII: '²' is a digit to str.isdigit
+              and len(parts) >= 3 and len(parts) % 2 == 1 and (pairs or len(parts) == 3))
         if not ok:
             raise GetDataError(f'{path}:{ln}: expected "img attr val{" [attr val ...]" if pairs else ""}" as '
-                               f'indices, got {text.strip()[:60]!r}')
+                               f'indices (ASCII digits), got {text.strip()[:60]!r}')
         img, rest = int(parts[0]), [int(p) for p in parts[1:]]
         if img >= n_images:
             raise GetDataError(f'{path}:{ln}: image {img} is outside its filenames list (0..{n_images - 1})')

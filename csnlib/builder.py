@@ -8,8 +8,8 @@ import torch
 from asen import ASEN
 from csn import ConditionalSimNet, TaskSpecificNets, TripletEmbedNet
 from csnlib import conv_wgrad
-from csnlib.checkpoint import load_checkpoint, merge_checkpoint_args
-from csnlib.errors import UserError
+from csnlib.checkpoint import describe, load_checkpoint, merge_checkpoint_args
+from csnlib.errors import CheckpointError, UserError
 from csnlib.options import explicit_flags, main_parser
 from csnlib.runtime import Runtime, choose_amp, choose_device
 from Resnet_18 import EmbeddingNet
@@ -101,6 +101,11 @@ def load_model(ckpt_path, data=None, device='auto', amp=None, batch_size=256):
     n_notions = (len(ckpt.get('notions') or [])
                  or ckpt['state_dict'].get('embednet.masks.weight', torch.zeros(0)).shape[0])
     model = build_model(args, n_notions, pretrained=False)
-    model.load_state_dict(ckpt['state_dict'])
+    try:
+        model.load_state_dict(ckpt['state_dict'])
+    except (RuntimeError, TypeError, AttributeError) as e:  # shapes that are not its args' (masks of another D)
+        why = (str(e).strip().splitlines() or [''])[-1].strip()[:200]
+        raise CheckpointError(f'--resume {ckpt_path}: its weights do not fit the {describe(args)} model its args '
+                              f'describe ({why}); the checkpoint is damaged or was not written by main.py') from None
     model.to(device).eval()
     return model, ckpt, rt

@@ -2,6 +2,7 @@
 the notions a checkpoint was trained on. The model they describe is built by csnlib/builder.py."""
 import argparse
 import os
+import shutil
 
 import torch
 
@@ -27,14 +28,49 @@ RECORDED = ('learned_rows',)
 BEFORE_THE_FLAG = {'conv_wgrad': 'onednn', 'scenet_branch': 'triplet'}  # SCE-Net had the released branch only
 
 
+class _Recording:
+    """A file object that keeps the OSError its writes met: torch's writer turns a full disk into a RuntimeError
+    ("unexpected pos") that no longer says why."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(state, path):
-    """Write to a temporary file in the same folder, then rename: a checkpoint file is always whole."""
+    """Write to a temporary file in the same folder, then rename: a checkpoint file is always whole. A write that
+    fails (a full disk, a read-only folder) is a UserError saying that the previous checkpoint is kept."""
+    rec = None
     try:
         with atomic_open(path, 'wb') as f:
-            torch.save(state, f)
-    except OSError as e:
-        raise UserError(f'cannot write checkpoint {path}: {e.strerror or e}. The previous checkpoint is intact; '
-                        f'free space or fix the folder\'s permissions, then --resume it') from None
+            rec = _Recording(f)
+            torch.save(state, rec)
+    except (OSError, RuntimeError) as e:
+        cause = rec.error if rec is not None and rec.error is not None else e
+        if isinstance(cause, RuntimeError) and not ('inline_container' in str(e) or 'PytorchStreamWriter' in str(e)):
+            raise  # not a write that failed
+        why = (cause.strerror or str(cause)) if isinstance(cause, OSError) else \
+            f'torch\'s writer failed: {str(cause).strip().splitlines()[0][:120]}'
+        raise UserError(f'cannot write checkpoint {path}: {why}{free_space(path)}. The previous '
+                        f'checkpoint is intact and no partial file is left; free space or fix the folder\'s '
+                        f'permissions, then --resume it') from None
+
+
+def free_space(path):
+    """' (N MiB free there)' for the disk of path's folder, '' when that cannot be read."""
+    try:
+        return f' ({shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.0f} MiB free there)'
+    except OSError:
+        return ''
 
 
 def load_checkpoint(path):
@@ -56,10 +92,12 @@ def load_checkpoint(path):
 
 
 def merge_checkpoint_args(args, ckpt, explicit, path):
-    """New args from the checkpoint's, keeping flags given on the command line; model flags must match."""
+    """New args from the checkpoint's, keeping flags given on the command line; model flags must match, and the values
+    taken from the checkpoint must be what main.py's command line accepts."""
     stored = ckpt.get('args')
     if not isinstance(stored, dict) or 'state_dict' not in ckpt:
         raise CheckpointError(f'--resume {path}: not a checkpoint of this code (no args/state_dict in it)')
+    check_stored_args(stored, path, explicit)
     for k in MODEL_FLAGS:
         if k in explicit and k in stored and getattr(args, k) != stored[k]:
             raise CheckpointError(f'--resume {path}: the checkpoint is a {describe(stored)} model, but the command '
@@ -69,6 +107,32 @@ def merge_checkpoint_args(args, ckpt, explicit, path):
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items()
                                                   if k not in explicit and (k in vars(args) or k in RECORDED)
                                                   and k not in THIS_CALL}})
+
+
+def check_stored_args(stored, path, explicit=()):
+    """CheckpointError when a value of the checkpoint's args that a run would take is not one main.py's command line
+    accepts: a number out of its flag's range (options.Bounded), of another type, or a choice it does not offer."""
+    from csnlib.options import Bounded, main_parser
+    for action in main_parser()._actions:
+        k = action.dest
+        if k not in stored or k in THIS_CALL or k in explicit or stored[k] is None and action.default is None:
+            continue
+        v, t = stored[k], action.type
+        if isinstance(t, Bounded):
+            kinds = (int,) if t.kind is int else (int, float)
+            ok = isinstance(v, kinds) and not isinstance(v, bool)
+            try:
+                ok = ok and t(str(v)) == v
+            except argparse.ArgumentTypeError:
+                ok = False
+            if not ok:
+                raise CheckpointError(f'--resume {path}: its args hold {action.option_strings[0]} {v!r}, which main.py '
+                                      f'refuses (it must be {t.describe()}): the checkpoint is damaged or was not '
+                                      f'written by main.py; use another one')
+        elif action.choices is not None and v not in action.choices:
+            raise CheckpointError(f'--resume {path}: its args hold {action.option_strings[0]} {v!r}, not one of '
+                                  f'{", ".join(map(str, action.choices))}: the checkpoint is damaged or was not '
+                                  f'written by main.py; use another one')
 
 
 def how_to_run_changes(args, ckpt, explicit):

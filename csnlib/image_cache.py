@@ -2,8 +2,9 @@
 lock and renamed into place when whole, and the store that reads images by index from it (or from the files).
 
 The file is a 4096-byte header (a magic line, then JSON: shape, dtype, a digest of the source files' names, sizes,
-mtimes and ctimes in ns, and a digest of a sample of its rows) followed by the pixels. A file that does not match is
-rebuilt; a reader holds its file open (and a shared flock on it), so a rebuild never takes a file from under it."""
+mtimes and ctimes in ns, and the SHA-256 of all its pixels, computed once when it is built) followed by the pixels. A
+file that does not match (its header, its length, or any byte of its pixels) is rebuilt; a reader holds its file open
+(and a shared flock on it), so a rebuild never takes a file from under it."""
 import errno
 import fcntl
 import hashlib
@@ -11,20 +12,23 @@ import json
 import mmap
 import os
 import re
+import shutil
 import tempfile
 import weakref
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import get_worker_info
 
-from csnlib.atomic import atomic_path
-from triplet_image_loader import DataError, load_image, missing_images
+from csnlib.atomic import NEW_FILE, atomic_path, open_own
+from triplet_image_loader import DataError, UserError, load_image, missing_images
 
 HEADER = 4096                                           # bytes before the pixels: a page, so rows stay aligned
-MAGIC = b'CSN-IMAGE-CACHE 2\n'
-SAMPLE_ROWS = 64                                        # rows whose bytes the header's digest covers
+MAGIC = b'CSN-IMAGE-CACHE 3\n'
+BLOCK = 1 << 23                                         # bytes read at a time for the pixels' digest
 
 
 class CacheMismatch(Exception):
@@ -34,7 +38,7 @@ class CacheMismatch(Exception):
 def _sources_digest(info, size):
     """sha256 of what the pixels come from: the size, the images folder, each image's name, size, mtime and ctime (ns;
     a file replaced or rewritten under the same size and mtime still changes its ctime) and inode."""
-    h = hashlib.sha256(f'v2 {size} {info.images_dir}\n'.encode())
+    h = hashlib.sha256(f'v2 {size} {info.images_dir}\n'.encode('utf-8', 'surrogateescape'))
     for i, name in enumerate(info.filenames):
         path = info.image_path(i)  # DataError for a path outside the images folder
         try:
@@ -42,19 +46,16 @@ def _sources_digest(info, size):
         except FileNotFoundError:
             raise DataError(f'image not found: {path} (listed in '
                             f'{os.path.join(info.root, "filenames.json")})') from None
-        h.update(f'{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n'.encode())
+        h.update(f'{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n'.encode(
+            'utf-8', 'surrogateescape'))  # a name of latin-1 bytes (os.listdir's surrogates) is hashed as its bytes
     return h.hexdigest()
 
 
-def _sample(n):
-    """The rows whose bytes the header's sample digest covers: up to SAMPLE_ROWS spread over 0..n-1."""
-    return np.unique(np.linspace(0, max(n - 1, 0), min(n, SAMPLE_ROWS)).round().astype(np.int64))
-
-
-def _sample_digest(arr):
+def _pixels_digest(fd, nbytes):
+    """SHA-256 of the nbytes of pixels after the header of the open file fd: every byte the cache serves."""
     h = hashlib.sha256()
-    for i in _sample(len(arr)):
-        h.update(arr[i].tobytes())
+    for start in range(HEADER, HEADER + nbytes, BLOCK):
+        h.update(os.pread(fd, min(BLOCK, HEADER + nbytes - start), start))
     return h.hexdigest()
 
 
@@ -67,13 +68,13 @@ def _pixels(fd, n, size):
 
 def check_cache(fd, n, size, sources=None):
     """Raise CacheMismatch unless the open file fd is a whole cache of n images at size px (and, given sources, of
-    those source files): its header, its length, and the digest of its sampled rows."""
+    those source files): its header, its length, and the digest of all its pixels."""
     head = os.pread(fd, HEADER, 0)
     if not head.startswith(MAGIC):
         raise CacheMismatch('it has no image-cache header (random bytes, or a file of older code)')
     try:
         meta = json.loads(head[len(MAGIC):].decode().strip())
-        shape, dtype, digest, sample = meta['shape'], meta['dtype'], meta['sources'], meta['sample']
+        shape, dtype, digest, pixels = meta['shape'], meta['dtype'], meta['sources'], meta['pixels']
     except (ValueError, KeyError, TypeError):
         raise CacheMismatch('its header is damaged') from None
     if shape != [n, size, size, 3] or dtype != 'uint8':
@@ -83,19 +84,70 @@ def check_cache(fd, n, size, sources=None):
     have, want = os.fstat(fd).st_size, HEADER + n * size * size * 3
     if have != want:
         raise CacheMismatch(f'it is {"truncated" if have < want else "too long"} ({have} bytes, not {want})')
-    if _sample_digest(_pixels(fd, n, size)) != sample:
+    if _pixels_digest(fd, want - HEADER) != pixels:
         raise CacheMismatch('its pixels are not those it was built with (damaged or overwritten)')
 
 
+def _write_rows(fd, offset, data):
+    """os.pwrite all of data at offset (a full disk: OSError ENOSPC, never the SIGBUS of a write through a memory
+    map)."""
+    view = memoryview(data)
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view, offset = view[k:], offset + k
+
+
 def _decode_chunk(job):
+    """Decode the images of one chunk and write their rows into the cache file being built: how many."""
     paths, size, out_path, start = job
-    n = start + len(paths)
-    arr = np.memmap(out_path, dtype=np.uint8, mode='r+', offset=HEADER)
-    arr = arr[:len(arr) // (size * size * 3) * size * size * 3].reshape(-1, size, size, 3)
-    for i, p in enumerate(paths):
-        arr[start + i] = load_image(p, size)
-    arr.flush()
-    return n - start
+    fd = os.open(out_path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        rows = np.stack([load_image(p, size) for p in paths])  # (K, S, S, 3)
+        _write_rows(fd, HEADER + start * size * size * 3, rows.tobytes())
+    finally:
+        os.close(fd)
+    return len(paths)
+
+
+def _reserve(fd, nbytes):
+    """Allocate the file's blocks now, so a full disk says so before minutes of decoding (ENOSPC); filesystems that
+    cannot allocate ahead leave the file sparse (a full disk is then met by a write, as an OSError all the same)."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, nbytes)
+
+
+class CacheWriteError(UserError):
+    """The image cache cannot be written (a full disk, a quota); nothing is kept."""
+
+
+def _decode_all(jobs, workers, bar):
+    """Run _decode_chunk over jobs, in worker processes when there are several. A worker that dies (killed, out of
+    memory) fails the build with a DataError naming the images it had, never a wait without end."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            bar.update(_decode_chunk(job))
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context('fork')) as pool:
+        futures = {pool.submit(_decode_chunk, job): job for job in jobs}
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    bar.update(f.result())
+        except BrokenProcessPool:
+            unfinished = [futures[f][0] for f in futures if not f.done() or f.exception() is not None]
+            raise DataError(f'a worker process decoding images for the image cache died (killed, or out of memory) '
+                            f'with one of {sum(map(len, unfinished))} images in hand (the first: {unfinished[0][0]}); '
+                            f'nothing was kept. Check the images (main.py --check-data --no-cache), or run with '
+                            f'--no-cache') from None
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def _pid_alive(pid):
@@ -111,7 +163,7 @@ def _pid_alive(pid):
 def _remove_stale(cache_dir, size, log):
     """Temporary files of builds at this size whose process is dead (a killed build); called under the build lock."""
     for f in os.listdir(cache_dir):
-        m = re.fullmatch(rf'images_{size}px_[0-9a-f]+\.u8\.tmp(\d+)', f)
+        m = re.fullmatch(rf'images_{size}px_[0-9a-f]+\.u8\.tmp(\d+)(\.[0-9a-f]+)?', f)
         if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
             os.remove(os.path.join(cache_dir, f))
             log(f'note: removed {os.path.join(cache_dir, f)}, left by a build that was killed')
@@ -157,14 +209,15 @@ def _usable(path, n, size, sources):
 def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
     """Path of a (N, S, S, 3) uint8 file holding every image of filenames.json, decoded once.
 
-    Rebuilt when the list, the files (size, mtime, ctime), the size or the file itself (header, length, sampled rows)
-    do not match; two processes building it at once take turns on a lock, and the file appears only when whole
-    (written under a temporary name, then renamed; a killed build's temporary file goes at the next build)."""
+    Rebuilt when the list, the files (size, mtime, ctime), the size or the file itself (header, length, the digest of
+    its pixels) do not match; two processes building it at once take turns on a lock, and the file appears only when
+    whole (written under a temporary name, then renamed; a killed build's temporary file goes at the next build). A full
+    disk is a CacheWriteError (a UserError) that leaves nothing behind."""
     cache_dir = cache_dir or os.path.join(info.root, 'cache')
     try:
         os.makedirs(cache_dir, exist_ok=True)
         probe = os.path.join(cache_dir, f'.write-test-{os.getpid()}')
-        open(probe, 'w').close()
+        os.close(os.open(probe, NEW_FILE, 0o600))  # never a link planted under this name
         os.remove(probe)
     except OSError:
         fallback = os.path.join(os.path.expanduser('~'), '.cache', 'csn',
@@ -177,39 +230,54 @@ def build_image_cache(info, size, cache_dir=None, workers=None, log=print):
     path = os.path.join(cache_dir, f'images_{size}px_{sources[:16]}.u8')
     if _usable(path, n, size, sources) is None:
         return path
-    with open(os.path.join(cache_dir, f'images_{size}px.lock'), 'w') as lock:
+    # read-only is enough to flock (a lock file of another user's build); a link there is refused, never truncated
+    lock = open_own(os.path.join(cache_dir, f'images_{size}px.lock'), os.O_RDONLY | os.O_CREAT, 'lock file')
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _remove_stale(cache_dir, size, log)
-        why = _usable(path, n, size, sources)
-        if why is None:  # another process built it while we waited
-            return path
-        if why:
-            log(f'note: the image cache {path} does not match ({why}); building it again')
-        paths = [info.image_path(i) for i in range(n)]
-        step = 256
-        workers = workers or min(len(os.sched_getaffinity(0)), 8)
-        from tqdm import tqdm
+        return _build_locked(info, size, cache_dir, path, sources, workers, log)
+    finally:
+        os.close(lock)
+
+
+def _build_locked(info, size, cache_dir, path, sources, workers, log):
+    """build_image_cache's work under its lock: the path, checked or built."""
+    n = len(info.filenames)
+    _remove_stale(cache_dir, size, log)
+    why = _usable(path, n, size, sources)
+    if why is None:  # another process built it while we waited
+        return path
+    if why:
+        log(f'note: the image cache {path} does not match ({why}); building it again')
+    paths = [info.image_path(i) for i in range(n)]
+    step = 256
+    workers = workers or min(len(os.sched_getaffinity(0)), 8)
+    from tqdm import tqdm
+    nbytes = n * size * size * 3
+    try:
         with atomic_path(path) as tmp:
-            np.memmap(tmp, dtype=np.uint8, mode='w+', shape=(HEADER + n * size * size * 3,)).flush()
-            jobs = [(paths[s:s + step], size, tmp, s) for s in range(0, n, step)]
-            with tqdm(total=n, desc=f'caching {n} images at {size}px', unit='img', leave=False, disable=None) as bar:
-                if workers > 1 and len(jobs) > 1:
-                    with get_context('fork').Pool(workers) as pool:
-                        for k in pool.imap_unordered(_decode_chunk, jobs):
-                            bar.update(k)
-                else:
-                    for job in jobs:
-                        bar.update(_decode_chunk(job))
-            fd = os.open(tmp, os.O_RDWR)
+            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
+                _reserve(fd, HEADER + nbytes)
+                jobs = [(paths[s:s + step], size, tmp, s) for s in range(0, n, step)]
+                with tqdm(total=n, desc=f'caching {n} images at {size}px', unit='img', leave=False,
+                          disable=None) as bar:
+                    _decode_all(jobs, workers, bar)
                 meta = {'shape': [n, size, size, 3], 'dtype': 'uint8', 'sources': sources,
-                        'sample': _sample_digest(_pixels(fd, n, size))}
+                        'pixels': _pixels_digest(fd, nbytes)}
                 head = MAGIC + json.dumps(meta).encode()
-                os.pwrite(fd, head + b' ' * (HEADER - 1 - len(head)) + b'\n', 0)
+                _write_rows(fd, 0, head + b' ' * (HEADER - 1 - len(head)) + b'\n')
             finally:
                 os.close(fd)
-        _remove_unused(cache_dir, size, os.path.basename(path), log)
-        log(f'cached {n} images at {size}px in {path} ({os.path.getsize(path) / 2**20:.0f} MiB)')
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        free = shutil.disk_usage(cache_dir).free
+        raise CacheWriteError(f'cannot build the image cache in {cache_dir} ({e.strerror}): it needs '
+                              f'{(HEADER + nbytes) / 2**20:.0f} MiB and the disk has {free / 2**20:.0f} MiB free; '
+                              f'nothing was kept (no partial file). Free space, give --cache-dir a folder on '
+                              f'another disk, or run with --no-cache') from None
+    _remove_unused(cache_dir, size, os.path.basename(path), log)
+    log(f'cached {n} images at {size}px in {path} ({os.path.getsize(path) / 2**20:.0f} MiB)')
     return path
 
 

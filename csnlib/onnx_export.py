@@ -40,6 +40,19 @@ def check_target(path, source=None):
         raise UserError(f'--export-onnx {path}: that is the checkpoint --resume {source} it is made from; writing '
                         f'there would replace the checkpoint. Give another file name, e.g. '
                         f'{os.path.splitext(os.path.abspath(source))[0]}.onnx')
+    if os.path.isfile(path) and not is_onnx(path):
+        raise UserError(f'--export-onnx {path}: a file that is not an ONNX model is there (a checkpoint, or another '
+                        f'file): it is not replaced. Give another file name, e.g. '
+                        f'{os.path.splitext(os.path.abspath(source or path))[0].removesuffix(".pth")}.onnx, or remove '
+                        f'that file first')
+
+
+def is_onnx(path):
+    """Whether the file starts as an ONNX model does (its protobuf's first field, ir_version: 0x08); an empty file
+    counts as one (nothing to lose). Checkpoints start otherwise (a zip's PK, a pickle's 0x80)."""
+    with open(path, 'rb') as f:
+        head = f.read(1)
+    return head in (b'', b'\x08')
 
 
 def export_onnx(trained, path, opset=17, source=None):

@@ -48,6 +48,9 @@ nonneg_int = int_range(0)
 positive_float = Bounded(float, 0, low_open=True)
 nonneg_float = Bounded(float, 0)
 port = int_range(1, 65535)
+# the largest values a run may ask for: beyond them memory or the process table gives out deep inside (a 1e9-d
+# embedding layer, 100,000-px images, a thousand worker processes); a checkpoint's args are held to the same ranges
+MAX_IMAGE_SIZE, MAX_DIM_EMBED, MAX_WORKERS, MAX_THREADS = 1024, 4096, 64, 512
 
 
 def add_device_flag(group, choices=('auto', 'cpu', 'cuda', 'mps'), help='auto = CUDA, then MPS, then CPU'):
@@ -88,7 +91,7 @@ def main_parser():
     a('--num_traintriplets', '--num-traintriplets', type=positive_int, default=100000,
       help='training triplets in total over all the dataset\'s notions: each selected notion contributes N / '
            '(number of notions)')
-    a('--dim_embed', '--dim-embed', type=positive_int, default=64, help='embedding dimensions')
+    a('--dim_embed', '--dim-embed', type=int_range(1, MAX_DIM_EMBED), default=64, help='embedding dimensions')
     a('--test', action='store_true', default=False, help='evaluate --resume on the test split and exit')
     a('--learned', action='store_true', default=False, help='learn the masks, from a random N(0.9, 0.7) start')
     a('--prein', action='store_true', default=False, help='learn the masks, from the disjoint blocks (0.1 elsewhere)')
@@ -125,7 +128,7 @@ def main_parser():
       help='validation triplets in total (as --num_traintriplets)')
     a('--num_testtriplets', '--num-testtriplets', type=positive_int, default=160000,
       help='test triplets in total (as --num_traintriplets)')
-    a('--image-size', '--image_size', type=positive_int, default=112,
+    a('--image-size', '--image_size', type=int_range(1, MAX_IMAGE_SIZE), default=112,
       help='images are resized and centre-cropped to this size')
     a('--hflip', choices=['auto', 'on', 'off'], default='auto',
       help='random horizontal mirroring of training images: auto = what the dataset says ("hflip" in its dataset.json; '
@@ -143,9 +146,9 @@ def main_parser():
     g = p.add_argument_group('speed')
     a = g.add_argument
     add_device_flag(g)
-    a('--workers', type=nonneg_int, default=None,
+    a('--workers', type=int_range(0, MAX_WORKERS), default=None,
       help='DataLoader worker processes (default: 0 on the CPU with the image cache, else min(8, cores))')
-    a('--threads', type=positive_int, default=None,
+    a('--threads', type=int_range(1, MAX_THREADS), default=None,
       help='CPU threads for the arithmetic (torch.set_num_threads). Default: torch\'s, one per core this process may '
            'use. On cores that other processes keep busy, 1 trains several times as fast (the README\'s speed '
            'section). Training\'s float rounding depends on it, so a run and its resume keep one value (a --resume '

@@ -4,6 +4,7 @@ lock when its holder dies (kill -9 included), so a lock is never stale."""
 import fcntl
 import os
 
+from csnlib.atomic import open_own
 from csnlib.errors import UserError
 
 LOCK_NAME = '.lock'
@@ -21,9 +22,13 @@ class RunLock:
         self.run_dir, self.what, self.name, self.fd = run_dir, what, name, None
 
     def __enter__(self):
-        os.makedirs(self.run_dir, exist_ok=True)
         path = os.path.join(self.run_dir, self.name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            fd = open_own(path, os.O_RDWR | os.O_CREAT, 'lock file')  # a link planted there is refused, not followed
+        except OSError as e:
+            raise UserError(f'cannot lock the run folder {self.run_dir} ({e.strerror or e}): it must be a folder this '
+                            f'user can write to; choose another --runs or --name, or fix its permissions') from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -257,7 +257,7 @@ def retrieval_map(model, info, images, labels, rt, store=None, emb=None):
 
 # ----------------------------------------------------------------------------------------------- the cache
 
-CACHE_VERSION = 2  # embeddings.json's layout; a cache of another version is computed again
+CACHE_VERSION = 3  # embeddings.json's layout; a cache of another version is computed again
 
 
 def _array_sha256(a):
@@ -265,16 +265,17 @@ def _array_sha256(a):
 
 
 def _images_stamp(info):
-    """What the embeddings were computed from on the data side: the folder, the image list, each image's size and
-    mtime_ns (a missing image stamps as -1)."""
+    """What the embeddings were computed from on the data side: the folder, the image list, each image's size, mtime_ns,
+    ctime_ns and inode (a file replaced by another of the same size and mtime still changes its ctime or inode, as the
+    image cache's stamp has it; a missing image stamps as -1)."""
     h = hashlib.sha256()
     for i, name in enumerate(info.filenames):
         try:
             st = os.stat(info.image_path(i))
-            size, mtime = st.st_size, st.st_mtime_ns
+            stats = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         except OSError:
-            size = mtime = -1
-        h.update(f'{name}\0{size}\0{mtime}\n'.encode('utf-8', 'surrogateescape'))
+            stats = (-1,) * 4
+        h.update('\0'.join(map(str, (name, *stats))).encode('utf-8', 'surrogateescape') + b'\n')
     names = hashlib.sha256('\n'.join(info.filenames).encode('utf-8', 'surrogateescape')).hexdigest()
     return {'data': os.path.realpath(info.root), 'images_dir': os.path.realpath(info.images_dir),
             'images': len(info.filenames), 'filenames_sha256': names, 'image_stats_sha256': h.hexdigest()}
@@ -302,7 +303,7 @@ def _stale(meta, checkpoint, info, args):
     if meta.get('images') != now['images'] or meta.get('filenames_sha256') != now['filenames_sha256']:
         return f'the image list {os.path.join(info.root, "filenames.json")} changed since'
     if meta.get('image_stats_sha256') != now['image_stats_sha256']:
-        return f'an image under {info.images_dir} changed since (its size or modification time)'
+        return f'an image under {info.images_dir} changed since (its size, modification time, or the file itself)'
     if meta.get('image_size') != args.image_size:
         return f'it was computed at --image-size {meta.get("image_size")}, not {args.image_size}'
     return None

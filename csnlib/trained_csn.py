@@ -14,7 +14,7 @@ from csnlib.builder import load_model
 from csnlib.checkpoint import trained_conditions
 from csnlib.loader import to_input
 from csnlib.search import Index
-from triplet_image_loader import DataError, load_image, notion_index
+from triplet_image_loader import DataError, check_image_size, load_image, notion_index
 
 
 class Transform:
@@ -27,6 +27,7 @@ class Transform:
     def __call__(self, image):
         if isinstance(image, Image.Image):
             from torchvision.transforms import functional as TF
+            check_image_size(image, 'transform')  # before it is decoded (a lazily loaded file) or resized
             image = TF.center_crop(TF.resize(image.convert('RGB'), self.size), self.size)
             u8 = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
         else:
