@@ -1,5 +1,5 @@
-"""README.md and docs/*.md cannot rot silently: every relative link and image resolves (its #anchor too), and every
---flag of a command in their code is one the script it runs accepts (read once from each script's --help)."""
+"""README.md, CHANGELOG.md and docs/*.md cannot rot silently: every relative link and image resolves (its #anchor
+too), and every --flag of a command in their code is one the script it runs accepts (read once from its --help)."""
 import glob
 import os
 import re
@@ -12,7 +12,8 @@ from functools import lru_cache
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = [os.path.join(REPO, 'README.md'), *sorted(glob.glob(os.path.join(REPO, 'docs', '*.md')))]
+PAGES = [os.path.join(REPO, 'README.md'), os.path.join(REPO, 'CHANGELOG.md'),
+         *sorted(glob.glob(os.path.join(REPO, 'docs', '*.md')))]
 LINK = re.compile(r'!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)')  # [text](target "title")
 SEPARATORS = {'&&', '||', ';', '|', '&'}
 PASSES_ON = {'reproduce.py': 'main.py'}  # flags reproduce.py does not know go on to main.py
