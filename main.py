@@ -186,10 +186,18 @@ def resolve(args, explicit):
     if ckpt is not None and ckpt.get('notions') and ckpt['notions'] != info.notions:
         raise UserError(f'--resume {resume}: the checkpoint was trained on notions {ckpt["notions"]}, but '
                         f'{args.data} has {info.notions}')
+    if ckpt is None and not args.test and args.no_pretrained and args.lr == options.FINE_TUNING_LR:
+        notes.append(lr_note(args.lr))
     if args.test and ckpt is not None:
         conditions = notions_to_test(ckpt, conditions, info.notions, resume, notes.append)
         args = argparse.Namespace(**{**vars(args), 'conditions': [info.notions[c] for c in conditions]})
     return Plan(args, ckpt, resume, info, conditions, new, fresh, tuple(notes))
+
+
+def lr_note(lr):
+    """The line said when a run from random weights keeps the rate meant for fine-tuning ImageNet weights."""
+    return (f'note: --lr {lr:g} is the paper\'s rate for fine-tuning ImageNet weights; from random weights '
+            f'(--no-pretrained) the Fonts study trained best at --lr {options.SCRATCH_LR:g} (docs/study.md)')
 
 
 def notions_to_test(ckpt, conditions, notions, resume, log):

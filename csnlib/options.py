@@ -6,6 +6,9 @@ import math
 
 from csnlib.errors import UserError  # noqa: F401  (re-exported: the scripts' parsers raise it)
 
+FINE_TUNING_LR = 5e-5  # the original's --lr default, the paper's rate for fine-tuning ImageNet weights
+SCRATCH_LR = 3e-3      # the best rate from random weights in the Fonts study's sweep (docs/study.md)
+
 
 class Bounded:
     """An argparse `type=` that parses an int or a float and checks low <= x (low < x if low_open) and x <= high, so a
@@ -74,7 +77,9 @@ def main_parser():
            'checkpoint is kept); 0 = off')
     a('--start_epoch', '--start-epoch', type=positive_int, default=1,
       help='epoch number to start from (a --resume overrides it)')
-    a('--lr', type=positive_float, default=5e-5, help='Adam learning rate; epoch e uses lr * 0.985^e')
+    a('--lr', type=positive_float, default=FINE_TUNING_LR,
+      help=f'Adam learning rate; epoch e uses lr * 0.985^e. The default fits ImageNet weights; from random weights '
+           f'(--no-pretrained) try {SCRATCH_LR:g}')
     a('--seed', type=nonneg_int, default=1, help='random seed (subsets, shuffling, flips, initialisation)')
     a('--no-cuda', '--no_cuda', action='store_true', default=False, help='use the CPU even when CUDA is available')
     a('--log-interval', '--log_interval', type=positive_int, default=20,

@@ -1,5 +1,6 @@
 """Never lose a run: kills, Ctrl-C, non-finite losses, disk errors, bad data and dying workers (one test per row of
-the README's fault table). Faults are injected by a small wrapper that patches main.py's functions in the child."""
+the fault table of docs/reliability.md). Faults are injected by a small wrapper that patches
+main.py's functions in the child."""
 import json
 import os
 import signal

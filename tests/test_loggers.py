@@ -216,7 +216,7 @@ def test_post_has_one_deadline_for_the_whole_answer(drip_server):
 
 
 def test_a_server_that_drips_costs_at_most_timeout_s_at_start_and_mid_run(drip_server):
-    """The README's promise: a hung server costs at most timeout_s per retry, here for one that answers a byte every
+    """docs/dashboards.md: a hung server costs at most timeout_s per retry, here for one answering a byte every
     0.05 s (the per-read timeouts of an HTTP library never fire on it)."""
     import visdom  # noqa: F401 - imported before the clock starts
     out = io.StringIO()
@@ -548,7 +548,7 @@ def open_dashboard(port, env, shot_path, min_plots):
 
 
 def save_screenshot(shot):
-    """With CSN_SAVE_SCREENSHOT=1, keep the screenshot of a real run as the README's docs/visdom_dashboard.png."""
+    """With CSN_SAVE_SCREENSHOT=1, keep the screenshot of a real run as docs/visdom_dashboard.png."""
     if os.environ.get('CSN_SAVE_SCREENSHOT'):
         os.makedirs(os.path.join(REPO, 'docs'), exist_ok=True)
         shutil.copy(shot, os.path.join(REPO, 'docs', 'visdom_dashboard.png'))

@@ -227,3 +227,14 @@ def test_a_second_process_on_the_same_run_folder_is_refused_with_the_holders_pid
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+
+
+def test_random_weights_at_the_fine_tuning_rate_get_one_line_naming_the_rate_to_try(shapes_data, tmp_path):
+    """--no-pretrained with the default --lr (the paper's rate for fine-tuning ImageNet weights) says so in one line;
+    another rate, or ImageNet weights, say nothing."""
+    base = ['--data', shapes_data, '--runs', tmp_path, '--check-data']
+    said = [line for line in run_main(*base, '--no-pretrained').stdout.splitlines() if '--lr' in line]
+    assert len(said) == 1, said
+    assert '5e-05' in said[0] and 'fine-tuning ImageNet weights' in said[0] and '--lr 0.003' in said[0]
+    assert '--lr' not in run_main(*base, '--no-pretrained', '--lr', '3e-3').stdout
+    assert '--lr' not in run_main(*base, '--weights', tmp_path / 'none.pth').stdout  # --check-data loads no weights

@@ -1,5 +1,5 @@
 """onnx_export.py: the exported model in onnxruntime against PyTorch at two batch sizes (a CSN with learned masks,
-task-specific networks), the README's PyTorch-free example, and retrieve.py --export-onnx."""
+task-specific networks), docs/using.md's PyTorch-free example, and retrieve.py --export-onnx."""
 import json
 import os
 import re
@@ -40,8 +40,8 @@ def test_onnxruntime_matches_pytorch_at_two_batch_sizes(tmp_path, variant):
 
 
 def readme_example():
-    """The README's code block under 'Run the exported model without PyTorch'."""
-    text = open(os.path.join(REPO, 'README.md')).read()
+    """docs/using.md's code block under 'Run the exported model without PyTorch'."""
+    text = open(os.path.join(REPO, 'docs', 'using.md')).read()
     section = text.split('Run the exported model without PyTorch', 1)[1]
     block = re.search(r'\n((?:    .*\n)(?:    .*\n|\n)*)', section).group(1)  # the first indented block
     return '\n'.join(line[4:] for line in block.splitlines())

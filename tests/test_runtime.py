@@ -52,7 +52,7 @@ def test_the_start_line_says_what_was_chosen_for_memory_and_threads(shapes_data,
     assert 'malloc system default, threads 1' in p.stdout
 
 
-# ---- the GPU, MPS and torchrun paths, checked on the CPU (no GPU has run this code: see the README) ---------------
+# ---- the GPU, MPS and torchrun paths, checked on the CPU (no GPU has run this code: see docs/distributed.md) -------
 
 @pytest.mark.parametrize('capability, amp, expected', [((7, 5), 'auto', (torch.float16, True)),    # T4
                                                        ((7, 0), 'auto', (torch.float16, True)),    # V100

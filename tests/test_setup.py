@@ -66,7 +66,7 @@ def test_active_env_is_used_and_dotvenv_links_to_it(repo, var):
 
 
 def test_dotvenv_link_runs_the_linked_venv(repo):
-    """What the README relies on: through the link, .venv/bin/python is the active venv (its pyvenv.cfg, packages)."""
+    """As docs/install.md says: through the link, .venv/bin/python is the active venv (its pyvenv.cfg, packages)."""
     env = repo.parent / 'active'
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(env)], check=True)
     os.symlink(env, repo / '.venv')

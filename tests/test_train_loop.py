@@ -79,7 +79,7 @@ def test_a_log_off_a_terminal_has_one_plain_line_per_log_interval_and_no_bar(sha
     assert len([ln for ln in p.stdout.splitlines() if ln.startswith('epoch   ')]) == 2  # the epoch summaries
 
 
-# ---- the GPU, MPS and torchrun paths, checked on the CPU (no GPU has run this code: see the README) ---------------
+# ---- the GPU, MPS and torchrun paths, checked on the CPU (no GPU has run this code: see docs/distributed.md) -------
 
 def test_the_per_step_sums_are_float32_on_mps_which_has_no_float64():
     from csnlib.train_loop import stats_dtype
