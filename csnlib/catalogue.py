@@ -19,10 +19,8 @@ import math
 
 import numpy as np
 
-from csnlib.search import Index, faiss_or_none, query_batch, rank_candidates
+from csnlib.search import EXACT_EXTRA, PQ_MIN_ROWS, Index, faiss_or_none, query_batch, rank_candidates
 from triplet_image_loader import UserError, notion_index
-
-EXACT_EXTRA = 16  # candidates beyond k that exact search re-ranks: near-ties at the k-th place are decided in float64
 
 
 def _positive(name, value):
@@ -99,30 +97,37 @@ class CatalogueIndex:
             self._build_ivf(faiss, nlist, codes)
 
     def _build_ivf(self, faiss, nlist, codes):
-        """The inverted file over the augmented vectors, f(x) scaled by the mean metric (see the class)."""
+        """The inverted file over the augmented vectors, f(x) scaled by the notions' mean metric and the norms by a
+        small factor (see the class)."""
         n, d, v = len(self), self.dim, self.vectors
         rows = mask_slots(self.masks)[0]  # (U, D)
         scale = np.sqrt((rows ** 2).mean(0))  # (D,) the notions' mean metric
         self.inv_scale = np.where(scale > 0, 1 / np.where(scale > 0, scale, 1), 0).astype(np.float32)  # (D,)
-        width = v.shape[1]
-        scaled = np.concatenate([v[:, :d] * scale, v[:, d:]], 1).astype(np.float32)  # (N, D + U)
+        w = v[:, :d] * scale  # (N, D)
+        # the norms' columns times alpha (and the query's -1 times 1 / alpha: <u, v> is the same) weigh next to nothing
+        # in the L2 distance that assigns images to cells, so cells are by f(x) alone, and centres and residuals keep
+        # the norms' columns: the codes hold the residuals, as csnlib.search.Index's do
+        self.alpha = float(1e-3 * np.sqrt((w ** 2).mean() + 1e-30) / max(float(v[:, d:].mean()), 1e-30))
+        scaled = np.concatenate([w, v[:, d:] * self.alpha], 1).astype(np.float32)  # (N, D + U)
+        width = scaled.shape[1]
         self.nlist = nlist or max(1, min(math.isqrt(n), n // 39))
-        self.codes = codes or ('pq4' if n >= 39 * 16 else 'flat')
+        self.codes = codes or ('pq4' if n >= PQ_MIN_ROWS else 'flat')
         sample = np.sort(np.random.default_rng(0).choice(n, min(n, max(64 * self.nlist, 4096)), replace=False))
         cells = faiss.IndexFlatL2(d)
         faiss.Clustering(d, self.nlist, faiss.ClusteringParameters()).train(scaled[sample, :d], cells)
-        centres = faiss.rev_swig_ptr(cells.get_xb(), self.nlist * d).reshape(self.nlist, d).copy()  # (nlist, D)
-        # adding: the nearest centre by f(x) alone (the norms' columns are the same distance to every [centre; 0])
-        assign = faiss.IndexFlatL2(width)
-        assign.add(np.concatenate([centres, np.zeros((self.nlist, width - d), np.float32)], 1))
-        # searching: <u, [centre; |m_u centre / scale|^2]> = |m_c q|^2 - d(q, centre | c)^2, the nearest cells first
+        centres = faiss.rev_swig_ptr(cells.get_xb(), self.nlist * d).reshape(self.nlist, d)  # (nlist, D)
         raw = centres * self.inv_scale  # (nlist, D) the centres in f's own units
+        norms = np.stack([((raw * m) ** 2).sum(1) for m in rows], 1) * self.alpha  # (nlist, U)
+        centres = np.concatenate([centres, norms], 1).astype(np.float32)  # (nlist, D + U)
+        assign = faiss.IndexFlatL2(width)  # adding: the nearest centre
+        assign.add(centres)
+        # searching: <u, centre> = |m_c q|^2 - d(q, centre | c)^2, the nearest cells under notion c first
         route = faiss.IndexFlatIP(width)
-        route.add(np.concatenate([centres, np.stack([((raw * m) ** 2).sum(1) for m in rows], 1)], 1).astype(np.float32))
+        route.add(centres)
         metric = faiss.METRIC_INNER_PRODUCT
         self.ivf = (faiss.IndexIVFPQFastScan(assign, width, self.nlist, width, 4, metric) if self.codes == 'pq4'
                     else faiss.IndexIVFFlat(assign, width, self.nlist, metric))
-        self.ivf.by_residual = False  # residuals would be against the adding centres, not the routing ones
+        self.ivf.by_residual = self.codes == 'pq4'  # 4-bit codes of the residuals to the cell's centre
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # the codes' small k-means: OpenMP barriers stall on busy cores (see Index)
         try:
@@ -153,7 +158,8 @@ class CatalogueIndex:
             return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
         u = query_vectors(q, self.masks, self.slots, c)  # (Q, D + U)
         if self.kind == 'ivf':
-            u[:, :self.dim] *= self.inv_scale  # the stored f(x) is scaled: <u, v> stays the same
+            u[:, :self.dim] *= self.inv_scale  # the stored f(x) and norms are scaled: <u, v> stays the same
+            u[:, self.dim:] /= self.alpha
             self.ivf.nprobe = min(self.nprobe, self.nlist)
             idx = self.ivf.search(u, max(kk, self.rerank))[1]  # (Q, R)
         elif self.faiss is not None:

@@ -44,6 +44,8 @@ def faiss_or_none():
     return faiss
 
 
+EXACT_EXTRA = 16  # candidates beyond k that exact search re-ranks: ties and near-ties at the k-th place are decided
+# in float64, ties by index (neither faiss's float32 scores nor numpy's argpartition order them)
 PQ_MIN_ROWS = 39 * 16  # 'pq4' codes need this many rows to train their 16 levels per dimension without faiss's warning
 
 
@@ -129,9 +131,10 @@ class Index:
                 self.index.nprobe = self.nprobe
             elif self.kind == 'hnsw':
                 self.index.hnsw.efSearch = self.ef_search
-            idx = self.index.search(q, kk if self.kind == 'exact' else max(kk, self.rerank))[1]  # (Q, candidates)
+            idx = self.index.search(q, min(kk + EXACT_EXTRA, len(self)) if self.kind == 'exact'
+                                    else max(kk, self.rerank))[1]  # (Q, candidates)
         else:
-            idx = self._numpy_search(q, kk)[1]
+            idx = self._numpy_search(q, min(kk + EXACT_EXTRA, len(self)))[1]
         # the candidates' distances again, directly: |a|^2 - 2ab + |b|^2 loses digits for close pairs, and an
         # approximate index's are estimates (ivf's 4-bit codes): this ranks its candidates by the exact distance
         return rank_candidates(idx, ((self.space[idx] - q[:, None]) ** 2).sum(2, dtype=np.float64), k, ex)
