@@ -17,14 +17,14 @@ import time
 
 from PIL import Image
 
+from csnlib.catalogue import notion_index_for
 from csnlib.checkpoint import describe, trained_conditions
 from csnlib.errors import UserError, run_script
-from csnlib.evaluate import subspace
 from csnlib.onnx_export import check_target, export_onnx
 from csnlib.options import add_device_flag, int_range, positive_int
 from csnlib.pictures import plot_retrieval, short
 from csnlib.runtime import keep_freed_memory
-from csnlib.search import export_embeddings, load_cached_embeddings, nearest
+from csnlib.search import export_embeddings, load_cached_embeddings
 from csnlib.trained_csn import load_trained
 from triplet_image_loader import DataError, load_dataset_info, load_image, notion_index, read_labels
 
@@ -46,10 +46,11 @@ def build_parser():
                                                        f'row of them) and at most the other images of the '
                                                        f'dataset')
     a('--index', choices=['exact', 'ivf', 'hnsw'], default='exact',
-      help='search: exact (faiss IndexFlatL2 when faiss-cpu is installed, else numpy: the same neighbours), '
-           'or faiss\'s approximate ivf (4-bit codes, 128 of sqrt(N) cells searched, 64 candidates re-ranked by '
-           'exact distance) or hnsw index for galleries of millions (building one costs more than an exact search of '
-           'one query; see the README\'s table)')
+      help='search: exact (faiss when faiss-cpu is installed, else numpy: the same neighbours), or faiss\'s '
+           'approximate ivf (4-bit codes, 256 of sqrt(N) cells searched for a mask model\'s one index for every '
+           'notion, 128 for one notion\'s; 64 candidates re-ranked by exact distance) or hnsw (one notion\'s index) '
+           'for galleries of millions (building one costs more than an exact search of one query; see the docs\' '
+           'search table)')
     a('--out', default=None, metavar='PNG', help='picture of the query and its neighbours (default: '
                                                  'retrieval/<notion>_<query>.png in the checkpoint\'s folder)')
     a('--recompute', action='store_true', default=False, help='embed the dataset again even when the cache is valid')
@@ -137,20 +138,26 @@ def run(a):
     if a.query is None:
         return 0
     name = info.notions[c]
-    space = subspace(emb, masks, c)  # (N, D)
-    if q_index is None:  # an image from outside the dataset: embed it now
-        q = trained.embed(trained.transform(q_path), c)[0].cpu().numpy()  # (D,) masked
-    else:
-        q = space[q_index]
     t0 = time.perf_counter()
-    idx, dist = nearest(space, q, a.k, exclude=q_index, kind=a.index)
+    # a mask model: one index over f(x) for every notion; task-specific networks, ASEN or hnsw: this notion's own
+    index = notion_index_for(emb, masks, a.index, info.notions, conditions=[c])
+    build_ms = (time.perf_counter() - t0) * 1e3
+    if q_index is None:  # an image from outside the dataset: embed it now
+        raw = trained.embed(trained.transform(q_path)).cpu().numpy()  # (1, D), or (C, 1, D) one per notion
+        q = (raw[c] if raw.ndim == 3 else raw)[0]  # (D,) raw
+    else:
+        q = index.row(q_index, c)
+    t0 = time.perf_counter()
+    idx, dist = index.search(q, a.k, c, exclude=q_index)
+    idx, dist = idx[0], dist[0]
     search_ms = (time.perf_counter() - t0) * 1e3
     labels = read_labels(info) or {}
     lab = labels.get(name)
     q_lab = lab[q_index] if lab and q_index is not None else ''
     print(f'query: {q_index if q_index is not None else "(external)"} {q_path}'
           + (f'  {name}={q_lab}' if q_lab else ''))
-    print(f'{a.k} nearest of {len(space)} images by {name} ({describe(args)}; search {search_ms:.1f} ms):')
+    print(f'{a.k} nearest of {len(index)} images by {name} ({describe(args)}; index built in {build_ms:.0f} ms, '
+          f'search {search_ms:.1f} ms):')
     print(f'{"rank":>4} {"index":>7} {"distance":>9}  {name if lab else "":<16} path')
     for r, (j, d) in enumerate(zip(idx, dist), 1):
         print(f'{r:>4} {j:>7} {d:>9.4f}  {(lab[j] if lab else ""):<16} {info.filenames[j]}')
