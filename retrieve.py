@@ -5,6 +5,7 @@
         (a path in filenames.json)
     python retrieve.py --resume runs/csn/model_best.pth.tar --query ~/my_glyph.png --notion font  (any image file)
     python retrieve.py --resume runs/csn/model_best.pth.tar                  (only compute and cache the embeddings)
+    python retrieve.py --resume runs/csn/model_best.pth.tar --export-db catalogue.lancedb    (and write them to LanceDB)
 
 The embeddings of every image in filenames.json are computed once and cached next to the checkpoint (embeddings.npy,
 masks.npy, images.txt, embeddings.json: see csnlib/search.py for their layout and what keys them).
@@ -26,6 +27,7 @@ from csnlib.pictures import plot_retrieval, short
 from csnlib.runtime import keep_freed_memory
 from csnlib.search import export_embeddings, load_cached_embeddings
 from csnlib.trained_csn import load_trained
+from csnlib.vector_db import export_catalogue, import_lancedb
 from triplet_image_loader import DataError, load_dataset_info, load_image, notion_index, read_labels
 
 MAX_K = 100  # neighbours in one picture: a row of 1 + k thumbnails, about 150 px each (15,000 px wide at most)
@@ -62,6 +64,10 @@ def build_parser():
     a('--export-onnx', default=None, metavar='FILE',
       help='only write the model as ONNX to FILE (images (B, 3, S, S) and '
            'notion indices (B,) -> masked embeddings (B, D)); no dataset needed')
+    a('--export-db', default=None, metavar='URI',
+      help='also write the catalogue (image ids, paths, one vector per image for every notion, and the masks) to a '
+           'LanceDB vector database at URI: a folder, s3://BUCKET/PATH, or db://NAME for LanceDB Cloud with '
+           'LANCEDB_API_KEY set (pip install lancedb; mask models only; default: none)')
     return p
 
 
@@ -124,6 +130,11 @@ def run(a):
         raise DataError(f'--query needs --notion, one of {", ".join(info.notions)}')
     c = notion_index(a.notion, info.notions, trained_conditions(ckpt, info.notions)) if a.notion is not None else None
     q_index, q_path = resolve_query(a.query, info) if a.query is not None else (None, None)
+    if a.export_db:
+        import_lancedb()  # missing: say so now, not after minutes of embedding
+        if trained.net.per_notion_backbone or not getattr(trained.net, 'per_notion_embedding', True):
+            raise UserError(f'--export-db: {describe(args)} has no one embedding per image for every notion '
+                            f'(one per notion, or masks weighed per triplet); export a CSN or triplet network')
     if a.query is not None:
         check_k(a.k, len(info.filenames), q_index)
     cache_dir = os.path.dirname(os.path.abspath(a.resume))
@@ -135,6 +146,11 @@ def run(a):
         keep_freed_memory(args, device)  # the command line's process only: load_model leaves malloc alone
         print(f'embedding the {len(info.filenames)} images of {info.root} with {describe(args)} on {device}')
         emb, masks = export_embeddings(model, info, rt, cache_dir)
+    if a.export_db:
+        t0 = time.time()
+        export_catalogue(a.export_db, emb, masks, info.filenames, info.notions, trained.conditions)
+        print(f'wrote the catalogue of {len(emb)} images and {len(info.notions)} notions to the LanceDB database '
+              f'{a.export_db} (tables images and notions, {time.time() - t0:.1f} s)')
     if a.query is None:
         return 0
     name = info.notions[c]
