@@ -27,6 +27,15 @@ def import_lancedb():
     return lancedb, pyarrow
 
 
+def _mode(db, table):
+    """'overwrite' for a table that is there, else 'create' (LanceDB warns when it overwrites nothing)."""
+    try:
+        db.open_table(table)
+    except ValueError:  # not found
+        return 'create'
+    return 'overwrite'
+
+
 def export_catalogue(uri, emb, masks, paths, notions, conditions=None, **connect):
     """Write the catalogue to the LanceDB database at uri (a folder; s3://... or gs://... for object storage;
     db://NAME for LanceDB Cloud, with api_key= or LANCEDB_API_KEY; connect: more lancedb.connect arguments): table
@@ -49,17 +58,16 @@ def export_catalogue(uri, emb, masks, paths, notions, conditions=None, **connect
 
     try:
         db = lancedb.connect(uri, **connect)
-        have = set(db.table_names())
         db.create_table(IMAGES, pa.table({'id': pa.array(np.arange(len(v), dtype=np.int64)),
                                           'path': pa.array([str(p) for p in paths]), 'vector': vectors(v)}),
-                        mode='overwrite' if IMAGES in have else 'create')
+                        mode=_mode(db, IMAGES))
         db.create_table(NOTIONS, pa.table({'name': pa.array([str(n) for n in notions]),
                                            'notion': pa.array(np.arange(len(masks), dtype=np.int64)),
                                            'slot': pa.array(slots), 'slots': pa.array([v.shape[1] - emb.shape[1]] *
                                                                                       len(masks), pa.int64()),
                                            'mask': vectors(masks),
                                            'trained': pa.array([c in conditions for c in range(len(masks))])}),
-                        mode='overwrite' if NOTIONS in have else 'create')
+                        mode=_mode(db, NOTIONS))
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f'cannot write the vector database at {uri} ({type(e).__name__}: {e})') from None
     return db
