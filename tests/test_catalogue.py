@@ -109,21 +109,24 @@ def test_bad_arguments_are_refused_by_name():
                                    ((emb, masks, 'hnsw'), {}, "unknown index 'hnsw': use exact or ivf"),
                                    ((emb, masks, 'ivf'), {'nprobe': 0}, 'nprobe must be a positive integer, not 0'),
                                    ((emb, masks, 'ivf'), {'nlist': 30}, 'nlist 30 is over N/39 = 25'),
-                                   ((emb, masks, 'ivf'), {'codes': 'pq8'}, "unknown codes 'pq8'")]:
+                                   ((emb, masks, 'ivf'), {'codes': 'pq8'}, "unknown codes 'pq8'"),
+                                   ((emb, masks, 'ivf'), {'cells': 'all'}, "unknown cells 'all': use shared or")]:
         with pytest.raises(UserError, match=message):
             CatalogueIndex(*args, **options)
 
 
 @faiss_missing
-@pytest.mark.parametrize('codes', ['pq4', 'flat'])
-def test_ivf_finds_most_true_neighbours_of_every_notion_at_their_true_distances(codes):
+@pytest.mark.parametrize('codes, cells', [('pq4', 'shared'), ('flat', 'shared'), ('pq4', 'notion')])
+def test_ivf_finds_most_true_neighbours_of_every_notion_at_their_true_distances(codes, cells):
     from csnlib.catalogue import CatalogueIndex
     space, queries = clustered()  # (5000, 32) in 50 clusters
     rng = np.random.default_rng(3)
     masks = np.maximum(rng.normal(0.9, 0.7, (3, 32)), 0).astype(np.float32)
     exact = CatalogueIndex(space, masks)
-    one = CatalogueIndex(space, masks, 'ivf', codes=codes, nprobe=32)
-    assert one.codes == codes and one.nlist == 70
+    one = CatalogueIndex(space, masks, 'ivf', codes=codes, nprobe=32, cells=cells)
+    assert one.codes == codes and one.nlist == 70 and one.vectors.shape == (5000, 32 + 3)  # f(x) stored once
+    if cells == 'notion':
+        assert len(one.ivfs) == 3 and one.nbytes() < 5000 * 32 * 4 * 3  # less than the masked floats of 3 notions
     for c in range(3):
         truth, _ = exact.search(queries, 10, c)
         idx, dist = one.search(queries, 10, c)
@@ -134,7 +137,7 @@ def test_ivf_finds_most_true_neighbours_of_every_notion_at_their_true_distances(
         idx, _ = one.search(queries, 10, c, exclude=np.arange(100))
         assert not (idx == np.arange(100)[:, None]).any()
     emb, masks, q = learned(n=5000)  # no clusters: the cells searched decide
-    exact, one = CatalogueIndex(emb, masks), CatalogueIndex(emb, masks, 'ivf', codes=codes, nprobe=1)
+    exact, one = CatalogueIndex(emb, masks), CatalogueIndex(emb, masks, 'ivf', codes=codes, nprobe=1, cells=cells)
     assert recall(one.search(q, 10, 0)[0], exact.search(q, 10, 0)[0]) < 0.5  # one cell of 70: it misses most
     one.nprobe = 70  # every cell: all but the codes' misses (none for floats)
     assert recall(one.search(q, 10, 0)[0], exact.search(q, 10, 0)[0]) >= (0.9 if codes == 'pq4' else 1.0)
