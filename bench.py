@@ -523,7 +523,8 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
                 truth = truth or found  # the first row is exact
                 recall = np.mean([len(set(a) & set(b)) / k for f, t in zip(found, truth) for a, b in zip(f, t)])
                 setting = (kind + (f', nprobe {v}' + (' (default)' if v == 256 else '') if param else '')
-                           + (', notion cells' if opts else '') + (' (defaults)' if kind == 'ivf' and not param else ''))
+                           + (', notion cells' if opts else '')
+                           + (' (defaults)' if kind == 'ivf' and not param else ''))
                 fig = {'impl': 'repo', 'mode': 'search-notions', 'images': n, 'dim': dim, 'notions': notions, 'k': k,
                        'index': name, 'setting': setting, 'build_s': round(build, 2),
                        'memory_mb': round(held / 2 ** 20, 3), 'queries_per_s': round(float(np.mean(qps)), 1),
