@@ -449,8 +449,8 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
     N log N for HNSW's graph). `indexes`: the names of those to time; recall is against exact search either way.
     'notions': side by side, `notions` learned masks ReLU(N(0.9, 0.7)) (as a learned CSN starts them) served by one
     index per notion (csnlib.search.Index over f(x) * m_c, exact and ivf at its defaults) and by one index for every
-    notion (csnlib.catalogue.CatalogueIndex over f(x), exact, ivf at three nprobe, and ivf with cells per notion),
-    each query asking notion i % C;
+    notion (csnlib.catalogue.CatalogueIndex over f(x), exact, ivf at its defaults, and ivf with shared cells at three
+    nprobe), each query asking notion i % C;
     with the bytes each holds (its arrays and faiss's serialized index) and its build time (all C for per notion)."""
     import inspect
     import math
@@ -507,8 +507,8 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
         truth, out = None, []
         setups = [('per-notion', 'exact', {}, None, [None]), ('one', 'exact', {}, None, [None])]
         if faiss is not None:
-            setups += [('per-notion', 'ivf', {}, None, [None]), ('one', 'ivf', {}, 'nprobe', [128, 256, 512]),
-                       ('one', 'ivf', {'cells': 'notion'}, None, [None])]
+            setups += [('per-notion', 'ivf', {}, None, [None]), ('one', 'ivf', {}, None, [None]),
+                       ('one', 'ivf', {'cells': 'shared'}, 'nprobe', [128, 256, 512])]
         for name, kind, opts, param, values in setups:
             t0 = time.perf_counter()
             index = (PerNotionIndex(emb, masks, kind, **opts) if name == 'per-notion'
@@ -522,9 +522,8 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
                                        for c in range(notions)])
                 truth = truth or found  # the first row is exact
                 recall = np.mean([len(set(a) & set(b)) / k for f, t in zip(found, truth) for a, b in zip(f, t)])
-                setting = (kind + (f', nprobe {v}' + (' (default)' if v == 256 else '') if param else '')
-                           + (', notion cells' if opts else '')
-                           + (' (defaults)' if kind == 'ivf' and not param else ''))
+                setting = (kind + (', shared cells' if opts else '') + (f', nprobe {v}' if param else '')
+                           + (' (defaults)' if kind == 'ivf' and not opts else ''))
                 fig = {'impl': 'repo', 'mode': 'search-notions', 'images': n, 'dim': dim, 'notions': notions, 'k': k,
                        'index': name, 'setting': setting, 'build_s': round(build, 2),
                        'memory_mb': round(held / 2 ** 20, 3), 'queries_per_s': round(float(np.mean(qps)), 1),

@@ -49,10 +49,10 @@ def build_parser():
                                                        f'dataset')
     a('--index', choices=['exact', 'ivf', 'hnsw'], default='exact',
       help='search: exact (faiss when faiss-cpu is installed, else numpy: the same neighbours), or faiss\'s '
-           'approximate ivf (4-bit codes, 256 of sqrt(N) cells searched for a mask model\'s one index for every '
-           'notion, 128 for one notion\'s; 64 candidates re-ranked by exact distance) or hnsw (one notion\'s index) '
-           'for galleries of millions (building one costs more than an exact search of one query; see the docs\' '
-           'search table)')
+           'approximate ivf (4-bit codes, 128 of the notion\'s sqrt(N) cells searched, 64 candidates re-ranked by '
+           'exact distance; a mask model keeps its floats once for every notion) or hnsw (one notion\'s index) for '
+           'galleries of millions (building one costs more than an exact search of one query; see the docs\' search '
+           'table)')
     a('--out', default=None, metavar='PNG', help='picture of the query and its neighbours (default: '
                                                  'retrieval/<notion>_<query>.png in the checkpoint\'s folder)')
     a('--recompute', action='store_true', default=False, help='embed the dataset again even when the cache is valid')

@@ -56,18 +56,19 @@ class CatalogueIndex:
     """k-nearest-neighbour search under any notion of a mask model from one index over the raw embeddings (N, D) and
     the masks (C, D): search(raw_queries, k, notion) returns what csnlib.search.Index over f(x) * m_c returns.
     kind 'exact': every inner product <u, v> (faiss's IndexFlatIP when faiss is installed, else numpy), the k + 16
-    best re-ranked. kind 'ivf' (faiss): one partition of the images into nlist k-means cells (default sqrt(N), at most
-    N/39) of f(x) scaled by the notions' mean metric sqrt(mean_c m_c^2); a query of notion c goes to the nprobe cells
-    (default 256) whose centres are nearest under m_c (faiss's inverted-file index over v(x) with an inner-product
-    quantizer), which hold the augmented vectors as 4-bit codes ('pq4', default from 624 rows) or floats ('flat'); its
-    `rerank` best candidates (default 64) are ranked by the true distance. cells 'notion' instead: each distinct mask
-    its own cells and 4-bit codes of f(x) * m_u (as csnlib.search.Index's ivf, default nprobe 128), beside the one copy
-    of f(x) that re-ranks: routing as good as one index per notion, for 40 bytes per image and notion more (64-d).
-    notions: their names (default '0', '1', ...); resolve: name or index -> index, refusing the notions that may not be
-    searched (default: any of them)."""
+    best re-ranked. kind 'ivf' (faiss) proposes `rerank` candidates (default 64), ranked by the true distance, from
+    nlist k-means cells (default sqrt(N), at most N/39) whose rows are 4-bit codes ('pq4', default from 624 rows) or
+    floats ('flat'). cells 'notion' (the default): each distinct mask its own cells and codes of f(x) * m_u (as
+    csnlib.search.Index's ivf, nprobe default 128), beside the one copy of f(x) that re-ranks: routing as good as one
+    index per notion, for about 40 bytes more per image and notion (64-d). cells 'shared': one partition of f(x)
+    scaled by the notions' mean metric sqrt(mean_c m_c^2), holding the augmented vectors v(x); a query of notion c
+    goes to the nprobe cells (default 256) whose centres are nearest under m_c (faiss's inverted file over v(x) with an
+    inner-product quantizer): the least memory, but one partition routes every notion less well (see NOTES_DOCS.md's
+    table). notions: their names (default '0', '1', ...); resolve: name or index -> index, refusing the notions that
+    may not be searched (default: any of them)."""
 
     def __init__(self, emb, masks, kind='exact', notions=None, resolve=None, use_faiss=None, nlist=None, nprobe=None,
-                 codes=None, rerank=64, cells='shared'):
+                 codes=None, rerank=64, cells='notion'):
         emb, masks = np.asarray(emb, dtype=np.float32), np.asarray(masks, dtype=np.float32)
         if emb.ndim != 2 or masks.ndim != 2 or emb.shape[1] != masks.shape[1]:
             raise UserError(f'CatalogueIndex: expected raw embeddings (N, D) and masks (C, D), got {emb.shape} and '

@@ -208,8 +208,8 @@ def test_bench_search_sets_one_index_per_notion_beside_one_index_for_every_notio
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
     want = [('per-notion', 'exact'), ('one', 'exact')]
     if faiss_or_none():
-        want += [('per-notion', 'ivf (defaults)'), ('one', 'ivf, nprobe 128'), ('one', 'ivf, nprobe 256 (default)'),
-                 ('one', 'ivf, nprobe 512'), ('one', 'ivf, notion cells (defaults)')]
+        want += [('per-notion', 'ivf (defaults)'), ('one', 'ivf (defaults)'), ('one', 'ivf, shared cells, nprobe 128'),
+                 ('one', 'ivf, shared cells, nprobe 256'), ('one', 'ivf, shared cells, nprobe 512')]
     assert [(r['index'], r['setting']) for r in rows] == want
     assert all(r['images'] == 3000 and r['notions'] == 3 and r['queries'] == 90 for r in rows)
     assert rows[1]['recall_at_10'] == 1.0  # the one exact index finds the per-notion exact neighbours
