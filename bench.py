@@ -312,7 +312,10 @@ def build_parser():
            'embeddings, for each N given (default: 100000 1000000 10000000; faiss-cpu, numpy for exact without it)')
     a('--search-indexes', nargs='+', choices=SEARCH_INDEXES, default=list(SEARCH_INDEXES), metavar='INDEX',
       help='with --search: which indexes to time, of ' + ', '.join(SEARCH_INDEXES) + ' (numpy: the exact search '
-           'without faiss); recall is always against exact search (default: all of them)')
+           'without faiss; notions: one index per notion against one index for every notion, side by side); recall '
+           'is always against exact search (default: all of them)')
+    a('--search-notions', type=positive_int, default=4, metavar='C',
+      help='with --search: the notions (learned masks) of the side-by-side table (default: 4)')
     a('--gpu-check', action='store_true', help='the first command on a GPU machine: runs the GPU checks of '
                                                'tests/test_gpu.py (pytest -m gpu; exit 2 without CUDA)')
     a('--child', default=None, help=argparse.SUPPRESS)  # impl:mode, run by the parent in a fresh process
@@ -433,17 +436,22 @@ def peak_speed(device, n=4096, repeats=5):
     return 0
 
 
-SEARCH_INDEXES = ('exact', 'numpy', 'ivf', 'hnsw')
+SEARCH_INDEXES = ('exact', 'numpy', 'ivf', 'hnsw', 'notions')
 
 
 def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1000, min_s=3.0, build_budget_s=400,
-                 indexes=SEARCH_INDEXES):
+                 indexes=SEARCH_INDEXES, notions=4):
     """Queries per second and recall@k against exact search of csnlib.search.Index over random dim-d embeddings
     under a learned (non-binary) mask: exact (faiss, and numpy as without faiss), ivf and hnsw, each at its former
     settings (ivf: float codes, hnsw: m 16, ef_construction 40) and at its defaults, two search settings each.
     A size whose arrays would not fit in the available memory is skipped, and so are approximate indexes whose build
     would take longer than build_budget_s (estimated from the previous size's: as N^1.5 for IVF's sqrt(N) cells, as
-    N log N for HNSW's graph). `indexes`: the names of those to time; recall is against exact search either way."""
+    N log N for HNSW's graph). `indexes`: the names of those to time; recall is against exact search either way.
+    'notions': side by side, `notions` learned masks ReLU(N(0.9, 0.7)) (as a learned CSN starts them) served by one
+    index per notion (csnlib.search.Index over f(x) * m_c, exact and ivf at its defaults) and by one index for every
+    notion (csnlib.catalogue.CatalogueIndex over f(x), exact, ivf at its defaults, and ivf with shared cells at three
+    nprobe), each query asking notion i % C;
+    with the bytes each holds (its arrays and faiss's serialized index) and its build time (all C for per notion)."""
     import inspect
     import math
 
@@ -482,6 +490,51 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
     kinds = [kd for kd in kinds if kd[0] in indexes]
     defaults = inspect.signature(Index).parameters
     rows, build_s = [], {}
+
+    def every_notion(n):
+        """The side-by-side rows at n images: one index per notion against one index for every notion."""
+        from csnlib.catalogue import CatalogueIndex, PerNotionIndex
+        need = (2 * notions + 3) * n * dim * 4  # the raw embeddings, C masked copies and faiss's, one index's
+        if need > 0.8 * available_bytes():
+            print(f'{n:>10,} every notion skipped: needs about {need / 2**30:.1f} GiB')
+            return []
+        print(f'{"images":>10} {"index":<10} {"setting (" + str(notions) + " notions)":<28} {"build s":>8} '
+              f'{"memory MB":>9} {"queries/s":>10} {"ms/query":>9} {"recall@" + str(k):>9}')
+        emb = rng.standard_normal((n, dim), dtype=np.float32)  # (N, D) raw embeddings
+        masks = np.maximum(rng.normal(0.9, 0.7, (notions, dim)), 0).astype(np.float32)  # (C, D)
+        q = rng.standard_normal((queries, dim), dtype=np.float32)  # (Q, D) raw queries; query i asks notion i % C
+        per = [q[c::notions] for c in range(notions)]
+        truth, out = None, []
+        setups = [('per-notion', 'exact', {}, None, [None]), ('one', 'exact', {}, None, [None])]
+        if faiss is not None:
+            setups += [('per-notion', 'ivf', {}, None, [None]), ('one', 'ivf', {}, None, [None]),
+                       ('one', 'ivf', {'cells': 'shared'}, 'nprobe', [128, 256, 512])]
+        for name, kind, opts, param, values in setups:
+            t0 = time.perf_counter()
+            index = (PerNotionIndex(emb, masks, kind, **opts) if name == 'per-notion'
+                     else CatalogueIndex(emb, masks, kind, **opts))
+            build = time.perf_counter() - t0
+            held = index.nbytes()
+            for v in values:
+                if param:
+                    setattr(index, param, v)
+                found, qps, ms = zip(*[timed(lambda x, c=c: index.search(x, k, c)[0], per[c][:max(1, len(per[c]))])
+                                       for c in range(notions)])
+                truth = truth or found  # the first row is exact
+                recall = np.mean([len(set(a) & set(b)) / k for f, t in zip(found, truth) for a, b in zip(f, t)])
+                setting = (kind + (', shared cells' if opts else '') + (f', nprobe {v}' if param else '')
+                           + (' (defaults)' if kind == 'ivf' and not opts else ''))
+                fig = {'impl': 'repo', 'mode': 'search-notions', 'images': n, 'dim': dim, 'notions': notions, 'k': k,
+                       'index': name, 'setting': setting, 'build_s': round(build, 2),
+                       'memory_mb': round(held / 2 ** 20, 3), 'queries_per_s': round(float(np.mean(qps)), 1),
+                       'ms_per_query': round(float(np.median(ms)), 3), f'recall_at_{k}': round(float(recall), 4),
+                       'queries': int(sum(len(f) for f in found)), 'peak_rss_mb': round(peak_rss_mb()),
+                       'cpu': runtime.cpu_name()}
+                out.append(fig)
+                print(f'{n:>10,} {name:<10} {setting:<28} {build:>8.1f} {held / 2 ** 20:>9,.0f} '
+                      f'{fig["queries_per_s"]:>10,.0f} {fig["ms_per_query"]:>9.2f} {recall:>9.3f}', flush=True)
+            index = None  # free it before the next one is built
+        return out
     print(f'{"images":>10} {"index":<6} {"setting":<32} {"build s":>8} {"queries/s":>10} {"ms/query":>9} '
           f'{"recall@" + str(k):>9}')
     for n in sizes:
@@ -529,6 +582,8 @@ def search_speed(sizes=(100_000, 1_000_000, 10_000_000), dim=64, k=10, queries=1
                       flush=True)
             index = None  # free it before the next one is built
         space = None
+        if 'notions' in indexes and notions:
+            rows += every_notion(n)
     for fig in rows:
         print(json.dumps(fig))
     return 0
@@ -551,7 +606,8 @@ def main(argv=None):
     if opts.gpu_check:
         return gpu_check()
     if opts.search is not None:
-        return search_speed(*([tuple(opts.search)] if opts.search else []), indexes=opts.search_indexes)
+        return search_speed(*([tuple(opts.search)] if opts.search else []), indexes=opts.search_indexes,
+                            notions=opts.search_notions)
     if opts.peak:
         return peak_speed(runtime.choose_device(argparse.Namespace(no_cuda=False, device=opts.device)))
     if opts.make_data:

@@ -26,6 +26,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from csnlib.catalogue import CatalogueIndex
 from csnlib.checkpoint import describe
 from csnlib.errors import DataError, UserError, run_script
 from csnlib.options import add_device_flag, int_range, port
@@ -134,7 +135,8 @@ def image_uri(u8):
 
 
 class Demo:
-    """The model, the dataset's embeddings and one search index per trained notion: queries in, rows of HTML out."""
+    """The model, the dataset's embeddings and one search index for every trained notion (one per notion for
+    task-specific networks and ASEN): queries in, rows of HTML out."""
 
     def __init__(self, trained, ckpt, rt, info, emb, masks, checkpoint):
         self.trained, self.info, self.args, self.checkpoint = trained, info, rt.args, checkpoint
@@ -142,7 +144,7 @@ class Demo:
         self.masks, self.epoch = masks, ckpt.get('epoch')
         self.labels = read_labels(info) or {}
         self.results = read_test_results(checkpoint)
-        self.index = {c: trained.index(emb, c) for c in self.conditions}  # each over f(x) * m_c (N, D)
+        self.index = trained.index(emb)  # one build answers every notion's row (csnlib.catalogue)
         self.size = min(max(trained.image_size, 64), 128)  # thumbnails: the model's crop, at least 64 px
         self.thumb = functools.lru_cache(maxsize=4096)(self._thumb)
         try:
@@ -162,8 +164,8 @@ class Demo:
         return {name: lab[i] for name, lab in self.labels.items() if lab[i]}
 
     def query_of_image(self, i):
-        """Image i of the dataset as a query: its masked embeddings come from the indexes, and it is left out."""
-        return {'vectors': {c: self.index[c].space[i] for c in self.conditions}, 'exclude': i,
+        """Image i of the dataset as a query: its raw embeddings come from the index, and it is left out."""
+        return {'vectors': {c: self.index.row(i, c) for c in self.conditions}, 'exclude': i,
                 'image': load_image(self.info.image_path(i), QUERY_SIZE),
                 'labels': self.image_labels(i), 'what': f'image {i} `{self.info.filenames[i]}`'}
 
@@ -192,7 +194,8 @@ class Demo:
             reason = 'too large' if isinstance(e, Image.DecompressionBombError) else 'PIL cannot read it'
             raise UserError(f'{name} is not an image ({reason}): upload a PNG, JPEG, WebP, GIF or BMP file') from None
         s = self.trained.image_size
-        vectors = {c: self.trained.embed(x, c)[0].cpu().numpy() for c in self.conditions}  # (D,) masked, per notion
+        raw = self.trained.embed(x).cpu().numpy()  # (1, D): one forward pass for every notion; (C, 1, D) per notion
+        vectors = {c: (raw[c] if raw.ndim == 3 else raw)[0] for c in self.conditions}  # (D,) raw, per notion
         return {'vectors': vectors, 'exclude': None, 'image': load_image(path, QUERY_SIZE), 'labels': {},
                 'what': f'uploaded {html.escape(name)} ({what}, seen by the model as {s}x{s} RGB)'}
 
@@ -203,7 +206,7 @@ class Demo:
         rows, search_s = [], 0.0
         for c in self.conditions:
             t1 = time.perf_counter()
-            idx, dist = self.index[c].search(q['vectors'][c], int(k), q['exclude'])
+            idx, dist = self.index.search(q['vectors'][c], int(k), c, q['exclude'])
             search_s += time.perf_counter() - t1
             rows.append(self.row(c, idx[0], dist[0], q['labels'].get(self.notions[c], '')))
         labels = ', '.join(f'{n} **{html.escape(v)}**' for n, v in q['labels'].items())
@@ -245,7 +248,7 @@ class Demo:
         """The checkpoint, its notions, image size, search and test accuracy, as markdown."""
         trained = [self.notions[c] for c in self.conditions]
         others = [n for n in self.notions if n not in trained]
-        faiss = self.index[self.conditions[0]].faiss is not None
+        faiss, one = self.index.faiss is not None, isinstance(self.index, CatalogueIndex)
         epoch = number(self.epoch)
         lines = [f'- **checkpoint** {cell(self.checkpoint)}' + (f' (epoch {epoch:.0f})' if epoch else ''),
                  f'- **model** {cell(describe(self.args))}',
@@ -254,7 +257,8 @@ class Demo:
                  f'- **image size** {self.trained.image_size} x {self.trained.image_size} px',
                  f'- **dataset** {cell(self.info.root)}: {len(self.info.filenames)} images' +
                  (f', labels of {cell(", ".join(self.labels))}' if self.labels else ', no labels'),
-                 f'- **search** exact, {"faiss IndexFlatL2" if faiss else "numpy"}, over f(x) m_c']
+                 f'- **search** exact, {"faiss" if faiss else "numpy"}, ' +
+                 ('one index for every notion over [f(x); |m_c f(x)|²]' if one else 'one index per notion')]
         res = self.results
         if res:  # test_results.json is data: its text is escaped, its numbers are numbers or left out
             maps = res.get('mAP_per_notion') if isinstance(res.get('mAP_per_notion'), dict) else {}

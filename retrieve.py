@@ -5,6 +5,7 @@
         (a path in filenames.json)
     python retrieve.py --resume runs/csn/model_best.pth.tar --query ~/my_glyph.png --notion font  (any image file)
     python retrieve.py --resume runs/csn/model_best.pth.tar                  (only compute and cache the embeddings)
+    python retrieve.py --resume runs/csn/model_best.pth.tar --export-db catalogue.lancedb    (and write them to LanceDB)
 
 The embeddings of every image in filenames.json are computed once and cached next to the checkpoint (embeddings.npy,
 masks.npy, images.txt, embeddings.json: see csnlib/search.py for their layout and what keys them).
@@ -17,15 +18,16 @@ import time
 
 from PIL import Image
 
+from csnlib.catalogue import notion_index_for
 from csnlib.checkpoint import describe, trained_conditions
 from csnlib.errors import UserError, run_script
-from csnlib.evaluate import subspace
 from csnlib.onnx_export import check_target, export_onnx
 from csnlib.options import add_device_flag, int_range, positive_int
 from csnlib.pictures import plot_retrieval, short
 from csnlib.runtime import keep_freed_memory
-from csnlib.search import export_embeddings, load_cached_embeddings, nearest
+from csnlib.search import export_embeddings, load_cached_embeddings
 from csnlib.trained_csn import load_trained
+from csnlib.vector_db import export_catalogue, import_lancedb
 from triplet_image_loader import (
     DataError,
     check_image_size,
@@ -53,10 +55,11 @@ def build_parser():
                                                        f'row of them) and at most the other images of the '
                                                        f'dataset')
     a('--index', choices=['exact', 'ivf', 'hnsw'], default='exact',
-      help='search: exact (faiss IndexFlatL2 when faiss-cpu is installed, else numpy: the same neighbours), '
-           'or faiss\'s approximate ivf (4-bit codes, 128 of sqrt(N) cells searched, 64 candidates re-ranked by '
-           'exact distance) or hnsw index for galleries of millions (building one costs more than an exact search of '
-           'one query; see the README\'s table)')
+      help='search: exact (faiss when faiss-cpu is installed, else numpy: the same neighbours), or faiss\'s '
+           'approximate ivf (4-bit codes, 128 of the notion\'s sqrt(N) cells searched, 64 candidates re-ranked by '
+           'exact distance; a mask model keeps its floats once for every notion) or hnsw (one notion\'s index) for '
+           'galleries of millions (building one costs more than an exact search of one query; see the docs\' search '
+           'table)')
     a('--out', default=None, metavar='PNG', help='picture of the query and its neighbours (default: '
                                                  'retrieval/<notion>_<query>.png in the checkpoint\'s folder)')
     a('--recompute', action='store_true', default=False, help='embed the dataset again even when the cache is valid')
@@ -68,6 +71,10 @@ def build_parser():
     a('--export-onnx', default=None, metavar='FILE',
       help='only write the model as ONNX to FILE (images (B, 3, S, S) and '
            'notion indices (B,) -> masked embeddings (B, D)); no dataset needed')
+    a('--export-db', default=None, metavar='URI',
+      help='also write the catalogue (image ids, paths, one vector per image for every notion, and the masks) to a '
+           'LanceDB vector database at URI: a folder, s3://BUCKET/PATH, or db://NAME for LanceDB Cloud with '
+           'LANCEDB_API_KEY set (pip install lancedb; mask models only; default: none)')
     return p
 
 
@@ -131,6 +138,11 @@ def run(a):
         raise DataError(f'--query needs --notion, one of {", ".join(info.notions)}')
     c = notion_index(a.notion, info.notions, trained_conditions(ckpt, info.notions)) if a.notion is not None else None
     q_index, q_path = resolve_query(a.query, info) if a.query is not None else (None, None)
+    if a.export_db:
+        import_lancedb()  # missing: say so now, not after minutes of embedding
+        if trained.net.per_notion_backbone or not getattr(trained.net, 'per_notion_embedding', True):
+            raise UserError(f'--export-db: {describe(args)} has no one embedding per image for every notion '
+                            f'(one per notion, or masks weighed per triplet); export a CSN or triplet network')
     if a.query is not None:
         check_k(a.k, len(info.filenames), q_index)
     cache_dir = os.path.dirname(os.path.abspath(a.resume))
@@ -142,23 +154,34 @@ def run(a):
         keep_freed_memory(args, device)  # the command line's process only: load_model leaves malloc alone
         print(f'embedding the {len(info.filenames)} images of {info.root} with {describe(args)} on {device}')
         emb, masks = export_embeddings(model, info, rt, cache_dir)
+    if a.export_db:
+        t0 = time.time()
+        export_catalogue(a.export_db, emb, masks, info.filenames, info.notions, trained.conditions)
+        print(f'wrote the catalogue of {len(emb)} images and {len(info.notions)} notions to the LanceDB database '
+              f'{a.export_db} (tables images and notions, {time.time() - t0:.1f} s)')
     if a.query is None:
         return 0
     name = info.notions[c]
-    space = subspace(emb, masks, c)  # (N, D)
-    if q_index is None:  # an image from outside the dataset: embed it now
-        q = trained.embed(trained.transform(q_path), c)[0].cpu().numpy()  # (D,) masked
-    else:
-        q = space[q_index]
     t0 = time.perf_counter()
-    idx, dist = nearest(space, q, a.k, exclude=q_index, kind=a.index)
+    # a mask model: one index over f(x) for every notion; task-specific networks, ASEN or hnsw: this notion's own
+    index = notion_index_for(emb, masks, a.index, info.notions, conditions=[c])
+    build_ms = (time.perf_counter() - t0) * 1e3
+    if q_index is None:  # an image from outside the dataset: embed it now
+        raw = trained.embed(trained.transform(q_path)).cpu().numpy()  # (1, D), or (C, 1, D) one per notion
+        q = (raw[c] if raw.ndim == 3 else raw)[0]  # (D,) raw
+    else:
+        q = index.row(q_index, c)
+    t0 = time.perf_counter()
+    idx, dist = index.search(q, a.k, c, exclude=q_index)
+    idx, dist = idx[0], dist[0]
     search_ms = (time.perf_counter() - t0) * 1e3
     labels = read_labels(info) or {}
     lab = labels.get(name)
     q_lab = lab[q_index] if lab and q_index is not None else ''
     print(f'query: {q_index if q_index is not None else "(external)"} {q_path}'
           + (f'  {name}={q_lab}' if q_lab else ''))
-    print(f'{a.k} nearest of {len(space)} images by {name} ({describe(args)}; search {search_ms:.1f} ms):')
+    print(f'{a.k} nearest of {len(index)} images by {name} ({describe(args)}; index built in {build_ms:.0f} ms, '
+          f'search {search_ms:.1f} ms):')
     print(f'{"rank":>4} {"index":>7} {"distance":>9}  {name if lab else "":<16} path')
     for r, (j, d) in enumerate(zip(idx, dist), 1):
         print(f'{r:>4} {j:>7} {d:>9.4f}  {(lab[j] if lab else ""):<16} {info.filenames[j]}')

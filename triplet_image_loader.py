@@ -380,9 +380,9 @@ def check_image_size(im, what):
     to decode."""
     why = image_size_problem(*im.size)
     if why:
-        raise ImageTooLarge(f'{what}: the image is {im.size[0]} x {im.size[1]} px, {why}; refused before decoding. Crop '
-                        f'or shrink it (at most {MAX_IMAGE_SIDE:,} px a side, {MAX_IMAGE_PIXELS / 1e6:.0f} million '
-                        f'pixels, {MAX_IMAGE_ASPECT}:1)')
+        raise ImageTooLarge(f'{what}: the image is {im.size[0]} x {im.size[1]} px, {why}; refused before decoding. '
+                            f'Crop or shrink it (at most {MAX_IMAGE_SIDE:,} px a side, '
+                            f'{MAX_IMAGE_PIXELS / 1e6:.0f} million pixels, {MAX_IMAGE_ASPECT}:1)')
 
 
 def load_image(path, size):

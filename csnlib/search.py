@@ -44,6 +44,8 @@ def faiss_or_none():
     return faiss
 
 
+EXACT_EXTRA = 16  # candidates beyond k that exact search re-ranks: ties and near-ties at the k-th place are decided
+# in float64, ties by index (neither faiss's float32 scores nor numpy's argpartition order them)
 PQ_MIN_ROWS = 39 * 16  # 'pq4' codes need this many rows to train their 16 levels per dimension without faiss's warning
 
 
@@ -121,31 +123,21 @@ class Index:
         """The k nearest rows of each query (Q, D), nearest first (ties by index): (indices (Q, k) int64, distances
         (Q, k) float32). exclude: one row index per query (Q,) to leave out (the query itself), or None. k is
         capped at the rows there are; an approximate index may find fewer (index -1, distance inf)."""
-        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)  # (Q, D)
-        ex = None if exclude is None else np.broadcast_to(np.asarray(exclude, dtype=np.int64).reshape(-1), (len(q),))
-        k = min(k, len(self) - (ex is not None))
+        q, ex, k, kk = query_batch(queries, exclude, len(self), k)  # kk: one more, to drop the excluded row
         if k <= 0:
             return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
-        kk = k + (ex is not None)  # one more, to drop the excluded row
         if self.faiss is not None:
             if self.kind == 'ivf':
                 self.index.nprobe = self.nprobe
             elif self.kind == 'hnsw':
                 self.index.hnsw.efSearch = self.ef_search
-            idx = self.index.search(q, kk if self.kind == 'exact' else max(kk, self.rerank))[1]  # (Q, candidates)
+            idx = self.index.search(q, min(kk + EXACT_EXTRA, len(self)) if self.kind == 'exact'
+                                    else max(kk, self.rerank))[1]  # (Q, candidates)
         else:
-            idx = self._numpy_search(q, kk)[1]
+            idx = self._numpy_search(q, min(kk + EXACT_EXTRA, len(self)))[1]
         # the candidates' distances again, directly: |a|^2 - 2ab + |b|^2 loses digits for close pairs, and an
         # approximate index's are estimates (ivf's 4-bit codes): this ranks its candidates by the exact distance
-        d2 = ((self.space[idx] - q[:, None]) ** 2).sum(2, dtype=np.float64)  # (Q, candidates)
-        d2[idx < 0] = np.inf  # fewer found (approximate indexes)
-        order = np.lexsort((idx, d2), axis=1)  # by distance, ties by index
-        idx, d2 = np.take_along_axis(idx, order, 1), np.take_along_axis(d2, order, 1)
-        if ex is not None:  # the excluded row goes last
-            keep = np.argsort(idx == ex[:, None], axis=1, kind='stable')
-            idx, d2 = np.take_along_axis(idx, keep, 1), np.take_along_axis(d2, keep, 1)
-        idx, d2 = idx[:, :k], d2[:, :k]  # (Q, k) the k nearest candidates
-        return idx.astype(np.int64), np.sqrt(np.maximum(d2, 0)).astype(np.float32)
+        return rank_candidates(idx, ((self.space[idx] - q[:, None]) ** 2).sum(2, dtype=np.float64), k, ex)
 
     def _numpy_search(self, q, k, chunk=1 << 25):
         """Exact search in numpy, queries in chunks of about `chunk` distances: ((Q, k) squared distances, indices)."""
@@ -159,6 +151,28 @@ class Index:
             out_i.append(top)
             out_d.append(np.take_along_axis(d, top, 1))
         return np.concatenate(out_d), np.concatenate(out_i)
+
+
+def query_batch(queries, exclude, n, k):
+    """(queries (Q, D) float32, exclude (Q,) int64 or None, k capped at the rows there are, k + 1 with exclude)."""
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)  # (Q, D)
+    ex = None if exclude is None else np.broadcast_to(np.asarray(exclude, dtype=np.int64).reshape(-1), (len(q),))
+    k = min(k, n - (ex is not None))
+    return q, ex, k, k + (ex is not None)
+
+
+def rank_candidates(idx, d2, k, ex):
+    """Candidates idx (Q, R) with their exact squared distances d2 (Q, R) float64 -> the k nearest (indices (Q, k)
+    int64, distances (Q, k) float32), ties by index; index -1 (fewer found) ranks last at inf, and so does the excluded
+    row of each query (ex (Q,) or None), which is then dropped."""
+    d2 = np.where(idx < 0, np.inf, d2)
+    order = np.lexsort((idx, d2), axis=1)  # by distance, ties by index
+    idx, d2 = np.take_along_axis(idx, order, 1), np.take_along_axis(d2, order, 1)
+    if ex is not None:  # the excluded row goes last
+        keep = np.argsort(idx == ex[:, None], axis=1, kind='stable')
+        idx, d2 = np.take_along_axis(idx, keep, 1), np.take_along_axis(d2, keep, 1)
+    idx, d2 = idx[:, :k], d2[:, :k]  # (Q, k) the k nearest candidates
+    return idx.astype(np.int64), np.sqrt(np.maximum(d2, 0)).astype(np.float32)
 
 
 def nearest(space, query, k, exclude=None, kind='exact'):

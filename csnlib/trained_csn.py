@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from csnlib.builder import load_model
+from csnlib.catalogue import notion_index_for
 from csnlib.checkpoint import trained_conditions
 from csnlib.loader import to_input
 from csnlib.search import Index
@@ -113,14 +114,22 @@ class TrainedCSN(nn.Module):
         The same distance as training's (tripletnet.masked_distances)."""
         return F.pairwise_distance(self.embed(x, notion), self.embed(y, notion), 2)  # (B,)
 
-    def index(self, gallery_embeddings, notion, kind='exact', **options):
-        """A search index over the gallery under a notion (csnlib.search.Index: 'exact', or faiss's 'ivf', whose
-        defaults reach recall@10 0.98 over 1M rows, or 'hnsw'; options such as nprobe, codes, rerank, ef_search go to
-        Index), to query many times with index.search(model.embed(images, notion), k). gallery_embeddings: raw
-        embeddings (N, D) as `embed(images)` or embeddings.npy give them ((C, N, D) for task-specific networks, or
-        that notion's (N, D))."""
-        c = self.notion_index(notion)
+    def index(self, gallery_embeddings, notion=None, kind='exact', **options):
+        """A search index over the gallery, to query many times. Without a notion: one index for every trained notion
+        (csnlib.catalogue: for a mask model one CatalogueIndex over f(x), kinds 'exact' and 'ivf'; for task-specific
+        networks, ASEN or kind 'hnsw' one Index per notion), queried with index.search(model.embed(images), k,
+        notion=...). With a notion: that notion's csnlib.search.Index over f(x) * m_c ('exact', or faiss's 'ivf',
+        whose defaults reach recall@10 0.98 over 1M rows, or 'hnsw'), queried with index.search(model.embed(images,
+        notion), k). Options such as nprobe, codes, rerank, ef_search go to the index. gallery_embeddings: raw
+        embeddings (N, D) as `embed(images)` or embeddings.npy give them ((C, N, D) for task-specific networks, or,
+        with a notion, that notion's (N, D))."""
         g = torch.as_tensor(gallery_embeddings).float()
+        if notion is None:
+            if not getattr(self.net, 'per_notion_embedding', True):
+                self.notion_index(self.conditions[0])  # SCE-Net: refused, with the reason
+            return notion_index_for(g.cpu().numpy(), self.masks().cpu().numpy(), kind, self.notions, self.notion_index,
+                                    self.conditions, **options)
+        c = self.notion_index(notion)
         g = g[c] if g.ndim == 3 else g  # (N, D)
         return Index((g * self.masks()[c].cpu()).numpy(), kind, **options)  # search on f(x) * m_c
 

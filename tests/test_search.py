@@ -174,7 +174,8 @@ def test_without_faiss_exact_search_is_numpy_and_approximate_is_refused(monkeypa
 def test_bench_search_prints_each_index_with_its_recall(capsys):
     import bench
     from csnlib.search import faiss_or_none
-    assert bench.search_speed(sizes=(2000,), dim=16, queries=120, min_s=0.01) == 0
+    assert bench.search_speed(sizes=(2000,), dim=16, queries=120, min_s=0.01,
+                              indexes=('exact', 'numpy', 'ivf', 'hnsw')) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
     kinds = ['exact', 'numpy', *['ivf'] * 4, *['hnsw'] * 5] if faiss_or_none() else ['numpy']
     assert [r['index'] for r in rows] == kinds
@@ -200,6 +201,25 @@ def test_bench_search_times_only_the_indexes_asked_for_with_recall_against_exact
     assert rows[0]['recall_at_10'] < 1.0                              # 16 of 45 cells: it misses some
 
 
+def test_bench_search_sets_one_index_per_notion_beside_one_index_for_every_notion(capsys):
+    import bench
+    from csnlib.search import faiss_or_none
+    assert bench.search_speed(sizes=(3000,), dim=16, queries=90, min_s=0.01, indexes=('notions',), notions=3) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+    want = [('per-notion', 'exact'), ('one', 'exact')]
+    if faiss_or_none():
+        want += [('per-notion', 'ivf (defaults)'), ('one', 'ivf (defaults)'), ('one', 'ivf, shared cells, nprobe 128'),
+                 ('one', 'ivf, shared cells, nprobe 256'), ('one', 'ivf, shared cells, nprobe 512')]
+    assert [(r['index'], r['setting']) for r in rows] == want
+    assert all(r['images'] == 3000 and r['notions'] == 3 and r['queries'] == 90 for r in rows)
+    assert rows[1]['recall_at_10'] == 1.0  # the one exact index finds the per-notion exact neighbours
+    # per notion: a masked copy per notion (and faiss's); one index: f(x) and 3 norms, once
+    assert rows[0]['memory_mb'] == pytest.approx(2 * 3 * 3000 * 16 * 4 / 2 ** 20, rel=0.01)
+    assert rows[1]['memory_mb'] == pytest.approx(3000 * (16 + 3) * 4 / 2 ** 20, rel=0.01)
+    if faiss_or_none():
+        assert all(r['recall_at_10'] > 0.9 for r in rows[2:])
+
+
 def test_bench_search_takes_the_sizes_to_measure():
     import bench
     assert bench.build_parser().parse_args(['--search', '1000', '20000']).search == [1000, 20000]
@@ -208,6 +228,8 @@ def test_bench_search_takes_the_sizes_to_measure():
     assert bench.build_parser().parse_args(['--search', '--search-indexes', 'exact', 'ivf']).search_indexes == [
         'exact', 'ivf']
     assert bench.build_parser().parse_args([]).search_indexes == list(bench.SEARCH_INDEXES)
+    assert bench.build_parser().parse_args(['--search', '--search-notions', '2']).search_notions == 2
+    assert bench.build_parser().parse_args([]).search_notions == 4
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(['--search-indexes', 'lsh'])
     with pytest.raises(SystemExit):
