@@ -20,6 +20,7 @@ import torch
 
 from csnlib.image_cache import ImageStore, build_image_cache
 from Resnet_18 import EmbeddingNet
+from triplet_image_loader import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # the probe that claim (e) is judged on, where there is one: a label no training triplet touched
@@ -27,6 +28,7 @@ PROBE_FOR_CLAIM = 'pitch'
 PITCH_SPLITS = 50  # claim (e)'s random family halvings, split seeds 0..49
 MATRIX_SPLITS = 5  # the notion x label matrix's family halvings, split seeds 0..4 (the matrix holds their mean)
 GROUP, WITHIN = 'font', 'character'  # the family column of labels.csv, and the one that splits a family's glyphs
+PROBE_KINDS, KNN = ('linear', 'knn'), 10  # the matrix's probes (see split_probe); neighbours of the knn probe
 DESCRIPTIONS = {
     'pitch': 'the pitch of the font (fixed or proportional: the post table\'s isFixedPitch, or one advance width for '
              'all 62 characters), a label that no notion covers, over the glyphs of the val and test families (none in '
@@ -312,13 +314,25 @@ def matrix_task(info, n_splits=MATRIX_SPLITS):
                            + left}
 
 
-def split_probe(features, labels, fit, score):
-    """linear_probe's balanced accuracy, fitted on features[fit] and scored on features[score] (disjoint); None when
-    the fit sees fewer than two classes or nothing is scored."""
+def split_probe(features, labels, fit, score, kind='linear'):
+    """Balanced accuracy of a probe fitted on features[fit] and scored on features[score] (disjoint); None when the
+    fit sees fewer than two classes or nothing is scored. kind 'linear': linear_probe (a logistic regression on
+    standardised features, so it reads every dimension a mask leaves above zero, however small its weight); 'knn':
+    a vote of the KNN nearest fitted images in the features' own Euclidean metric, as the model's distance weighs
+    them (a dimension that a learned mask scales down counts as little as it does there)."""
     if len(np.unique(labels[fit])) < 2 or not score.any():
         return None
     keep = fit | score
-    return linear_probe(features[keep], labels[keep], fit[keep], balanced=True)
+    if kind == 'linear':
+        return linear_probe(features[keep], labels[keep], fit[keep], balanced=True)
+    if kind != 'knn':
+        raise ValueError(f'probe kind {kind!r}: one of {PROBE_KINDS}')
+    from sklearn.neighbors import KNeighborsClassifier
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        clf = KNeighborsClassifier(min(KNN, int(fit.sum()))).fit(features[fit], labels[fit])
+        right = clf.predict(features[score]) == labels[score]
+    return float(np.mean([right[labels[score] == v].mean() for v in np.unique(labels[score])]))
 
 
 @torch.no_grad()
@@ -353,16 +367,16 @@ def matrix_rows(model, notions, conditions):
     return {notions[c]: c for c in conditions}
 
 
-def model_matrix(model, image_size, info, rows, task):
+def model_matrix(model, image_size, info, rows, task, kind='linear'):
     """{row: {label notion: balanced accuracy}} of one model, embedded once: each cell the mean over the task's
-    splits where the fit saw two classes or more (None where no split did)."""
+    splits where the fit saw two classes or more (None where no split did); kind: split_probe's."""
     emb = subspace_embeddings(model, info, task['images'], image_size, rows)
     out = {}
     for r, x in emb.items():
         out[r] = {}
         for n, lab in task['labels'].items():
             accs = [a for f, s in zip(task['fits'][n], task['scores'][n])
-                    if (a := split_probe(x, lab, f, s)) is not None]
+                    if (a := split_probe(x, lab, f, s, kind)) is not None]
             out[r][n] = float(np.mean(accs)) if accs else None
     return out
 
@@ -375,32 +389,39 @@ def model_args(run_args):
                                  'the run\'s record')
 
 
-def notion_label_matrix(ckpt, info, task=None):
-    """The notion x label matrix of a checkpoint's model (any --model; see matrix_task and matrix_rows): {row:
-    {label notion: balanced accuracy}}, e.g. {'character': {'character': 0.61, 'font': 0.20, ...}, 'font': {...}}."""
-    from csnlib.builder import build_model
-    from csnlib.checkpoint import trained_conditions
+def checked_task(info, task):
+    """matrix_task(info) where task is None; DataError where the dataset has no notion's label to probe."""
     task = matrix_task(info) if task is None else task
     if task is None:
-        raise ValueError(f'{info.root}: no labels.csv column of a notion ({", ".join(info.notions)}) to probe')
+        raise DataError(f'{info.labels_file or os.path.join(info.root, "labels.csv")}: no column of a notion '
+                        f'({", ".join(info.notions)}) to probe')
+    return task
+
+
+def notion_label_matrix(ckpt, info, task=None, kind='linear'):
+    """The notion x label matrix of a checkpoint's model (any --model; rows: matrix_rows, columns and splits:
+    matrix_task, kind: split_probe's): {row: {label notion: balanced accuracy}}, e.g. on Fonts
+    {'character': {'character': 0.61, 'font': 0.20, 'weight': 0.71, 'slant': 0.62}, 'font': {...}, ...}."""
+    from csnlib.builder import build_model
+    from csnlib.checkpoint import trained_conditions
+    task = checked_task(info, task)
     notions = ckpt.get('notions') or info.notions
     if list(notions) != list(info.notions):
-        raise ValueError(f'the checkpoint was trained on notions {list(notions)}, the dataset {info.root} has '
-                         f'{info.notions}')
+        raise DataError(f'the checkpoint was trained on notions {list(notions)}, but {info.root} has {info.notions}: '
+                        f'pass the dataset it was trained on')
     model = build_model(model_args(ckpt['args']), len(notions), pretrained=False)
     model.load_state_dict(ckpt['state_dict'])
     rows = matrix_rows(model, notions, trained_conditions(ckpt, notions))
-    return model_matrix(model, ckpt['args']['image_size'], info, rows, task)
+    return model_matrix(model, ckpt['args']['image_size'], info, rows, task, kind)
 
 
-def random_notion_label_matrix(run_args, info, seed, task=None):
+def random_notion_label_matrix(run_args, info, seed, task=None, kind='linear'):
     """notion_label_matrix of an untrained model of the run's shape (its --model, masks and dim_embed, random weights
-    from torch seed `seed`, no ImageNet weights): the reference a trained subspace is judged against."""
+    from torch seed `seed`, no ImageNet weights; every notion a row): the reference a trained subspace is judged
+    against."""
     from csnlib.builder import build_model
-    task = matrix_task(info) if task is None else task
-    if task is None:
-        raise ValueError(f'{info.root}: no labels.csv column of a notion ({", ".join(info.notions)}) to probe')
+    task = checked_task(info, task)
     torch.manual_seed(seed)
     model = build_model(model_args(run_args), len(info.notions), pretrained=False)
     rows = matrix_rows(model, info.notions, range(len(info.notions)))
-    return model_matrix(model, run_args['image_size'], info, rows, task)
+    return model_matrix(model, run_args['image_size'], info, rows, task, kind)

@@ -17,7 +17,7 @@ from csn import ConditionalSimNet
 from csnlib import probe
 from csnlib.checkpoint import load_checkpoint
 from Resnet_18 import EmbeddingNet
-from triplet_image_loader import load_dataset_info
+from triplet_image_loader import DataError, load_dataset_info
 from tripletnet import TripletNet
 
 
@@ -99,6 +99,7 @@ def test_pitch_splits_need_two_families_of_each_pitch(tmp_path):
     assert probe.pitch_splits_task(info) is None                       # one unmixed fixed family: nothing to halve
 
 
+@pytest.mark.slow
 def test_pitch_splits_accuracies_against_a_written_out_loop(tmp_path):
     info = fonts_like(tmp_path / 'fonts', per_kind=16)
     tasks = probe.probe_tasks(info, n_splits=6)
@@ -196,8 +197,26 @@ def test_a_subspace_that_holds_one_label_predicts_it_and_not_the_others(tmp_path
                 if len(set(y[fit])) > 1:
                     accs.append(slow_balanced_probe(feats, y, fit, score))
             assert m[r][n] == pytest.approx(sum(accs) / len(accs), abs=1e-9), (r, n)
+    knn = probe.model_matrix(model, 32, info, {'colour': 0, 'shape': 1}, task, kind='knn')
+    assert knn['colour']['colour'] == pytest.approx(1.0) and knn['shape']['colour'] < 0.75
 
 
+def test_the_linear_probe_reads_a_dimension_a_mask_scales_down_and_the_knn_probe_weighs_it_as_the_distance(tmp_path):
+    info = fonts_like(tmp_path / 'fonts', per_kind=24)
+    task = probe.matrix_task(info, n_splits=5)
+    model = TripletNet(ConditionalSimNet(ColourAndNoise(8), 2, 8, 'learned'))
+    with torch.no_grad():                                               # shape's mask keeps the colour at 1/1000
+        model.embednet.masks.weight.copy_(torch.tensor([[1.0] * 4 + [0.0] * 4, [1e-3] * 4 + [1.0] * 4]))
+    rows = {'colour': 0, 'shape': 1}
+    linear = probe.model_matrix(model, 32, info, rows, task)
+    knn = probe.model_matrix(model, 32, info, rows, task, kind='knn')
+    assert linear['shape']['colour'] == pytest.approx(1.0)              # standardised: the scale is gone
+    assert knn['shape']['colour'] < 0.75 and knn['colour']['colour'] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="probe kind 'svm'"):
+        probe.model_matrix(model, 32, info, rows, task, kind='svm')
+
+
+@pytest.mark.slow
 def test_subspaces_as_each_model_compares_them(tmp_path):
     from csnlib.builder import build_model
     from csnlib.options import main_parser
@@ -242,6 +261,7 @@ def fonts_runs(tmp_path_factory, trained_run):
     return info, runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_the_matrix_of_a_trained_run_and_of_a_random_model_of_its_shape(fonts_runs, variant):
     info, runs = fonts_runs
@@ -256,5 +276,5 @@ def test_the_matrix_of_a_trained_run_and_of_a_random_model_of_its_shape(fonts_ru
     r = probe.random_notion_label_matrix(ckpt['args'], info, 0, task)
     assert set(r) == rows
     other = dataclasses.replace(info, notions=['shape', 'colour'])
-    with pytest.raises(ValueError, match="trained on notions \\['colour', 'shape'\\]"):
+    with pytest.raises(DataError, match=r"trained on notions \['colour', 'shape'\], but .* has \['shape', 'colour'\]"):
         probe.notion_label_matrix(ckpt, other, task)
