@@ -305,7 +305,7 @@ def matrix_task(info, n_splits=MATRIX_SPLITS):
     left = '' if len(labels) == len(notions) else f'; the {GROUP} label is left out (no {WITHIN} column to split by)'
     n_groups = f'{len(set(groups))} {"families" if GROUP in rows[0] else "images"}'
     return {'images': images, 'labels': labels, 'fits': fits, 'scores': scores,
-            'description': f'linear probes (logistic regression, balanced accuracy) from each notion\'s embedding of '
+            'description': f'probes (balanced accuracy) from each notion\'s embedding of '
                            f'the {len(images)} {"test " if split else ""}images to every notion\'s label, fitted on '
                            f'half of the {n_groups} and scored on the other half, the mean over {n_splits} random '
                            f'halvings (split seeds 0 to {n_splits - 1})'
@@ -318,7 +318,7 @@ def split_probe(features, labels, fit, score, kind='linear'):
     """Balanced accuracy of a probe fitted on features[fit] and scored on features[score] (disjoint); None when the
     fit sees fewer than two classes or nothing is scored. kind 'linear': linear_probe (a logistic regression on
     standardised features, so it reads every dimension a mask leaves above zero, however small its weight); 'knn':
-    a vote of the KNN nearest fitted images in the features' own Euclidean metric, as the model's distance weighs
+    a vote of the KNN (10) nearest fitted images in the features' own Euclidean metric, as the model's distance weighs
     them (a dimension that a learned mask scales down counts as little as it does there)."""
     if len(np.unique(labels[fit])) < 2 or not score.any():
         return None
@@ -338,8 +338,8 @@ def split_probe(features, labels, fit, score, kind='linear'):
 @torch.no_grad()
 def subspace_embeddings(model, info, images, image_size, rows):
     """{row: (N, D) float32 numpy} of the test images under each notion. rows: {name: notion index} (masked
-    embedding f(x) * m_c of a CSN, notion c's network, ASEN's embed(x, c)), {'all': None} (one embedding), or
-    {name: ('concept', k)} (SCE-Net: f(x) * relu(M_k), its K masks weighed per pair, no mask per notion)."""
+    embedding f(x) * m_c of a CSN, notion c's network, ASEN's embed(x, c); SCE-Net: f(x) * relu(M_k) of its mask k),
+    or {'all': None} (the standard triplet network's one embedding)."""
     model.eval()
     net = model.embednet
     w = net.concept_masks() if hasattr(net, 'concept_masks') else net.mask_weights()  # (C or K, D) or None
@@ -352,16 +352,17 @@ def subspace_embeddings(model, info, images, image_size, rows):
             elif c is None or w is None:
                 out[r].append(shared)
             else:
-                out[r].append(shared * w[c[1] if isinstance(c, tuple) else c].float())  # (b, D)
+                out[r].append(shared * w[c].float())  # (b, D)
     return {r: torch.cat(v).numpy() for r, v in out.items()}
 
 
 def matrix_rows(model, notions, conditions):
     """The matrix's rows for a model: {notion name: index} of each notion it was trained on, {'all': None} for the
-    standard triplet network, {'mask k': ('concept', k)} for SCE-Net."""
+    standard triplet network, {'mask k': k} for SCE-Net (its K masks are weighed per pair of images, none is a
+    notion's)."""
     net = model.embednet
     if hasattr(net, 'concept_masks'):
-        return {f'mask {k}': ('concept', k) for k in range(net.concept_masks().shape[0])}
+        return {f'mask {k}': k for k in range(net.concept_masks().shape[0])}
     if not net.per_notion_backbone and net.mask_weights() is None:
         return {'all': None}
     return {notions[c]: c for c in conditions}
