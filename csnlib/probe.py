@@ -358,11 +358,11 @@ def subspace_embeddings(model, info, images, image_size, rows):
 
 def matrix_rows(model, notions, conditions):
     """The matrix's rows for a model: {notion name: index} of each notion it was trained on, {'all': None} for the
-    standard triplet network, {'mask k': k} for SCE-Net (its K masks are weighed per pair of images, none is a
-    notion's)."""
+    standard triplet network, {'mask k + 1': k} for SCE-Net (named as claims.py names its masks, which are weighed
+    per pair of images: none is a notion's)."""
     net = model.embednet
     if hasattr(net, 'concept_masks'):
-        return {f'mask {k}': k for k in range(net.concept_masks().shape[0])}
+        return {f'mask {k + 1}': k for k in range(net.concept_masks().shape[0])}
     if not net.per_notion_backbone and net.mask_weights() is None:
         return {'all': None}
     return {notions[c]: c for c in conditions}

@@ -237,8 +237,8 @@ def test_subspaces_as_each_model_compares_them(tmp_path):
                 want = {n: net.embed(x) * torch.relu(net.masks.weight[c]) for n, c in (('colour', 0), ('shape', 1))}
                 assert (emb['colour'][:, :3] == 0).all() and (emb['shape'][:, :3] != 0).any()
             elif flags == ['--model', 'scenet']:
-                assert set(rows) == {'mask 0', 'mask 1'}
-                want = {f'mask {k}': net.embed(x) * torch.relu(net.masks.weight[k]) for k in range(2)}
+                assert set(rows) == {'mask 1', 'mask 2'}
+                want = {f'mask {k + 1}': net.embed(x) * torch.relu(net.masks.weight[k]) for k in range(2)}
             else:                                                           # notion c's network, ASEN's embed(x, c)
                 want = {'colour': net.embed(x, 0), 'shape': net.embed(x, 1)}
                 assert not np.allclose(emb['colour'], emb['shape'])
@@ -268,7 +268,7 @@ def test_the_matrix_of_a_trained_run_and_of_a_random_model_of_its_shape(fonts_ru
     ckpt = load_checkpoint(os.path.join(runs[variant], 'model_best.pth.tar'))
     task = probe.matrix_task(info, n_splits=2)
     m = probe.notion_label_matrix(ckpt, info, task)
-    rows = {'triplet': {'all'}, 'scenet': {'mask 0', 'mask 1'}}.get(variant, {'colour', 'shape'})
+    rows = {'triplet': {'all'}, 'scenet': {'mask 1', 'mask 2'}}.get(variant, {'colour', 'shape'})
     assert set(m) == rows
     for row in m.values():
         assert set(row) == {'colour', 'shape'}
