@@ -505,8 +505,8 @@ def run_one(args, passthrough, model, budget, seed, lr, pictures, variant, name,
         write_json(times_path, times)
     rec = make_record(args, run_dir, variant.key if variant else model, budget, seed, lr, epochs, patience)
     write_json(record_path(args, name), rec)
-    if budget == max(args.budgets) and model != 'task' and variant is None and not args.no_probe:
-        probe_record(args, rec)  # now, while its checkpoint is on this machine: claim (e) reads it from the record
+    if budget == max(args.budgets) and variant is None and not args.no_probe:
+        probe_record(args, rec)  # now, while its checkpoint is on this machine: the report reads it from the record
     print(f'{name}: record {record_path(args, name)}', flush=True)
 
 
@@ -613,10 +613,18 @@ def ensure_probes(args, rows, budget):
     random backbone per seed: read from the records, computed and added to them where a checkpoint is there (a record's
     "probe" is {} where the dataset has no label to probe). Returns ({probe: {model: point}} or None, a note, the runs
     left out: no probe in their record and no checkpoint here to compute it)."""
-    out, tasks, info, missing = {}, None, None, []
+    out, tasks, info, missing, rows_random = {}, None, None, [], {}
+    for (model, _, _), r in sorted(rows.items()):
+        if model != 'task' or r['budget'] != budget or 'subspaces' in r:
+            continue
+        probe_record(args, r)  # the task-specific networks' matrix, where their checkpoint is here
     runs = [(k, r) for k, r in sorted(rows.items()) if k[1] == budget and k[0] != 'task']
     for (model, _, seed), r in runs:
-        if 'probe' not in r and not probe_record(args, r):
+        stale = 'probe' not in r or (r['probe'] and 'pitch_splits' not in r['probe']) or (
+            'subspaces' not in r and not model.startswith('scenet'))
+        if stale and probe_record(args, r):
+            pass  # probed here (again: with the splits and the matrix), while its checkpoint is on this machine
+        elif 'probe' not in r:
             print(f'note: {r["run"]} has no probe in its record and its checkpoint is not here: claim (e) goes on '
                   f'without it (the report names it)', flush=True)
             missing.append(r['run'])
@@ -629,35 +637,55 @@ def ensure_probes(args, rows, budget):
         rargs = runs[0][1]['args']
         name = f'{args.prefix}_untrained_s{seed}_size{rargs["image_size"]}_d{rargs["dim_embed"]}'
         rec = read_record(record_path(args, name))
-        if rec is None:
-            if args.data is None:
-                continue
+        if args.data is not None and (rec is None or 'pitch_splits' not in rec['probe'] or 'subspaces' not in rec):
             if tasks is None:
                 info, tasks = probe_setup(args)
             from csnlib import probe
+            # the untrained reference: a random backbone (the probes), and the fixed masks on it (the matrix's rows)
+            fixed = {**rargs, 'model': 'csn', 'learned': False, 'prein': False}
             rec = {'run': name, 'seed': seed, 'image_size': rargs['image_size'], 'dim_embed': rargs['dim_embed'],
-                   'probe': probe.probe_random_all(rargs, info, tasks, seed)}
+                   'probe': probe.probe_random_all(rargs, info, tasks, seed),
+                   **({'subspaces': probe.random_notion_label_matrix(fixed, info, seed)}
+                      if probe.matrix_task(info) is not None else {})}
             write_json(record_path(args, name), rec)
+        if rec is None:
+            continue
+        rows_random[seed] = rec
         for pname, acc in rec['probe'].items():
             out.setdefault(pname, {}).setdefault('random', {})[seed] = acc
     if not out:
         return None, 'no probe: no record holds one, and no checkpoint or dataset is here to compute it', missing
-    points = {pname: {m: {'seeds': sorted(v), 'values': [v[s] for s in sorted(v)],
-                          **dict(zip(('mean', 'std'), mean_std([v[s] for s in sorted(v)]))), 'n': len(v)}
-                      for m, v in per.items()} for pname, per in out.items()}
+    points = {pname: {m: probe_point(v) for m, v in per.items()} for pname, per in out.items()}
     return points, None, sorted(missing)
 
 
+def probe_point(by_seed):
+    """{seed: accuracy, or a list of one accuracy per split} -> a point of the claims (values per seed: the mean over
+    the splits; 'splits': each seed's list, where there are splits)."""
+    seeds = sorted(by_seed)
+    values = [float(np.mean(by_seed[s])) for s in seeds]
+    point = {'seeds': seeds, 'values': values, **dict(zip(('mean', 'std'), mean_std(values))), 'n': len(seeds)}
+    if all(isinstance(by_seed[s], list) for s in seeds):
+        point['splits'] = [by_seed[s] for s in seeds]
+    return point
+
+
 def probe_record(args, rec):
-    """Add the probes of a run's best checkpoint to its record ({} where the dataset has no label to probe); False
-    when its checkpoint or the dataset is not here."""
+    """Add to a run's record what its best checkpoint's probes give: claim (e)'s ("probe", {} where the dataset has
+    no label to probe; not for the task-specific networks, a backbone per notion) and the notion x label matrix
+    ("subspaces", where the dataset has labels for its notions; SCE-Net has none). False when its checkpoint or the
+    dataset is not here."""
     best = os.path.join(args.runs, rec['run'], 'model_best.pth.tar')
     if args.data is None or not os.path.exists(best):
         return False
     from csnlib import probe
     from csnlib.checkpoint import load_checkpoint
     info, tasks = probe_setup(args)
-    rec['probe'] = probe.probe_checkpoint_all(load_checkpoint(best), info, tasks) if tasks else {}
+    ckpt = load_checkpoint(best)
+    if rec['model'] != 'task':
+        rec['probe'] = probe.probe_checkpoint_all(ckpt, info, tasks) if tasks else {}
+    if not rec['model'].startswith('scenet') and probe.matrix_task(info) is not None:
+        rec['subspaces'] = probe.notion_label_matrix(ckpt, info)
     write_json(record_path(args, rec['run']), rec)
     return True
 
@@ -666,7 +694,7 @@ def probe_setup(args):
     from csnlib import probe
     from triplet_image_loader import load_dataset_info
     info = load_dataset_info(args.data)
-    return info, probe.probe_tasks(info)
+    return info, probe.probe_tasks(info, n_splits=probe.PITCH_SPLITS)
 
 
 # ----------------------------------------------------------------------------------------------------------- report
@@ -729,6 +757,30 @@ def check_one_dataset(records):
 
 
 
+def subspace_summary(args, rows, budget):
+    """What each notion's subspace holds at `budget`: {model: {'seeds', 'matrix': {row: {label: mean over the
+    seeds}}}} from the records' "subspaces", with the untrained reference as model 'random' (fixed masks on a random
+    backbone). None where no record has a matrix."""
+    by_model = collections.defaultdict(list)
+    for (m, b, s), r in sorted(rows.items()):
+        if b == budget and r.get('subspaces'):
+            by_model[m].append((s, r['subspaces']))
+    if not by_model:
+        return None
+    seeds = sorted({s for runs in by_model.values() for s, _ in runs})
+    for s in seeds:
+        rargs = next(iter(rows.values()))['args']
+        rec = read_record(record_path(args, f'{args.prefix}_untrained_s{s}_size{rargs["image_size"]}'
+                                            f'_d{rargs["dim_embed"]}'))
+        if rec and rec.get('subspaces'):
+            by_model['random'].append((s, rec['subspaces']))
+    mean = lambda xs: None if any(x is None for x in xs) else float(np.mean(xs))
+    return {m: {'seeds': [s for s, _ in runs],
+                'matrix': {row: {lab: mean([mx[row][lab] for _, mx in runs]) for lab in runs[0][1][row]}
+                           for row in runs[0][1]}}
+            for m, runs in by_model.items()}
+
+
 def rests_on_cap(rows, keys):
     return any(rows[k]['stopped'] == 'cap' for k in keys if k in rows)
 
@@ -747,6 +799,9 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
     if probes:
         from csnlib.probe import PROBE_FOR_CLAIM
         claim_probe = PROBE_FOR_CLAIM if PROBE_FOR_CLAIM in probes else next(iter(probes))
+        splits = probes.get(f'{claim_probe}_splits', {})
+        if all(m in splits for m in ('triplet', 'csn_fixed', 'csn_learned') if m in probes[claim_probe]):
+            claim_probe = f'{claim_probe}_splits'  # many family halvings, where every model's record has them
         probe = probes[claim_probe]
     claims, detail, cis, reason = {}, {}, {}, {}
     claims['a'], detail['a'], cis['a'] = claim_a(summary, top)
@@ -793,6 +848,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
                                       for p, v in (probes or {}).items()},
            'probe_task': probe_note or (probe_descriptions.get(claim_probe) if probes else None),
            'probe_missing': probe_missing,
+           'subspaces': subspace_summary(args, rows, top),
            'runs': {r['run']: {k: v for k, v in r.items() if k not in ('masks', 'masks_start', 'metrics')}
                     for _, r in sorted(rows.items())},
            'runs_finished': len(rows), 'runs_planned': len(grid(args, lr)),

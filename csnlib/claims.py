@@ -322,10 +322,51 @@ def claim_e(probe):
     if t is None or not csns:
         return 'inconclusive', 'the standard triplet network or both CSNs are missing', []
     results = [(m, *compare(probe[m], t)) for m in csns]
-    text = '; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}): {w}' for m, w, why, _ in results)
+    text = '; '.join(f'{TITLE[m]} {pct(probe[m])} vs {pct(t)} % ({why}{split_range(probe[m], t)}): {w}'
+                     for m, w, why, _ in results)
+    if 'splits' in t:
+        text = (f'over {len(t["splits"][0])} random family halvings, each seed\'s accuracy the mean over them, paired '
+                f'by seed: ' + text)
     cis = [ci_entry([m, 'triplet'], pair) for m, _, _, pair in results if pair]
     return (combine([w for _, w, _, _ in results]),
             text + untrained(probe.get('random'), [t, *(probe[m] for m in csns)]), cis)
+
+
+def split_range(a, b):
+    """'; by split: from X to Y points': the range over the family halvings of A minus B, each split's difference
+    averaged over the seeds both have ('' without splits)."""
+    if 'splits' not in a or 'splits' not in b:
+        return ''
+    common = sorted(set(a['seeds']) & set(b['seeds']))
+    sa, sb = dict(zip(a['seeds'], a['splits'])), dict(zip(b['seeds'], b['splits']))
+    d = np.mean([np.subtract(sa[s], sb[s]) for s in common], axis=0) * 100  # (splits,)
+    return f'; by split, from {d.min():+.2f} to {d.max():+.2f} points'
+
+
+def subspace_markdown(sub, notions):
+    """The report's section on what each notion's subspace holds: a matrix per model, rows the subspaces."""
+    if not sub:
+        return []
+    L = ['## What each notion\'s subspace holds', '',
+         'A probe from each notion\'s embedding (a CSN\'s masked embedding, ASEN\'s and the task-specific networks\' '
+         'embedding under that notion; the standard triplet network\'s one embedding, row "all") of the test images '
+         'to every notion\'s label, fitted on half of the test families and scored on the others (balanced accuracy, '
+         'mean over the family halvings and the seeds; the font label, which no family shares, on half of each '
+         'family\'s characters). A subspace that predicts another notion\'s label as well as its own is not '
+         'disentangled. The untrained reference is the fixed masks on a randomly initialised backbone.', '']
+    for m in [*(x[0] for x in MODELS), 'random']:
+        if m not in sub:
+            continue
+        mx = sub[m]['matrix']
+        labels = [n for n in notions if n in next(iter(mx.values()))] or list(next(iter(mx.values())))
+        title = TITLE.get(m, 'randomly initialised backbone, fixed masks')
+        L += [f'{title} (seeds {", ".join(map(str, sub[m]["seeds"]))}):', '',
+              '| subspace | ' + ' | '.join(labels) + ' |', '|---|' + '---:|' * len(labels)]
+        for row, cells in mx.items():
+            L.append(f'| {row} | ' + ' | '.join('' if cells.get(lab) is None else f'{cells[lab] * 100:.1f}'
+                                                for lab in labels) + ' |')
+        L.append('')
+    return L
 
 
 def untrained(random, trained):
@@ -560,6 +601,8 @@ def markdown(rep):
                   f'left out of claim (e): {", ".join(rep["probe_missing"])}.']
     if rep.get('masks_figure'):
         L += ['', '![masks](masks.png)']
+    sub = subspace_markdown(rep.get('subspaces'), notions)
+    L += ['', *sub] if sub else []
     L += ['', *successors_markdown(rep.get('successors'), budgets)]
     L += [*checks_markdown(rep.get('checks'), 'three' if s.get('three_forwards') else 'one')]
     L += ['', f'Command: `{rep["command"]}`', '',

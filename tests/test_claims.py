@@ -217,3 +217,37 @@ def test_the_successors_stand_against_each_of_the_paper_s_models_paired_by_seed_
     assert text.rstrip().endswith('|  |') and 'holds' not in text                # no 6,000 task run; no verdict
     assert successors_markdown([], [600]) == []
     assert successors_against_csn(summary_of(csn_fixed={600: [0.7]}), [600]) == []   # no successor ran
+
+
+def test_claim_e_over_family_halvings_pairs_seeds_on_their_split_means_and_gives_the_range_over_splits():
+    from csnlib.claims import claim_e, split_range
+    from reproduce import probe_point
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.8, (3, 50))  # (seeds, splits): what a split does to every model alike
+    triplet = probe_point({s + 1: base[s].tolist() for s in range(3)})
+    fixed = probe_point({s + 1: (base[s] + 0.02 + 0.001 * s).tolist() for s in range(3)})
+    learned = probe_point({s + 1: (base[s] + rng.normal(0, 0.01, 50)).tolist() for s in range(3)})
+    assert triplet['values'] == pytest.approx(base.mean(1)) and len(triplet['splits']) == 3
+    word, text, cis = claim_e({'triplet': triplet, 'csn_fixed': fixed, 'csn_learned': learned})
+    assert 'over 50 random family halvings' in text
+    assert cis[0]['models'] == ['csn_fixed', 'triplet'] and cis[0]['difference'] == pytest.approx(2.1)
+    assert split_range(fixed, triplet) == '; by split, from +2.10 to +2.10 points'
+    lo, hi = (float(x) for x in split_range(learned, triplet).split('from ')[1].replace(' points', '').split(' to '))
+    assert lo < 0 < hi  # the splits disagree where only noise separates two models
+    assert split_range({'seeds': [1], 'values': [0.5]}, triplet) == ''
+    plain = probe_point({1: 0.7, 2: 0.72})
+    assert 'splits' not in plain and plain['mean'] == pytest.approx(0.71)
+
+
+def test_the_subspace_section_shows_each_models_matrix_and_the_untrained_reference():
+    from csnlib.claims import subspace_markdown
+    sub = {'csn_fixed': {'seeds': [1, 2], 'matrix': {'font': {'font': 0.9, 'slant': 0.55},
+                                                     'slant': {'font': 0.2, 'slant': 0.95}}},
+           'triplet': {'seeds': [1], 'matrix': {'all': {'font': 0.5, 'slant': None}}},
+           'random': {'seeds': [1, 2], 'matrix': {'font': {'font': 0.1, 'slant': 0.5}}}}
+    L = subspace_markdown(sub, ['font', 'slant'])
+    text = '\n'.join(L)
+    assert '| font | 90.0 | 55.0 |' in text and '| slant | 20.0 | 95.0 |' in text and '| all | 50.0 |  |' in text
+    assert (text.index('standard triplet network (seeds') < text.index('CSN, fixed disjoint masks (seeds')
+            < text.index('randomly initialised backbone, fixed masks (seeds'))
+    assert subspace_markdown(None, ['font']) == []
