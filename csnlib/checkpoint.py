@@ -45,6 +45,9 @@ class _Recording:
     def flush(self):
         self.f.flush()
 
+    def __getattr__(self, name):  # fileno, tell, ...: the file's own
+        return getattr(self.f, name)
+
 
 def save_checkpoint(state, path):
     """Write to a temporary file in the same folder, then rename: a checkpoint file is always whole. A write that
