@@ -426,7 +426,7 @@ def test_a_run_left_by_a_copy_that_stopped_is_taken_over_by_a_copy_that_remains(
     assert 'repro_triplet_n32_s1_lr1e-3: left to the copy of this command that is training it' in p.stdout
     assert f'repro_triplet_n32_s1_lr1e-3: waiting: {held} is in use: process' in p.stdout and sleeps == [1]
     assert 'still being trained' not in p.stdout
-    assert 'Runs finished: 2 of 2' in (runs / 'reproduce' / 'report.md').read_text()
+    assert 'Runs finished: 2 of 2' in (results / 'report.md').read_text()
     assert LOCK_NAME == '.lock'
 
 

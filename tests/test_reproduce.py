@@ -87,7 +87,7 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
     assert '--model task' in train[1] and '--learned' in train[3]
     pictures = [c for c in cmds if '--test' in c and '--pictures' in c.split()]
     assert len(pictures) == 4 and all('_n64_s1_lr1e-3/' in c for c in pictures)  # the largest budget's first seed
-    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    rep = json.load(open(results / 'reproduce.json'))
     assert set(rep['models']) == {'triplet', 'task', 'csn_fixed', 'csn_learned'}
     for model, per_budget in rep['models'].items():
         assert set(per_budget) == {'32', '64'}
@@ -122,8 +122,8 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
     ratio = rep['models']['task']['64']['parameters'] / rep['models']['csn_fixed']['64']['parameters']
     assert 1.9 < ratio < 2.1                                            # two notions: two backbones against one
     for f in ('report.md', 'curve.png', 'masks.png'):
-        assert os.path.getsize(runs / 'reproduce' / f) > 500
-    text = (runs / 'reproduce' / 'report.md').read_text()
+        assert os.path.getsize(results / f) > 500
+    text = (results / 'report.md').read_text()
     for s_ in ('standard triplet network', 'CSN, learned masks', '| colour | shape | overall |', '(a) the standard',
                '(e) the CSN', 'Runs finished: 16 of 16', '| 1, 2 |', ' ± ', '95 % CI', 'seen, seen',
                'false verdict 5%'):
@@ -209,9 +209,9 @@ def test_the_sweep_picks_the_best_common_rate_and_runs_train_until_plateau(shape
     chosen = max(mean, key=mean.get)
     assert (all(f'--lr {float(chosen)}' in c for c in train[4:])
             and all('--num_traintriplets 32 ' in c for c in train[4:]))
-    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    rep = json.load(open(results / 'reproduce.json'))
     assert rep['settings']['lr'] == float(chosen) and rep['sweep']['chosen'] == float(chosen)
-    text = (runs / 'reproduce' / 'report.md').read_text()
+    text = (results / 'report.md').read_text()
     assert f'The study uses lr {chosen}' in text and '| 1e-3 |' in text and '| 3e-3 |' in text
     assert f'{mean[chosen] * 100:.2f} |' in text
 
@@ -230,10 +230,10 @@ def test_masks_that_did_not_move_match_their_rebuilt_start(shapes_data, tmp_path
         assert trained.shape == (2, 64) and np.abs(trained - start).max() < 1e-5
     assert not np.allclose(json.load(open(results / 'repro_csn_learned_n32_s1_lr1e-9.json'))['masks_start'],
                            json.load(open(results / 'repro_csn_learned_n32_s2_lr1e-9.json'))['masks_start'])
-    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    rep = json.load(open(results / 'reproduce.json'))
     assert rep['claims']['d'] == 'inconclusive' and rep['claims_reason']['d'] == 'the masks did not train'
     assert rep['masks_change'][0]['mean_abs_change'] < 1e-5
-    assert 'inconclusive: the masks did not train' in (runs / 'reproduce' / 'report.md').read_text()
+    assert 'inconclusive: the masks did not train' in (results / 'report.md').read_text()
 
 
 @pytest.mark.slow
@@ -249,7 +249,7 @@ def test_the_real_command_line_trains_and_tests_in_child_processes(shapes_data, 
     assert set(res['per_notion']) == {'colour', 'shape'}
     log = (run / 'reproduce.log').read_text()
     assert 'epoch   1' in log and 'test results of' in log  # the children's output, shown and kept
-    assert 'Runs finished: 1 of 1' in (runs / 'reproduce' / 'report.md').read_text()
+    assert 'Runs finished: 1 of 1' in ((tmp_path / 'results') / 'report.md').read_text()
     assert json.load(open(tmp_path / 'results' / 'repro_csn_fixed_n32_s1_lr1e-3.json'))['stopped'] == 'cap'
 
 
@@ -420,7 +420,7 @@ def test_the_checks_train_the_alone_and_other_arithmetic_runs_and_compare_them_p
     assert len(one) == 2 and all('--three-forwards' not in c for c in one)
     names = [c.split('--name ')[1].split()[0] for c in cmds]
     assert len(set(names)) == 8 and 'recorded, not trained again' not in p.stdout  # the study's runs at 64: once
-    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    rep = json.load(open(results / 'reproduce.json'))
     t = rep['checks']['task_alone']
     for i, seed in enumerate((1, 2)):
         parts = [json.load(open(results / f'repro_task-alone-{n}_n64_s{seed}_lr1e-3.json'))['test'] for n in
@@ -434,7 +434,7 @@ def test_the_checks_train_the_alone_and_other_arithmetic_runs_and_compare_them_p
     f = rep['checks']['forwards']['task']
     assert rep['checks']['other_forwards'] == 'one' and f['seeds'] == [1, 2]
     assert f['other'][0] == json.load(open(results / 'repro_task-one-forward_n64_s1_lr1e-3.json'))['test']['accuracy']
-    text = (runs / 'reproduce' / 'report.md').read_text()
+    text = (results / 'report.md').read_text()
     assert 'Checks of the protocol at 64 training triplets' in text and 'Alone minus joint:' in text
     assert '| task-specific triplet networks | 1, 2 |' in text
     # a fresh clone rebuilds the same section from the records alone
@@ -459,10 +459,10 @@ def test_copies_of_the_command_share_the_study_run_by_run(shapes_data, tmp_path,
         'repro_csn_fixed_n32_s1_lr1e-3']
     assert 'repro_triplet_n32_s1_lr1e-3: left to the copy of this command that is training it' in p.stdout
     assert 'still being trained by other copies' in p.stdout
-    assert 'Runs finished: 1 of 2' in (runs / 'reproduce' / 'report.md').read_text()
+    assert 'Runs finished: 1 of 2' in (results / 'report.md').read_text()
     p = reproduce(*common, monkeypatch=monkeypatch)                      # released: trained here, the other reused
     assert len([c for c in launched(p.stdout) if '--name' in c]) == 1
-    assert 'Runs finished: 2 of 2' in (runs / 'reproduce' / 'report.md').read_text()
+    assert 'Runs finished: 2 of 2' in (results / 'report.md').read_text()
 
     # a run left to another copy that records it before this copy ends is not called "still being trained"
     record = results / 'repro_triplet_n32_s1_lr1e-3.json'
@@ -480,7 +480,7 @@ def test_copies_of_the_command_share_the_study_run_by_run(shapes_data, tmp_path,
         p = reproduce(*common, monkeypatch=monkeypatch)
     monkeypatch.setattr(rp, 'train_and_test', train_and_test)
     assert 'repro_triplet_n32_s1_lr1e-3: left to the copy' in p.stdout and 'still being trained' not in p.stdout
-    assert 'Runs finished: 2 of 2' in (runs / 'reproduce' / 'report.md').read_text()
+    assert 'Runs finished: 2 of 2' in (results / 'report.md').read_text()
 
     # the sweep: one of its runs is held when this copy gets to it, and released without a record while it waits
     held = RunLock(str(runs / 'repro_csn_fixed_n64_s1_lr3e-3'), 'trains', rp.STUDY_LOCK).__enter__()
@@ -500,7 +500,7 @@ def test_copies_of_the_command_share_the_study_run_by_run(shapes_data, tmp_path,
         in p.stdout
     names = [c.split('--name ')[1].split()[0] for c in launched(p.stdout) if '--name' in c]
     assert names[-1] == 'repro_csn_fixed_n64_s1_lr3e-3' and len(names) == 4   # taken over once it was free
-    assert json.load(open(runs / 'reproduce' / 'reproduce.json'))['sweep']['chosen'] in (1e-3, 3e-3)
+    assert json.load(open((tmp_path / 'sweep') / 'reproduce.json'))['sweep']['chosen'] in (1e-3, 3e-3)
 
 
 @pytest.mark.slow
@@ -518,7 +518,7 @@ def test_csn_and_its_successors_side_by_side_on_a_dataset_in_asens_layout(tmp_pa
     reproduce('--data', data, '--runs', runs, '--results', results, '--budgets', 32, '--seeds', 1, 2, '--epochs', 1,
               '--models', 'csn_fixed', 'asen', 'scenet', '--no-probe', *tiny, '--num_valtriplets', 12,
               '--num_testtriplets', 12, monkeypatch=monkeypatch)
-    rep = json.load(open(runs / 'reproduce' / 'reproduce.json'))
+    rep = json.load(open(results / 'reproduce.json'))
     assert set(rep['models']) == {'csn_fixed', 'asen', 'scenet'}
     for m in ('csn_fixed', 'asen'):
         d = rep['models'][m]['32']
@@ -536,7 +536,7 @@ def test_csn_and_its_successors_side_by_side_on_a_dataset_in_asens_layout(tmp_pa
     assert all(e['n'] == 2 and e['budget'] == 32 for e in standing.values())
     params = {m: rep['models'][m]['32']['parameters'] for m in rep['models']}
     assert params['asen'] > params['csn_fixed'] and params['scenet'] > params['csn_fixed']
-    text = (runs / 'reproduce' / 'report.md').read_text()
+    text = (results / 'report.md').read_text()
     assert '| protocol mAP | parameters |' in text and f'{params["asen"]:,}' in text
     assert 'ASEN (attention conditioned on the notion)' in text and 'SCE-Net (masks weighed per triplet)' in text
     assert '| SCE-Net (masks weighed per triplet) minus CSN, fixed disjoint masks | ' in text
