@@ -827,7 +827,7 @@ def report(args, passthrough, settings, lr, lr_choice, t_start):
     if probes:
         from csnlib.probe import DESCRIPTIONS
         probe_descriptions = DESCRIPTIONS
-    rep = {'command': args.command, 'data': args.data or args.study_data, 'dataset_sha256': fingerprint,
+    rep = {'command': args.command, 'data': args.data or args.study_data, 'dataset_sha256': fingerprint, 'top': top,
            'budgets': budgets, 'seeds': args.seeds + args.more_seeds,
            'epochs': {str(b): epochs_for(args, b) for b in budgets},
            'epochs_cap': args.epochs, 'patience': 0 if args.seen else args.patience, 'seen': args.seen,

@@ -516,7 +516,7 @@ CLAIMS = {'a': 'the standard triplet network is the worst model',
 
 def markdown(rep):
     budgets = rep['budgets']
-    top = str(budgets[-1])
+    top = str(rep.get('top') or budgets[-1])  # the largest budget with a finished run
     models = [m for m in (x[0] for x in MODELS) if top in rep['models'].get(m, {})]
     notions = list(rep['models'][models[0]][top]['per_notion_mean']) if models else []
     # ASEN's retrieval protocol (datasets in its layout: get_data.py --dataset asen): queries against candidates
