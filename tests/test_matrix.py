@@ -80,7 +80,7 @@ def test_trains_with_tensorboard_including_the_projector(trained, dataset, varia
 @pytest.mark.parametrize('dataset, variant', [c for c in CASES if c != ('release', 'asen')])
 def test_test_with_pictures_and_exported_embeddings(trained, datasets, dataset, variant):
     run = trained(dataset, variant)
-    if variant == 'scenet':  # masks weighed per triplet: no embedding per notion to retrieve, picture or export
+    if variant == 'scenet':  # masks weighed per pair: no embedding per notion to retrieve, picture or export
         refused(main.main, ['--test', '--resume', os.path.join(run, 'model_best.pth.tar'), '--export-embeddings'],
                 '--export-embeddings', 'SCE-Net')
         out = ok(main.main, ['--test', '--resume', os.path.join(run, 'model_best.pth.tar')])

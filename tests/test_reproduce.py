@@ -374,7 +374,7 @@ def test_the_paper_s_four_models_by_default_and_csn_s_successors_on_request(tmp_
     assert code == 2 and '--one-forward and --three-forwards (passed on to main.py) contradict' in err
     from csnlib.claims import MODELS, paper_error
     flags = {m[0]: m[2] for m in MODELS}
-    assert flags['asen'] == ['--model', 'asen'] and flags['scenet'] == ['--model', 'scenet']
+    assert flags['asen'] == ['--model', 'asen'] and flags['scenet'] == ['--model', 'scenet', '--scenet-branch', 'pair']
     assert paper_error('asen') == '—' and paper_error('csn_fixed') == '10.79'
 
 
@@ -538,8 +538,8 @@ def test_csn_and_its_successors_side_by_side_on_a_dataset_in_asens_layout(tmp_pa
     assert params['asen'] > params['csn_fixed'] and params['scenet'] > params['csn_fixed']
     text = (results / 'report.md').read_text()
     assert '| protocol mAP | parameters |' in text and f'{params["asen"]:,}' in text
-    assert 'ASEN (attention conditioned on the notion)' in text and 'SCE-Net (masks weighed per triplet)' in text
-    assert '| SCE-Net (masks weighed per triplet) minus CSN, fixed disjoint masks | ' in text
+    assert 'ASEN (attention conditioned on the notion)' in text and 'SCE-Net (masks weighed per pair of images)' in text
+    assert '| SCE-Net (masks weighed per pair of images) minus CSN, fixed disjoint masks | ' in text
 
 
 def test_the_committed_study_report_is_the_one_its_records_give(tmp_path):
