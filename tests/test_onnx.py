@@ -117,7 +117,7 @@ def test_a_killed_export_leaves_the_old_file_whole_and_no_temporary_file(tmp_pat
     model = hub_load(save_checkpoint(tmp_path / 'm.pth', []))
     (tmp_path / 'out').mkdir()
     target = tmp_path / 'out' / 'csn.onnx'
-    target.write_bytes(b'the previous export')
+    target.write_bytes(b'\x08 the previous export')  # an ONNX file's first byte: a file that export may replace
 
     def interrupted(module, args, f, **kw):
         open(f, 'wb').write(b'half a model')
@@ -125,4 +125,4 @@ def test_a_killed_export_leaves_the_old_file_whole_and_no_temporary_file(tmp_pat
     monkeypatch.setattr(torch.onnx, 'export', interrupted)
     with pytest.raises(KeyboardInterrupt):
         onnx_export.export_onnx(model, str(target))
-    assert target.read_bytes() == b'the previous export' and os.listdir(tmp_path / 'out') == ['csn.onnx']
+    assert target.read_bytes() == b'\x08 the previous export' and os.listdir(tmp_path / 'out') == ['csn.onnx']
