@@ -160,7 +160,7 @@ def test_the_study_end_to_end_then_reused_then_one_retested_then_one_resumed(sha
     os.rename(runs, tmp_path / 'runs_aside')
     p = reproduce(*common, monkeypatch=monkeypatch)
     assert launched(p.stdout) == [] and p.stdout.count('recorded, not trained again') == 16
-    os.rename(runs, tmp_path / 'report_aside')
+    assert not runs.exists()  # every run recorded: nothing written under --runs (the report goes to --results)
     os.rename(tmp_path / 'runs_aside', runs)
     stamps = {d: os.stat(runs / d / 'test_results.json').st_mtime_ns
               for d in os.listdir(runs) if d.startswith('repro_')}

@@ -128,6 +128,6 @@ def test_requirements_are_split():
     run, dev = names('requirements.txt'), names('requirements-dev.txt')
     assert {'torch', 'torchvision', 'visdom', 'tornado', 'numpy'} <= run
     dev_only = {'pytest', 'playwright', 'ruff', 'onnx', 'onnxruntime', 'nvidia-ml-py', 'faiss-cpu', 'gradio',
-                'pytorch-metric-learning'}
+                'pytorch-metric-learning', 'lancedb'}
     assert not run & dev_only
     assert dev == {'-r requirements.txt'} | dev_only
