@@ -635,7 +635,7 @@ def ensure_probes(args, rows, budget):
         return None, NO_LABEL, missing
     for seed in sorted({k[2] for k, _ in runs}) if out else []:
         rargs = runs[0][1]['args']
-        name = f'{args.prefix}_untrained_s{seed}_size{rargs["image_size"]}_d{rargs["dim_embed"]}'
+        name = untrained_name(args, seed, rargs)
         rec = read_record(record_path(args, name))
         if args.data is not None and (rec is None or 'pitch_splits' not in rec['probe'] or 'subspaces' not in rec):
             if tasks is None:
@@ -657,6 +657,11 @@ def ensure_probes(args, rows, budget):
         return None, 'no probe: no record holds one, and no checkpoint or dataset is here to compute it', missing
     points = {pname: {m: probe_point(v) for m, v in per.items()} for pname, per in out.items()}
     return points, None, sorted(missing)
+
+
+def untrained_name(args, seed, run_args):
+    """The record of the untrained reference for a seed and a run's image size and embedding size."""
+    return f'{args.prefix}_untrained_s{seed}_size{run_args["image_size"]}_d{run_args["dim_embed"]}'
 
 
 def probe_point(by_seed):
@@ -770,8 +775,7 @@ def subspace_summary(args, rows, budget):
     seeds = sorted({s for runs in by_model.values() for s, _ in runs})
     for s in seeds:
         rargs = next(iter(rows.values()))['args']
-        rec = read_record(record_path(args, f'{args.prefix}_untrained_s{s}_size{rargs["image_size"]}'
-                                            f'_d{rargs["dim_embed"]}'))
+        rec = read_record(record_path(args, untrained_name(args, s, rargs)))
         if rec and rec.get('subspaces'):
             by_model['random'].append((s, rec['subspaces']))
     mean = lambda xs: None if any(x is None for x in xs) else float(np.mean(xs))
